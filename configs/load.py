@@ -1,0 +1,114 @@
+"""Resolve a recipe: YAML file (with `extends:`) + dotted `key=value` overrides -> GRPOConfig."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from pydantic import ValidationError
+
+from configs.schema import GRPOConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A config problem, said in one line that names the input and the fix."""
+
+
+def recipe_names() -> list[str]:
+    """Every runnable recipe: the YAML files here not starting with `_` (those are shared bases)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("_"))
+
+
+def _resolve_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    raise ConfigError(
+        f"config '{name_or_path}' not found: give a YAML path or one of: {', '.join(recipe_names())}")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read one YAML (safe loader) and merge it over the file named by its `extends:` key."""
+    if path in seen:
+        raise ConfigError(f"{path}: `extends` loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base = _read_yaml((path.parent / parent).resolve(), seen + (path,))
+    return _deep_merge(base, data)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """`actor.lr=1e-5 rollout.n=4` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override of '{part}'")
+        node[leaf] = value
+    return tree
+
+
+def _explain(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}' (check the spelling; see configs/schema.py)")
+        elif e["type"] == "value_error":
+            lines.append(e["msg"].removeprefix("Value error, "))
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return ConfigError(f"invalid config {source}: " + "; ".join(lines))
+
+
+def load_config(name_or_path: str, overrides: Iterable[str] = ()) -> GRPOConfig:
+    path = _resolve_path(name_or_path)
+    overrides = list(overrides)
+    data = _deep_merge(_read_yaml(path), parse_overrides(overrides))
+    data.setdefault("recipe", path.stem)
+    source = str(path) + (f" with {' '.join(overrides)}" if overrides else "")
+    try:
+        return GRPOConfig.model_validate(data)
+    except ValidationError as e:
+        raise _explain(e, source) from None
+
+
+def flatten(cfg: GRPOConfig) -> dict[str, str]:
+    """Dotted keys -> strings, for MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = str(node)
+
+    walk("", cfg.model_dump(mode="json"))
+    return out

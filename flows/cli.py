@@ -1,0 +1,98 @@
+"""`grpo run|prep|eval|recipes`: the flow from a shell, no Prefect server needed.
+
+Input errors (config, paths, data, model files) print one line naming the input and exit 2,
+before any Prefect, Ray or model work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _fail(msg: str) -> "None":
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _load(config: str, overrides: list[str]):
+    from configs.load import load_config
+    from flows.grpo import preflight
+
+    cfg = load_config(config, overrides)
+    preflight(cfg)
+    return cfg
+
+
+def cmd_run(args) -> None:
+    cfg = _load(args.config, args.overrides)
+    from flows.grpo import grpo
+
+    final = grpo(args.config, args.overrides)
+    print(f"done: recipe {cfg.recipe}, checkpoints in {cfg.checkpoint_dir}, "
+          f"final score {final.get('critic/score/mean', float('nan')):.3f}")
+
+
+def cmd_prep(args) -> None:
+    cfg = _load(args.config, args.overrides)
+    from flows.grpo import prep
+
+    _, _, train, test = prep(cfg)
+    print(f"prepared {len(train)} train / {len(test)} test rows in {cfg.data.dir}")
+
+
+def cmd_eval(args) -> None:
+    """Evaluate a recipe's model, or a checkpoint's HF export (`.../global_step_N`)."""
+    from pathlib import Path
+
+    overrides = list(args.overrides)
+    target = Path(args.target)
+    config = args.config
+    if target.is_dir() and (target / "huggingface").is_dir():
+        overrides += [f"model.path={target / 'huggingface'}", "model.source=hf", "model.lora_rank=0"]
+    else:
+        config = args.target
+    overrides += ["trainer.total_training_steps=1"]
+    _load(config, overrides)
+    from flows.evaluate import evaluate_model
+
+    score = evaluate_model(config, overrides)
+    print(f"GSM8K mean@1 = {score:.4f}")
+
+
+def cmd_recipes(args) -> None:
+    from configs.load import load_config, recipe_names
+
+    for name in recipe_names():
+        cfg = load_config(name)
+        note = f"  [needs: {cfg.requires}]" if cfg.requires else ""
+        print(f"{name:28s} {cfg.model.path:34s} {cfg.world_size} x {cfg.trainer.device}{note}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="grpo", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, fn, help_ in (("run", cmd_run, "train: the grpo flow"),
+                            ("prep", cmd_prep, "build model files and GSM8K parquet only")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("config", help="recipe name (see `grpo recipes`) or YAML path")
+        s.add_argument("overrides", nargs="*", help="dotted key=value, e.g. actor.lr=1e-5")
+        s.set_defaults(fn=fn)
+    s = sub.add_parser("eval", help="GSM8K accuracy of a recipe's model or of a checkpoint dir")
+    s.add_argument("target", help="recipe name/YAML, or a global_step_N checkpoint directory")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--config", default="tiny-cpu", help="recipe whose settings eval a checkpoint")
+    s.set_defaults(fn=cmd_eval)
+    sub.add_parser("recipes", help="list recipes").set_defaults(fn=cmd_recipes)
+    args = p.parse_args(argv)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""GRPO on GSM8K as one Prefect flow: the single controller.
+
+    prep -> for each step: rollout -> reward (+ advantages) -> update (+ weight sync)
+                           -> checkpoint every save_freq -> eval every test_freq
+
+The controller decides what happens; the Ray worker group (engines/) owns the model, optimizer,
+reference and vLLM engine and does it. Every iteration lands in one MLflow run.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow, get_run_logger, runtime, task
+from prefect.cache_policies import NONE
+from tqdm.auto import tqdm
+
+from configs.load import load_config
+from configs.schema import GRPOConfig
+from tasks import stages
+from tasks.prep import load_raw_gsm8k, prepare_gsm8k
+from tasks.tracking import Tracker
+
+REQUIRED_STEP_METRICS = (
+    "critic/score/mean", "actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/grad_norm",
+    "actor/pg_clipfrac", "actor/lr", "response_length/mean", "timing_s/gen", "timing_s/update_actor",
+    "timing_s/step", "perf/throughput")
+VAL_METRIC = "val-core/openai/gsm8k/reward/mean@1"
+
+
+# ---- before any work: fail early, naming the input ------------------------------------------------
+def preflight(cfg: GRPOConfig) -> None:
+    """Checks that need no Ray and no accelerator; each error names the input and the fix."""
+    if cfg.requires:
+        raise ValueError(f"recipe '{cfg.recipe}' cannot run in this build: {cfg.requires}")
+    if cfg.world_size > 1:
+        raise ValueError(
+            f"recipe '{cfg.recipe}' trains on {cfg.world_size} GPUs (trainer.n_gpus_per_node="
+            f"{cfg.trainer.n_gpus_per_node} x trainer.nnodes={cfg.trainer.nnodes}); this build trains on one "
+            "rank only (sharded FSDP2 training is not implemented yet): set trainer.n_gpus_per_node=1")
+    if cfg.model.source == "hf":
+        p = Path(cfg.model.path)
+        if not (p / "config.json").exists():
+            raise ValueError(f"model.path={cfg.model.path}: no HF model there (config.json missing); "
+                             "point model.path at a model directory or set model.source=random|gguf")
+    src = cfg.data.source
+    looks_local = src.startswith((".", "/", "~")) or Path(src).exists()
+    if looks_local and not Path(src).expanduser().exists():
+        raise ValueError(f"data.source={src}: path does not exist; point it at a directory with "
+                         "train/test jsonl or parquet, or use the hub id openai/gsm8k")
+
+
+@task(name="prep", retries=2, retry_delay_seconds=5, cache_policy=NONE)
+def prep(cfg: GRPOConfig):
+    """Build (once) the model files and the train/test parquet; both are cached by content."""
+    from transformers import AutoTokenizer
+
+    from engines.models import materialize
+
+    corpus = None
+    if cfg.model.source == "random":  # its tokenizer is trained on the GSM8K train text
+        raw = load_raw_gsm8k(cfg.data.source)["train"]
+        corpus = list(raw["question"] + " " + raw["answer"])
+    model_dir = materialize(cfg.model.source, cfg.model.path, arch=cfg.model.arch, corpus=corpus)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    result = prepare_gsm8k(
+        cfg.data.source, cfg.data.dir, prompt_length=lambda m: len(stages.chat_ids(tok, m)),
+        max_prompt_length=cfg.data.max_prompt_length,
+        overlong="filter" if cfg.data.filter_overlong_prompts else "error",
+        tokenizer_fingerprint=f"{model_dir}:{len(tok)}:{tok.chat_template}")
+    get_run_logger().info(
+        "prep: %d train / %d test prompts (%d / %d over max_prompt_length=%d filtered)%s", result.n_train,
+        result.n_test, result.filtered_train, result.filtered_test, cfg.data.max_prompt_length,
+        " [cached]" if result.cached else "")
+    return model_dir, tok, pd.read_parquet(result.train_path), pd.read_parquet(result.test_path)
+
+
+def step_metrics(samples: pd.DataFrame, world_size: int) -> dict[str, float]:
+    lengths = samples["response_ids"].map(len)
+    return {"critic/score/mean": samples["score"].mean(), "critic/score/max": samples["score"].max(),
+            "critic/score/min": samples["score"].min(),
+            "critic/advantages/mean": samples["advantage"].mean(),
+            "response_length/mean": lengths.mean(), "response_length/max": lengths.max(),
+            "response_length/clip_ratio": (samples["finish_reason"] == "length").mean(),
+            "prompt_length/mean": samples["prompt_ids"].map(len).mean(),
+            "reward/errors": samples.attrs.get("reward_errors", 0)}
+
+
+def _tags(cfg: GRPOConfig) -> dict[str, str]:
+    return {"recipe": cfg.recipe, "prefect.flow_run_id": str(runtime.flow_run.id),
+            "prefect.flow_run_name": str(runtime.flow_run.name),
+            "prefect.deployment": str(runtime.deployment.name or "")}
+
+
+# ---- the flow ----------------------------------------------------------------------------------
+@flow(name="grpo", log_prints=True)
+def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[str, float]:
+    """Train a policy with GRPO. `config`: recipe name or YAML path; `overrides`: ["key=value", ...]."""
+    from engines.worker_group import WorkerGroup
+
+    cfg = load_config(config, overrides or [])
+    preflight(cfg)
+    log = get_run_logger()
+    model_dir, tokenizer, train, test = prep(cfg)
+    if cfg.data.val_max_samples:
+        test = test.iloc[: cfg.data.val_max_samples]
+    per_epoch = len(train) // cfg.data.train_batch_size
+    if per_epoch == 0:
+        raise ValueError(f"data.train_batch_size={cfg.data.train_batch_size} exceeds the {len(train)} train "
+                         "prompts left after filtering; lower it")
+    total = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * per_epoch
+    root = Path(cfg.checkpoint_dir)
+    tracker = Tracker(cfg, root, _tags(cfg))
+    workers = WorkerGroup(cfg, model_dir)
+    status = "FAILED"
+    try:
+        start = 0
+        ckpt = stages.latest_checkpoint(root) if cfg.trainer.resume_mode == "auto" else None
+        if ckpt is not None:
+            workers.load_checkpoint(str(ckpt))
+            start = int(ckpt.name.split("_")[-1])
+            log.info("resumed from %s", ckpt)
+        if cfg.trainer.val_before_train and start == 0:
+            _evaluate(workers, tokenizer, test, cfg, tracker, step=0)
+        last: dict[str, float] = {}
+        bar = tqdm(range(start + 1, total + 1), desc="grpo", unit="step", file=sys.stderr,
+                   initial=start, total=total)
+        for step in bar:
+            t0 = time.perf_counter()
+            batch = train.iloc[stages.step_rows(len(train), cfg, step)]
+            t = time.perf_counter()
+            samples = stages.rollout(workers, tokenizer, batch, cfg, step, root)
+            timing = {"timing_s/gen": time.perf_counter() - t}
+            t = time.perf_counter()
+            samples = stages.score(samples, cfg)
+            timing["timing_s/reward"] = time.perf_counter() - t
+            metrics = stages.update(workers, samples, cfg, step)
+            if metrics.get("actor/skipped_steps", 0) > cfg.trainer.max_bad_steps > 0:
+                raise RuntimeError(f"step {step}: {int(metrics['actor/skipped_steps'])} updates skipped for a "
+                                   f"non-finite grad norm (> trainer.max_bad_steps={cfg.trainer.max_bad_steps})")
+            last_step = step == total
+            if cfg.trainer.save_freq > 0 and step % cfg.trainer.save_freq == 0 or last_step:
+                t = time.perf_counter()
+                stages.save_checkpoint(workers, cfg, step, root, {"mlflow_run_id": tracker.run_id})
+                timing["timing_s/save_checkpoint"] = time.perf_counter() - t
+            if cfg.trainer.test_freq > 0 and (step % cfg.trainer.test_freq == 0 or last_step):
+                t = time.perf_counter()
+                metrics.update(_evaluate(workers, tokenizer, test, cfg, tracker, step=step, log_now=False))
+                timing["timing_s/testing"] = time.perf_counter() - t
+            timing["timing_s/step"] = time.perf_counter() - t0
+            tokens = int(samples["response_ids"].map(len).sum() + samples["prompt_ids"].map(len).sum())
+            last = {**step_metrics(samples, cfg.world_size), **metrics, **timing,
+                    "perf/throughput": tokens / timing["timing_s/step"] / cfg.world_size,
+                    "perf/total_num_tokens": tokens,
+                    "perf/max_memory_allocated_gb": workers.memory_gb()}
+            tracker.log(last, step)
+            bar.write(summary(step, total, last))
+        status = "FINISHED"
+        return last
+    finally:
+        workers.shutdown()
+        tracker.finish(status)
+
+
+def _evaluate(workers, tokenizer, test, cfg, tracker, step: int, log_now: bool = True) -> dict[str, float]:
+    metrics, table = stages.evaluate(workers, tokenizer, test, cfg, step)
+    tracker.log_table(table, f"eval/step_{step:06d}.json")
+    if log_now:
+        tracker.log(metrics, step)
+    return metrics
+
+
+def summary(step: int, total: int, m: dict[str, float]) -> str:
+    val = f" val={m[VAL_METRIC]:.3f}" if VAL_METRIC in m else ""
+    return (f"step {step}/{total} score={m['critic/score/mean']:.3f} pg_loss={m['actor/pg_loss']:+.4f} "
+            f"kl={m['actor/kl_loss']:.4f} entropy={m['actor/entropy']:.3f} "
+            f"len={m['response_length/mean']:.0f} gen={m['timing_s/gen']:.1f}s "
+            f"update={m['timing_s/update_actor']:.1f}s step={m['timing_s/step']:.1f}s{val}")
+
+
+if __name__ == "__main__":  # vLLM spawns engine processes: entry points need this guard
+    grpo(sys.argv[1] if len(sys.argv) > 1 else "tiny-cpu", sys.argv[2:])

@@ -1,0 +1,171 @@
+"""The flow's stages as Prefect tasks: thin wrappers that call the worker group and persist outputs.
+
+Retries only where a retry is safe: rollout and eval are pure functions of (weights, seeds);
+checkpoints are written atomically; the policy update mutates optimizer state, so it never retries.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NONE
+
+from configs.schema import GRPOConfig
+from engines import algos
+from tasks import reward as rewards
+
+LATEST = "latest_checkpointed_iteration.txt"
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def chat_ids(tokenizer, messages) -> list[int]:
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def step_rows(n_rows: int, cfg: GRPOConfig, step: int) -> np.ndarray:
+    """Row indices of the train set for `step` (1-based): epoch-wise permutation seeded by trainer.seed."""
+    bs = cfg.data.train_batch_size
+    per_epoch = n_rows // bs
+    epoch, pos = divmod(step - 1, per_epoch)
+    order = (np.random.default_rng(cfg.trainer.seed + epoch).permutation(n_rows)
+             if cfg.data.shuffle else np.arange(n_rows))
+    return order[pos * bs:(pos + 1) * bs]
+
+
+def _seed(cfg: GRPOConfig, step: int, row: int) -> int:
+    return (cfg.trainer.seed * 1_000_003 + step * 10_007 + int(row)) % (2**31 - 1)
+
+
+def _write_parquet(df: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+# ---- stages -------------------------------------------------------------------------------------
+@task(name="rollout", retries=2, retry_delay_seconds=5, cache_policy=NONE)
+def rollout(workers, tokenizer, batch: pd.DataFrame, cfg: GRPOConfig, step: int, out: Path) -> pd.DataFrame:
+    """Sample rollout.n responses per prompt with vLLM; persist them as parquet."""
+    r = cfg.rollout
+    prompts = [chat_ids(tokenizer, m) for m in batch["prompt"]]
+    sampling = dict(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                    max_tokens=r.max_response_length, seeds=[_seed(cfg, step, i) for i in batch.index])
+    samples = pd.DataFrame(workers.generate(prompts, sampling))
+    src = batch.reset_index().rename(columns={"index": "row"})
+    samples["row"] = src["row"].to_numpy()[samples["prompt_index"]]
+    samples["prompt_ids"] = [prompts[i] for i in samples["prompt_index"]]
+    samples["data_source"] = src["data_source"].to_numpy()[samples["prompt_index"]]
+    samples["ground_truth"] = [src["reward_model"][i]["ground_truth"] for i in samples["prompt_index"]]
+    _write_parquet(samples, out / f"rollouts/step_{step:06d}.parquet")
+    return samples
+
+
+@task(name="reward", retries=1, cache_policy=NONE)
+def score(samples: pd.DataFrame, cfg: GRPOConfig) -> pd.DataFrame:
+    """Rule reward (or the configured function) per sample; then GRPO group-normalised advantages."""
+    import torch
+
+    fn = rewards.load_reward_fn(cfg.reward.function)
+    scores, n_errors = rewards.score_samples(
+        fn, list(samples["data_source"]), list(samples["response_text"]), list(samples["ground_truth"]),
+        [None] * len(samples), on_error=cfg.reward.on_error)
+    samples = samples.assign(score=scores)
+    adv = algos.grpo_advantages(torch.tensor(scores, dtype=torch.float32), list(samples["prompt_index"]),
+                                norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo)
+    samples["advantage"] = adv.numpy()
+    samples.attrs["reward_errors"] = n_errors
+    return samples
+
+
+@task(name="update", retries=0, cache_policy=NONE)
+def update(workers, samples: pd.DataFrame, cfg: GRPOConfig, step: int) -> dict[str, float]:
+    """old log-probs -> reference log-probs -> PPO epochs -> push weights to vLLM, each timed."""
+    prompts, responses = list(samples["prompt_ids"]), list(samples["response_ids"])
+    prompts = [list(p) for p in prompts]
+    responses = [list(r) for r in responses]
+    timing = {}
+    t = time.perf_counter()
+    old = workers.compute_log_prob(prompts, responses)
+    timing["timing_s/old_log_prob"] = time.perf_counter() - t
+    ref = None
+    if cfg.actor.use_kl_loss:
+        t = time.perf_counter()
+        ref = workers.compute_log_prob(prompts, responses, ref=True)
+        timing["timing_s/ref"] = time.perf_counter() - t
+    batch = {"prompts": prompts, "responses": responses, "old_log_probs": old, "ref_log_probs": ref,
+             "advantages": samples["advantage"].to_numpy(np.float32).tolist()}
+    t = time.perf_counter()
+    metrics = workers.update_actor(batch, seed=cfg.trainer.seed + step)
+    timing["timing_s/update_actor"] = time.perf_counter() - t
+    t = time.perf_counter()
+    workers.sync_weights()
+    timing["timing_s/update_weights"] = time.perf_counter() - t
+    # How far vLLM's sampling log-probs are from the trainer's: a live check of weight sync.
+    diffs = [np.abs(np.asarray(a) - np.asarray(b)) for a, b in zip(samples["rollout_log_probs"], old)
+             if len(a) == len(b) and len(a)]
+    if diffs:
+        metrics["training/rollout_probs_diff_mean"] = float(np.mean(np.concatenate(diffs)))
+    return {**metrics, **timing}
+
+
+@task(name="checkpoint", retries=2, retry_delay_seconds=5, cache_policy=NONE)
+def save_checkpoint(workers, cfg: GRPOConfig, step: int, root: Path, state: dict) -> Path:
+    """Write global_step_<N> into a temp dir, rename it into place, then move `latest` to it."""
+    final = root / f"global_step_{step}"
+    tmp = root / f".global_step_{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    workers.save_checkpoint(str(tmp))
+    (tmp / "trainer_state.json").write_text(json.dumps({**state, "global_step": step}))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = root / (LATEST + ".tmp")
+    latest_tmp.write_text(str(step))
+    os.replace(latest_tmp, root / LATEST)
+    keep = cfg.trainer.max_actor_ckpt_to_keep
+    if keep:
+        steps = sorted(int(p.name.split("_")[-1]) for p in root.glob("global_step_*"))
+        for old in steps[:-keep]:
+            shutil.rmtree(root / f"global_step_{old}", ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    f = root / LATEST
+    if not f.exists():
+        return None
+    path = root / f"global_step_{int(f.read_text().strip())}"
+    return path if path.exists() else None
+
+
+@task(name="evaluate", retries=2, retry_delay_seconds=5, cache_policy=NONE)
+def evaluate(workers, tokenizer, test: pd.DataFrame, cfg: GRPOConfig, step: int) -> tuple[dict, dict]:
+    """GSM8K test accuracy, greedy mean@1, and a sample table shown as a Prefect artifact."""
+    prompts = [chat_ids(tokenizer, m) for m in test["prompt"]]
+    sampling = dict(n=1, temperature=cfg.rollout.val_temperature, top_p=1.0, top_k=-1,
+                    max_tokens=cfg.rollout.max_response_length, seeds=[_seed(cfg, 0, i) for i in test.index])
+    out = sorted(workers.generate(prompts, sampling), key=lambda r: r["prompt_index"])
+    texts = [o["response_text"] for o in out]
+    truths = [rm["ground_truth"] for rm in test["reward_model"]]
+    fn = rewards.load_reward_fn(cfg.reward.function)
+    scores, _ = rewards.score_samples(fn, list(test["data_source"]), texts, truths, [None] * len(texts),
+                                      on_error=cfg.reward.on_error)
+    metrics = {"val-core/openai/gsm8k/reward/mean@1": float(np.mean(scores))}
+    table = {"question": [m[0]["content"][:300] for m in test["prompt"]], "response": texts,
+             "ground_truth": truths, "score": scores}
+    shown = [{k: table[k][i] for k in table} for i in range(min(10, len(texts)))]
+    slug = re.sub(r"[^a-z0-9-]+", "-", cfg.tracking.run_name.lower()).strip("-")
+    create_table_artifact(key=f"eval-{slug}-step-{step}",
+                          table=shown, description=f"GSM8K eval at step {step}: mean@1 = "
+                          f"{metrics['val-core/openai/gsm8k/reward/mean@1']:.3f} on {len(texts)} prompts")
+    return metrics, table

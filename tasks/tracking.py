@@ -1,0 +1,71 @@
+"""MLflow: one run per training run, params = the resolved config, metrics per step.
+
+A resumed training run logs into the same MLflow run: its id is kept beside the checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from configs.load import flatten
+from configs.schema import GRPOConfig
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def metric_key(name: str) -> str:
+    """MLflow rejects '@' in keys: `mean@1` is logged as `mean_at_1`."""
+    return name.replace("@", "_at_")
+
+
+def tracking_uri(cfg: GRPOConfig) -> str:
+    return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+class Tracker:
+    def __init__(self, cfg: GRPOConfig, run_root: Path, tags: dict[str, str]):
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(tracking_uri(cfg))
+        self.client = mlflow.MlflowClient()
+        exp = mlflow.set_experiment(cfg.tracking.experiment)
+        id_file = run_root / "mlflow_run.json"
+        run_id = json.loads(id_file.read_text())["run_id"] if id_file.exists() else None
+        if run_id and self._exists(run_id):
+            mlflow.start_run(run_id=run_id)
+            self.resumed = True
+        else:
+            mlflow.start_run(experiment_id=exp.experiment_id, run_name=cfg.tracking.run_name)
+            self.resumed = False
+            params = flatten(cfg)
+            mlflow.log_params(params)
+            mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+            run_root.mkdir(parents=True, exist_ok=True)
+            tmp = id_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"run_id": mlflow.active_run().info.run_id}))
+            os.replace(tmp, id_file)
+        mlflow.set_tags(tags)
+        self.run_id = mlflow.active_run().info.run_id
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+            return True
+        except Exception:  # a deleted run or another store: start a fresh one
+            return False
+
+    def logged_steps(self, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, metric_key(key))}
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.mlflow.log_metrics({metric_key(k): float(v) for k, v in metrics.items()}, step=step)
+
+    def log_table(self, rows: dict[str, list], name: str) -> None:
+        self.mlflow.log_table(rows, artifact_file=name)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.mlflow.end_run(status=status)

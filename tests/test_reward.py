@@ -1,0 +1,162 @@
+import pytest
+
+from tasks.reward import (
+    default_compute_score,
+    extract_solution,
+    gsm8k_score,
+    load_reward_fn,
+    score_samples,
+)
+
+NOT_CALLABLE = 42
+
+
+def fn(data_source, solution_str, ground_truth, extra_info):
+    """Loaded by dotted path in the tests below."""
+    return 0.5
+
+
+def fails_on_bad(data_source, solution_str, ground_truth, extra_info):
+    if "bad" in solution_str:
+        raise KeyError("boom")
+    return 1.0
+
+
+PAD = "x" * 300  # pushes anything before it out of the 300-character window
+
+
+@pytest.mark.parametrize(
+    "text, method, expected",
+    [
+        ("so the answer is #### 72", "strict", "72"),
+        ("#### 1,234", "strict", "1234"),
+        ("#### -5", "strict", "-5"),
+        ("#### 3.5", "strict", "3.5"),
+        ("#### 72.", "strict", "72"),
+        ("#### 1,234.50.", "strict", "1234.50"),
+        ("first #### 1 then #### 2", "strict", "2"),
+        ("#### 7\n#### 8\nfinal: #### 9", "strict", "9"),
+        ("#### 72" + PAD, "strict", None),
+        ("#### 72" + "a" * 293, "strict", "72"),  # "#### 72" is exactly the first 7 of the last 300
+        ("#### 72" + "a" * 294, "strict", None),  # one '#' falls out of the window
+        ("the answer is 72", "strict", None),
+        ("#### $72", "strict", None),  # as in the reference, a currency sign breaks strict
+        ("#### .", "strict", None),
+        ("", "strict", None),
+        ("3 apples and 5 pears, so 8.", "flexible", "8"),
+        ("#### 72 but actually 73", "flexible", "73"),
+        ("Total: 1,234.50 dollars", "flexible", "1234.50"),
+        ("it is 42 ...", "flexible", "42"),
+        ("it is 42, .", "flexible", "42"),
+        ("lost -7 degrees", "flexible", "-7"),
+        ("12" + PAD, "flexible", None),
+        ("no idea", "flexible", None),
+    ],
+)
+def test_extract_solution(text, method, expected):
+    assert extract_solution(text, method) == expected
+
+
+def test_extract_solution_rejects_unknown_method():
+    with pytest.raises(ValueError, match="lenient"):
+        extract_solution("#### 1", "lenient")
+
+
+@pytest.mark.parametrize(
+    "response, truth, kwargs, expected",
+    [
+        ("#### 72", "72", {}, 1.0),
+        ("#### 1,234", "1234", {}, 1.0),
+        ("#### 1234", "1,234", {}, 1.0),  # ground truth normalised too
+        ("#### 72.0", "72", {}, 1.0),  # numerically equal decimals match
+        ("#### 72.50", "72.5", {}, 1.0),
+        ("#### -3", "-3", {}, 1.0),
+        ("#### 71", "72", {}, 0.0),
+        ("#### 71", "72", {"format_score": 0.1}, 0.1),
+        ("no number at all", "72", {"format_score": 0.1}, 0.0),
+        ("the answer is 72", "72", {}, 0.0),  # strict needs ####
+        ("the answer is 72", "72", {"method": "flexible"}, 1.0),
+        ("#### 72", "72", {"score": 2.0}, 2.0),
+        ("#### 72" + PAD, "72", {"format_score": 0.1}, 0.0),
+    ],
+)
+def test_gsm8k_score(response, truth, kwargs, expected):
+    assert gsm8k_score(response, truth, **kwargs) == expected
+
+
+def test_default_compute_score_dispatches_gsm8k():
+    assert default_compute_score("openai/gsm8k", "#### 18", "18") == 1.0
+    assert default_compute_score("openai/gsm8k", "#### 17", "18", {"split": "test"}) == 0.0
+
+
+def test_default_compute_score_unknown_source_names_it_and_the_fix():
+    with pytest.raises(ValueError, match=r"'my/dataset'.*reward\.function"):
+        default_compute_score("my/dataset", "#### 1", "1")
+
+
+@pytest.mark.parametrize("dotted", [None, "", "  "])
+def test_load_reward_fn_default(dotted):
+    assert load_reward_fn(dotted) is default_compute_score
+
+
+@pytest.mark.parametrize("dotted", ["tests.test_reward:fn", "tests.test_reward.fn"])
+def test_load_reward_fn_dotted_path(dotted):
+    loaded = load_reward_fn(dotted)
+    assert loaded is fn
+    assert loaded("openai/gsm8k", "#### 1", "1", None) == 0.5
+
+
+@pytest.mark.parametrize(
+    "dotted, problem",
+    [
+        ("tests.no_such_module:fn", r"module 'tests\.no_such_module' not found"),
+        ("no_such_package.rewards.fn", r"module 'no_such_package\.rewards' not found"),
+        ("tests.test_reward:missing", r"has no attribute 'missing'"),
+        ("tests.test_reward:NOT_CALLABLE", r"not callable"),
+        ("justaname", r"not a dotted path"),
+        ("tests.test_reward:", r"not a dotted path"),
+    ],
+)
+def test_load_reward_fn_bad_path(dotted, problem):
+    with pytest.raises(ValueError, match=problem) as info:
+        load_reward_fn(dotted)
+    assert repr(dotted) in str(info.value)
+
+
+def test_score_samples_all_good():
+    scores, n_errors = score_samples(
+        default_compute_score,
+        ["openai/gsm8k"] * 3,
+        ["#### 1", "#### 2", "nothing"],
+        ["1", "3", "1"],
+        [{"index": i} for i in range(3)],
+    )
+    assert scores == [1.0, 0.0, 0.0]
+    assert n_errors == 0
+
+
+def test_score_samples_raise_names_index_source_and_response_prefix():
+    long_bad = "bad " + "y" * 200
+    with pytest.raises(RuntimeError) as info:
+        score_samples(fails_on_bad, ["a", "b"], ["fine", long_bad], ["1", "1"], [None, None], on_error="raise")
+    message = str(info.value)
+    assert "sample 1" in message
+    assert "'b'" in message
+    assert repr(long_bad[:80]) in message
+    assert long_bad[:81] not in message
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+def test_score_samples_zero_counts_errors():
+    scores, n_errors = score_samples(
+        fails_on_bad, ["a"] * 4, ["fine", "bad", "fine", "bad again"], ["1"] * 4, None, on_error="zero"
+    )
+    assert scores == [1.0, 0.0, 1.0, 0.0]
+    assert n_errors == 2
+
+
+def test_score_samples_rejects_mismatched_lengths_and_bad_mode():
+    with pytest.raises(ValueError, match="different lengths"):
+        score_samples(fn, ["a"], ["x", "y"], ["1", "2"], None)
+    with pytest.raises(ValueError, match="on_error"):
+        score_samples(fn, ["a"], ["x"], ["1"], None, on_error="ignore")
