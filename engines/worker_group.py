@@ -38,6 +38,12 @@ def init_ray() -> None:
                  num_cpus=max(2, os.cpu_count() or 1))
 
 
+def local_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def check_resources(cfg: GRPOConfig) -> None:
     """Fail within seconds, naming both numbers, when the cluster is smaller than the recipe."""
     import ray

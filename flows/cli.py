@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("recipes", help="list recipes").set_defaults(fn=cmd_recipes)
     args = p.parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # Prefect's temporary local server: its telemetry heartbeat races the SQLite writer ("database
+    # is locked" tracebacks) and phones home; neither is wanted for a local run.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         args.fn(args)

@@ -8,6 +8,8 @@ reference and vLLM engine and does it. Every iteration lands in one MLflow run.
 """
 from __future__ import annotations
 
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,16 +42,30 @@ def preflight(cfg: GRPOConfig) -> None:
             f"recipe '{cfg.recipe}' trains on {cfg.world_size} GPUs (trainer.n_gpus_per_node="
             f"{cfg.trainer.n_gpus_per_node} x trainer.nnodes={cfg.trainer.nnodes}); this build trains on one "
             "rank only (sharded FSDP2 training is not implemented yet): set trainer.n_gpus_per_node=1")
-    if cfg.model.source == "hf":
+    if cfg.trainer.device == "cuda" and not os.environ.get("RAY_ADDRESS"):
+        from engines.worker_group import local_gpu_count
+
+        have = local_gpu_count()
+        if have < cfg.world_size:
+            raise ValueError(
+                f"recipe '{cfg.recipe}' needs {cfg.world_size} GPU(s) (trainer.device=cuda) but this machine "
+                f"has {have}; run it on a GPU machine or a Ray cluster (RAY_ADDRESS), or use a *-cpu recipe")
+    if cfg.model.source == "hf" and not _is_hub_id(cfg.model.path):
         p = Path(cfg.model.path)
         if not (p / "config.json").exists():
             raise ValueError(f"model.path={cfg.model.path}: no HF model there (config.json missing); "
                              "point model.path at a model directory or set model.source=random|gguf")
     src = cfg.data.source
-    looks_local = src.startswith((".", "/", "~")) or Path(src).exists()
-    if looks_local and not Path(src).expanduser().exists():
-        raise ValueError(f"data.source={src}: path does not exist; point it at a directory with "
-                         "train/test jsonl or parquet, or use the hub id openai/gsm8k")
+    if not _is_hub_id(src):
+        if not Path(src).expanduser().exists():
+            raise ValueError(f"data.source={src}: path does not exist; point it at a directory with "
+                             "train/test jsonl or parquet, or use the hub id openai/gsm8k")
+        load_raw_gsm8k(src)  # columns, emptiness, ground truths: checked before any work
+
+
+def _is_hub_id(name: str) -> bool:
+    """`org/name` that is not a local path: fetched from the Hugging Face hub."""
+    return not Path(name).expanduser().exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
 
 
 @task(name="prep", retries=2, retry_delay_seconds=5, cache_policy=NONE)

