@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,6 +84,8 @@ def materialize(source: str, path: str, *, arch: str = "tiny", corpus: Iterable[
     """
     dest = Path(path).absolute()
     if source == "hf":
+        if not dest.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+            dest = Path(_download_from_hub(path))
         _check_hf_dir(dest)
         return str(dest)
     if source not in ("random", "gguf"):
@@ -117,6 +120,17 @@ def materialize(source: str, path: str, *, arch: str = "tiny", corpus: Iterable[
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)
+
+
+def _download_from_hub(repo_id: str) -> str:
+    """A hub id such as Qwen/Qwen2.5-0.5B-Instruct: weights, config and tokenizer into the HF cache."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+    except Exception as e:  # offline, unknown repo, gated, ...
+        raise ValueError(f"model.path={repo_id}: could not fetch it from the Hugging Face hub "
+                         f"({type(e).__name__}); download it elsewhere and set model.path to its directory") from None
 
 
 def check_vllm_compatible(config: Any) -> None:

@@ -49,7 +49,7 @@ class VLLMRollout:
         if self.is_lora:
             kwargs.update(enable_lora=True, max_lora_rank=_vllm_lora_rank(cfg.model.lora_rank), max_loras=1)
         self.llm = LLM(**kwargs)
-        self._awake = True
+        self._asleep: set[str] = set()
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
@@ -81,20 +81,21 @@ class VLLMRollout:
 
     # ---- memory -----------------------------------------------------------------------------
     def sleep(self) -> None:
-        if self.sleep_mode and self._awake:
-            self.llm.sleep(level=1)
-            self._awake = False
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)  # level 1: weights to host memory, KV cache dropped
+            self._asleep = {"weights", "kv_cache"}
 
-    def wake_up(self, tags: list[str] | None = None) -> None:
-        if self.sleep_mode and not self._awake:
-            self.llm.wake_up(tags=tags)
-            self._awake = tags is None or "kv_cache" in tags
+    def wake_up(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        """Wake only what sleeps: waking weights twice would restore the stale host copy."""
+        todo = [t for t in tags if t in self._asleep]
+        if todo:
+            self.llm.wake_up(tags=todo)
+            self._asleep -= set(todo)
 
     # ---- weights in ---------------------------------------------------------------------------
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Overwrite the engine's weights in place with the trainer's (full fine-tuning)."""
-        if self.sleep_mode and not self._awake:
-            self.llm.wake_up(tags=["weights"])
+        self.wake_up(("weights",))  # new weights go in before the KV cache comes back
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         self.llm.reset_prefix_cache()
 

@@ -93,7 +93,7 @@ def prep(cfg: GRPOConfig):
     return model_dir, tok, pd.read_parquet(result.train_path), pd.read_parquet(result.test_path)
 
 
-def step_metrics(samples: pd.DataFrame, world_size: int) -> dict[str, float]:
+def step_metrics(samples: pd.DataFrame) -> dict[str, float]:
     lengths = samples["response_ids"].map(len)
     return {"critic/score/mean": samples["score"].mean(), "critic/score/max": samples["score"].max(),
             "critic/score/min": samples["score"].min(),
@@ -167,7 +167,7 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
                 timing["timing_s/testing"] = time.perf_counter() - t
             timing["timing_s/step"] = time.perf_counter() - t0
             tokens = int(samples["response_ids"].map(len).sum() + samples["prompt_ids"].map(len).sum())
-            last = {**step_metrics(samples, cfg.world_size), **metrics, **timing,
+            last = {**step_metrics(samples), **metrics, **timing,
                     "perf/throughput": tokens / timing["timing_s/step"] / cfg.world_size,
                     "perf/total_num_tokens": tokens,
                     "perf/max_memory_allocated_gb": workers.memory_gb()}

@@ -131,7 +131,7 @@ chunks_ok() {
 # build_bundle NAME SITE REQFILE: download (cached) wheels, install --no-deps --target, pack, split.
 build_bundle() {
   local name=$1 site=$2 reqfile=$3 out=$DEV/$1 wheels=$CACHE/$1-wheels
-  local stamp; stamp=$( (cat "$reqfile"; echo "$CHUNK_BYTES v2"; [ "$name" = extra ] && echo "prune 1") | sha256sum | cut -c1-16)
+  local stamp; stamp=$( (cat "$reqfile"; echo "$CHUNK_BYTES v2"; if [ "$name" = extra ]; then echo "prune 2"; fi) | sha256sum | cut -c1-16)
   if [ $force = 0 ] && [ "$(cat "$out/STAMP" 2>/dev/null)" = "$stamp" ] && chunks_ok "$out"; then
     echo "[$name] up to date ($(ls "$out" | grep -cE '^c[0-9]+of[0-9]+$') chunks, stamp $stamp)"; return 0
   fi
@@ -155,6 +155,9 @@ build_bundle() {
     # source maps: not needed for Python-only Ray.
     rm -rf "$work/$site/ray/jars"
     find "$work/$site/ray/dashboard" -name '*.js.map' -delete
+    # Prefect's two web-UI builds (55 MB): only `prefect server start` serves them, and
+    # prefect/server/api/server.py skips a UI whose folder is missing.
+    rm -rf "$work/$site/prefect/server/ui" "$work/$site/prefect/server/ui-v2"
   fi
   # Console scripts were written for this machine's Python: point them at the machine's python3.
   if [ -d "$work/$site/bin" ]; then
@@ -297,9 +300,9 @@ for m in shared:
     if m in v["inits"] or m in x["inits"] or m.endswith((".py", ".so")):
         fail.append(f"top-level {m} is in both bundles and is not a namespace package")
 if shared:
-    print("  namespace folders in both bundles (merged by Python, fine): " + " ".join(shared))
+    print("  folders in both bundles, none with an __init__.py (namespace packages / headers, fine): " + " ".join(shared))
 for b in info:
-    dup = sorted(d for d in info[b]["dists"] if d in image or d.startswith("nvidia-"))
+    dup = sorted(d for d in info[b]["dists"] if d in image)
     if dup:
         fail.append(f"{b}: carries packages the image has: {' '.join(dup)}")
     req = os.path.join(dev, b, "requirements.txt")
