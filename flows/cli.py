@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     # Prefect's temporary local server: its telemetry heartbeat races the SQLite writer ("database
     # is locked" tracebacks) and phones home; neither is wanted for a local run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Its start-up can exceed the 20 s default on a cold machine (first imports, migrations).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         args.fn(args)

@@ -4,8 +4,9 @@
 # (vllm -> /root/vsite, extra -> /root/xsite) once all chunks of a bundle are there and it was not
 # unpacked yet, exports the environment below, and the first time (or with DEVICE_ENV_CHECK=1;
 # DEVICE_ENV_CHECK=0 skips it) imports the main packages and prints their versions, plus any
-# requirement of a carried package that the machine does not meet. Returns non-zero when a bundle
-# is missing or an import fails, so `source scripts/device_env.sh && cmd` then does not run cmd.
+# requirement of a carried extra that the machine does not meet (DEVICE_ENV_VERBOSE=1: also those
+# of the vLLM bundle). Returns non-zero when a bundle is missing or a required import fails, so
+# `source scripts/device_env.sh && cmd` then does not run cmd.
 
 _device_env_repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 _R=${DEVICE_ENV_ROOT:-/root}        # only for trying this script elsewhere; /root on the machine
@@ -44,12 +45,14 @@ _device_env_main() {
   export PYTHONPATH=$_R/vsite:$_R/xsite:$_device_env_repo
   case ":$PATH:" in *:$_R/xsite/bin:*) ;; *) export PATH=$PATH:$_R/vsite/bin:$_R/xsite/bin ;; esac
   export VLLM_ENABLE_V1_MULTIPROCESSING=0
-  # NVLink multicast stays off (the device docs ask for it on every kind, multi-GPU ones above all).
+  # NVLink multicast stays off, as the device docs ask (it can take a host's shared GPUs down).
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   export RAY_DISABLE_IMPORT_WARNING=1
   export RAY_USAGE_STATS_ENABLED=0                 # no network there: don't try to report
   export PREFECT_HOME=$_R/prefect
   export PREFECT_SERVER_ANALYTICS_ENABLED=false    # likewise
+  # The first start of Prefect's temporary API server builds its SQLite database: give it time.
+  export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-120}
   export MLFLOW_TRACKING_URI=sqlite:///$_R/mlflow.db
   mkdir -p "$PREFECT_HOME"
   [ $ok = 0 ] || return 1
@@ -61,22 +64,25 @@ import importlib, importlib.metadata as md, os, re, sys, time
 R = os.environ.get('DEVICE_ENV_ROOT', '/root')
 t0 = time.time()
 bad = []
-for mod, dist in [("vllm", "vllm"), ("ray", "ray"), ("prefect", "prefect"), ("mlflow", "mlflow-skinny"),
-                  ("pyarrow", "pyarrow"), ("pandas", "pandas"), ("pydantic", "pydantic"), ("yaml", "pyyaml"),
-                  ("sqlalchemy", "sqlalchemy"), ("alembic", "alembic"), ("gguf", "gguf"), ("peft", "peft"),
-                  ("torch", "torch"), ("transformers", "transformers")]:
+for mod, dist, required in [
+        ("vllm", "vllm", 1), ("ray", "ray", 1), ("prefect", "prefect", 1), ("mlflow", "mlflow-skinny", 1),
+        ("pyarrow", "pyarrow", 1), ("pandas", "pandas", 1), ("pydantic", "pydantic", 1), ("yaml", "pyyaml", 1),
+        ("sqlalchemy", "sqlalchemy", 1), ("alembic", "alembic", 1), ("gguf", "gguf", 1),
+        ("peft", "peft", 0), ("torch", "torch", 0), ("transformers", "transformers", 0)]:
     try:
         m = importlib.import_module(mod)
-        where = (getattr(m, "__file__", "") or "").split("/")[:3]
-        print(f"  {mod:13s} {getattr(m, '__version__', None) or md.version(dist):14s} {'/'.join(where)}")
+        f = getattr(m, "__file__", "") or ""
+        where = max((p for p in sys.path if p and f.startswith(p.rstrip("/") + "/")), key=len, default=f)
+        print(f"  {mod:13s} {getattr(m, '__version__', None) or md.version(dist):14s} {where}")
     except Exception as e:
-        bad.append(mod)
+        if required:
+            bad.append(mod)
         print(f"  {mod:13s} IMPORT FAILED: {type(e).__name__}: {e}")
 # Requirements of the carried packages (both bundles) that the machine does not meet: the image's
 # versions were not known when the bundles were made, so this is the place where a clash shows.
 try:
     from packaging.requirements import Requirement
-    seen, notes = set(), []
+    seen, notes, vnotes = set(), [], []
     for d in md.distributions():
         loc = str(getattr(d, "_path", ""))
         name = (d.metadata["Name"] or "").lower()
@@ -87,16 +93,22 @@ try:
             req = Requirement(r)
             if req.marker and not req.marker.evaluate({"extra": ""}):
                 continue
+            out = notes if loc.startswith(R + "/xsite") else vnotes
             try:
                 v = md.version(req.name)
             except md.PackageNotFoundError:
-                if name != "vllm":      # vLLM's bundle leaves optional kernels out on purpose
-                    notes.append(f"{name}: needs {req}, not installed")
+                out.append(f"{name}: needs {req}, not installed")
                 continue
             if req.specifier and not req.specifier.contains(v, prereleases=True):
-                notes.append(f"{name}: needs {req}, has {v}")
+                out.append(f"{name}: needs {req}, has {v}")
     for n in notes:
-        print("  note:", n)
+        print("  note (extras):", n)
+    if os.environ.get("DEVICE_ENV_VERBOSE") == "1":
+        for n in vnotes:
+            print("  note (vLLM bundle):", n)
+    elif vnotes:
+        # the vLLM bundle leaves optional kernels out on purpose (see shared/tools/device-vllm)
+        print(f"  ({len(vnotes)} unmet requirements in the vLLM bundle, e.g. optional kernels; DEVICE_ENV_VERBOSE=1 lists them)")
 except Exception as e:
     print("  (requirement check skipped:", e, ")")
 print(f"device_env: imports {'FAILED: ' + ' '.join(bad) if bad else 'ok'} ({time.time() - t0:.1f} s)")

@@ -4,12 +4,14 @@
 # no vLLM, Ray, Prefect or MLflow and which has no network; one device call carries <= 64 MiB.
 #
 # Two bundles, each a tar.xz split into chunks of at most 55 MB (55,000,000 bytes):
-#   .device/vllm/   vLLM 0.26.0 and the small packages it needs that the image lacks, packed the
-#                   way ../shared/tools/device-vllm/prepare.sh packs them (same wheel list, same
-#                   platforms, same files removed), with the two overrides below     -> /root/vsite
+#   .device/vllm/   vLLM 0.26.0 and the small packages it needs that the image lacks, packed as
+#                   ../shared/tools/device-vllm/prepare.sh packs them (same wheel list, platforms
+#                   and removed files; done here rather than by calling it so that the wheels are
+#                   cached), with the two overrides below (VLLM_OVERRIDES)              -> /root/vsite
 #   .device/extra/  ray, prefect, mlflow-skinny (+ sqlalchemy/alembic for a sqlite:/// store),
 #                   gguf and what they need that neither the image nor the vLLM bundle has,
-#                   pinned in scripts/device_requirements.txt                       -> /root/xsite
+#                   pinned in scripts/device_requirements.txt; Ray's Java jar and Prefect's
+#                   web-UI builds are left out (see build_bundle)                       -> /root/xsite
 # No distribution is in both bundles, and none of the extras is one the image already has.
 # Wheels are kept in .device/cache/ so a re-run downloads nothing new; a bundle whose pins did
 # not change and whose chunks are intact is not rebuilt (--force rebuilds).
@@ -97,7 +99,7 @@ resolve=0 force=0 calls_only=0
 for a in "$@"; do
   case $a in
     --resolve) resolve=1 ;; --force) force=1 ;; --calls) calls_only=1 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$root/scripts/device_stage.sh"; exit 0 ;;
     *) echo "device_stage: unknown argument $a" >&2; exit 2 ;;
   esac
 done

