@@ -69,6 +69,8 @@ def test_prefect_deployment_run_reaches_completed(tmp_path, gsm8k):
         out = cli("deployment", "run", "grpo/tiny-cpu", "--params", json.dumps({"overrides": overrides}),
                   "--watch", "--watch-timeout", "1200", timeout=1300)
         assert "Completed" in out, out[-3000:]
+        artifact = cli("artifact", "inspect", "eval-tiny-cpu-step-2")
+        assert "GSM8K eval at step 2" in artifact and "ground_truth" in artifact
     finally:
         for p in procs:
             try:

