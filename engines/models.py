@@ -86,7 +86,7 @@ def materialize(source: str, path: str, *, arch: str = "tiny", corpus: Iterable[
     if source == "hf":
         if not dest.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
             dest = Path(_download_from_hub(path))
-        _check_hf_dir(dest)
+        check_hf_dir(dest)
         return str(dest)
     if source not in ("random", "gguf"):
         raise ValueError(f"unknown model source {source!r}; use 'hf', 'random' or 'gguf'")
@@ -172,7 +172,7 @@ def _has_chat_template(d: Path) -> bool:
     return False
 
 
-def _check_hf_dir(d: Path) -> None:
+def check_hf_dir(d: Path) -> None:
     """Catch an unusable model dir here, with the fix, rather than deep inside a loader."""
     hint = "point model.path at a Hugging Face model dir (as written by save_pretrained)"
     if not d.is_dir():

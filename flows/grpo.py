@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from configs.load import load_config
 from configs.schema import GRPOConfig
-from tasks import stages
+from tasks import checkpoints, stages
 from tasks.prep import load_raw_gsm8k, prepare_gsm8k
-from tasks.tracking import Tracker
+from tasks.tracking import Tracker, check_tracking_uri
 
 REQUIRED_STEP_METRICS = (
     "critic/score/mean", "actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/grad_norm",
@@ -51,16 +51,30 @@ def preflight(cfg: GRPOConfig) -> None:
                 f"recipe '{cfg.recipe}' needs {cfg.world_size} GPU(s) (trainer.device=cuda) but this machine "
                 f"has {have}; run it on a GPU machine or a Ray cluster (RAY_ADDRESS), or use a *-cpu recipe")
     if cfg.model.source == "hf" and not _is_hub_id(cfg.model.path):
-        p = Path(cfg.model.path)
-        if not (p / "config.json").exists():
-            raise ValueError(f"model.path={cfg.model.path}: no HF model there (config.json missing); "
-                             "point model.path at a model directory or set model.source=random|gguf")
+        from engines.models import check_hf_dir
+
+        try:  # config, weights, tokenizer, chat template
+            check_hf_dir(Path(cfg.model.path))
+        except ValueError as e:
+            raise ValueError(f"model.path={cfg.model.path}: {e}") from None
+    for key, path in (("trainer.default_local_dir", cfg.checkpoint_dir), ("data.dir", cfg.data.dir)):
+        _check_writable(key, Path(path))
+    check_tracking_uri(cfg)
     src = cfg.data.source
     if not _is_hub_id(src):
         if not Path(src).expanduser().exists():
             raise ValueError(f"data.source={src}: path does not exist; point it at a directory with "
                              "train/test jsonl or parquet, or use the hub id openai/gsm8k")
         load_raw_gsm8k(src)  # columns, emptiness, ground truths: checked before any work
+
+
+def _check_writable(key: str, path: Path) -> None:
+    """The nearest existing ancestor must be a writable directory (nothing is created here)."""
+    p = path.expanduser().absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}={path}: {p} is not a writable directory; choose a writable location")
 
 
 def _is_hub_id(name: str) -> bool:
@@ -133,11 +147,13 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
     status = "FAILED"
     try:
         start = 0
-        ckpt = stages.latest_checkpoint(root) if cfg.trainer.resume_mode == "auto" else None
+        ckpt = checkpoints.newest_valid(root) if cfg.trainer.resume_mode == "auto" else None
         if ckpt is not None:
             workers.load_checkpoint(str(ckpt))
             start = int(ckpt.name.split("_")[-1])
             log.info("resumed from %s", ckpt)
+        # Steps after the checkpoint that a killed run had already logged are replayed, not re-logged.
+        logged = tracker.logged_steps("timing_s/step") if tracker.resumed else set()
         if cfg.trainer.val_before_train and start == 0:
             _evaluate(workers, tokenizer, test, cfg, tracker, step=0)
         last: dict[str, float] = {}
@@ -171,7 +187,8 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
                     "perf/throughput": tokens / timing["timing_s/step"] / cfg.world_size,
                     "perf/total_num_tokens": tokens,
                     "perf/max_memory_allocated_gb": workers.memory_gb()}
-            tracker.log(last, step)
+            if step not in logged:
+                tracker.log(last, step)
             bar.write(summary(step, total, last))
         status = "FINISHED"
         return last

@@ -8,22 +8,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
 from configs.schema import GRPOConfig
 from engines import algos
+from tasks import checkpoints
 from tasks import reward as rewards
-
-LATEST = "latest_checkpointed_iteration.txt"
-
 
 # ---- data ---------------------------------------------------------------------------------------
 def chat_ids(tokenizer, messages) -> list[int]:
@@ -55,7 +52,17 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
 # ---- stages -------------------------------------------------------------------------------------
 @task(name="rollout", retries=2, retry_delay_seconds=5, cache_policy=NONE)
 def rollout(workers, tokenizer, batch: pd.DataFrame, cfg: GRPOConfig, step: int, out: Path) -> pd.DataFrame:
-    """Sample rollout.n responses per prompt with vLLM; persist them as parquet."""
+    """Sample rollout.n responses per prompt with vLLM; persist them as parquet.
+
+    A step's rollouts already on disk (written before a crash, for the same prompts and n) are
+    reused: the policy that made them is the one just restored, and generation is the dearest stage.
+    """
+    path = out / f"rollouts/step_{step:06d}.parquet"
+    if cfg.trainer.resume_mode == "auto" and path.exists():
+        done = pd.read_parquet(path)
+        if len(done) == len(batch) * cfg.rollout.n and set(done["row"]) == set(batch.index):
+            get_run_logger().info("step %d: reusing %d persisted rollouts from %s", step, len(done), path)
+            return done
     r = cfg.rollout
     prompts = [chat_ids(tokenizer, m) for m in batch["prompt"]]
     sampling = dict(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
@@ -66,7 +73,7 @@ def rollout(workers, tokenizer, batch: pd.DataFrame, cfg: GRPOConfig, step: int,
     samples["prompt_ids"] = [prompts[i] for i in samples["prompt_index"]]
     samples["data_source"] = src["data_source"].to_numpy()[samples["prompt_index"]]
     samples["ground_truth"] = [src["reward_model"][i]["ground_truth"] for i in samples["prompt_index"]]
-    _write_parquet(samples, out / f"rollouts/step_{step:06d}.parquet")
+    _write_parquet(samples, path)
     return samples
 
 
@@ -122,32 +129,12 @@ def update(workers, samples: pd.DataFrame, cfg: GRPOConfig, step: int) -> dict[s
 
 @task(name="checkpoint", retries=2, retry_delay_seconds=5, cache_policy=NONE)
 def save_checkpoint(workers, cfg: GRPOConfig, step: int, root: Path, state: dict) -> Path:
-    """Write global_step_<N> into a temp dir, rename it into place, then move `latest` to it."""
-    final = root / f"global_step_{step}"
-    tmp = root / f".global_step_{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    workers.save_checkpoint(str(tmp))
-    (tmp / "trainer_state.json").write_text(json.dumps({**state, "global_step": step}))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = root / (LATEST + ".tmp")
-    latest_tmp.write_text(str(step))
-    os.replace(latest_tmp, root / LATEST)
-    keep = cfg.trainer.max_actor_ckpt_to_keep
-    if keep:
-        steps = sorted(int(p.name.split("_")[-1]) for p in root.glob("global_step_*"))
-        for old in steps[:-keep]:
-            shutil.rmtree(root / f"global_step_{old}", ignore_errors=True)
-    return final
+    """global_step_<N>: model/adapter, optimizer, scheduler, RNG (workers) + trainer state (here)."""
+    def fill(tmp: Path) -> None:
+        workers.save_checkpoint(str(tmp))
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "global_step": step}))
 
-
-def latest_checkpoint(root: Path) -> Path | None:
-    f = root / LATEST
-    if not f.exists():
-        return None
-    path = root / f"global_step_{int(f.read_text().strip())}"
-    return path if path.exists() else None
+    return checkpoints.write(root, step, fill, keep=cfg.trainer.max_actor_ckpt_to_keep)
 
 
 @task(name="evaluate", retries=2, retry_delay_seconds=5, cache_policy=NONE)

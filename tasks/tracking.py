@@ -25,6 +25,24 @@ def tracking_uri(cfg: GRPOConfig) -> str:
     return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def check_tracking_uri(cfg: GRPOConfig) -> None:
+    """Before any work: a SQLite store must be creatable, a server must answer within seconds."""
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        parent = Path(uri.removeprefix("sqlite:///")).expanduser().absolute().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise ValueError(f"tracking.tracking_uri={uri}: directory {parent} does not exist or is not "
+                             "writable; point it at a writable place")
+    elif uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5)
+        except OSError as e:
+            raise ValueError(f"tracking.tracking_uri={uri}: no MLflow server answers there ({e}); start it "
+                             "(mlflow server --host 127.0.0.1) or unset it to log to sqlite:///mlflow.db") from None
+
+
 class Tracker:
     def __init__(self, cfg: GRPOConfig, run_root: Path, tags: dict[str, str]):
         import mlflow

@@ -98,13 +98,46 @@ def _bad_dataset_dirs(tmp_path):
     return no_cols, bad_truth
 
 
-@pytest.mark.parametrize("case", ["missing_data", "no_columns", "bad_truth", "unknown_key", "wrong_type",
-                                  "missing_model", "gpu_recipe", "megatron_recipe", "multi_gpu_recipe"])
+def _bad_model_dirs(tmp_path):
+    partial = tmp_path / "partial-model"
+    partial.mkdir()
+    (partial / "config.json").write_text("{}")
+    no_template = tmp_path / "no-template"
+    no_template.mkdir()
+    for name, text in (("config.json", "{}"), ("model.safetensors", ""), ("tokenizer.json", "{}"),
+                       ("tokenizer_config.json", "{}")):
+        (no_template / name).write_text(text)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("extends: tiny-cpu.yaml\nactor: {lr: [1,\n")
+    return partial, no_template, bad_yaml
+
+
+CASES = ["missing_data", "no_columns", "bad_truth", "unknown_key", "wrong_type", "missing_model",
+         "partial_model", "no_chat_template", "malformed_yaml", "batch_divisibility", "unwritable_ckpt",
+         "mlflow_unreachable", "gpu_recipe", "megatron_recipe", "multi_gpu_recipe", "empty_dataset"]
+
+
+@pytest.mark.slow  # a subprocess each: ~5 s of imports per case
+@pytest.mark.parametrize("case", CASES)
 def test_cli_bad_input_one_clear_line_nothing_written(tmp_path, case):
     work = tmp_path / "work"
     work.mkdir()
     no_cols, bad_truth = _bad_dataset_dirs(tmp_path)
+    partial, no_template, bad_yaml = _bad_model_dirs(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "train.jsonl").write_text("")
+    (empty / "test.jsonl").write_text("")
     args, needle = {
+        "partial_model": (["run", "tiny-cpu", "model.source=hf", f"model.path={partial}"], "no weights"),
+        "no_chat_template": (["run", "tiny-cpu", "model.source=hf", f"model.path={no_template}"], "chat template"),
+        "malformed_yaml": (["run", str(bad_yaml)], "not valid YAML"),
+        "batch_divisibility": (["run", "tiny-cpu", "data.train_batch_size=6"], "data.train_batch_size=6"),
+        "unwritable_ckpt": (["run", "tiny-cpu", "trainer.default_local_dir=/etc/hostname/ckpt"],
+                            "trainer.default_local_dir=/etc/hostname/ckpt"),
+        "mlflow_unreachable": (["run", "tiny-cpu", "tracking.tracking_uri=http://127.0.0.1:9"],
+                               "tracking.tracking_uri=http://127.0.0.1:9"),
+        "empty_dataset": (["run", "tiny-cpu", f"data.source={empty}"], str(empty)),
         "missing_data": (["run", "tiny-cpu", "data.source=/no/such/gsm8k"], "data.source=/no/such/gsm8k"),
         "no_columns": (["run", "tiny-cpu", f"data.source={no_cols}"], "answer"),
         "bad_truth": (["run", "tiny-cpu", f"data.source={bad_truth}"], "five"),
