@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Its start-up can exceed the 20 s default on a cold machine (first imports, migrations).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # `grpo prep` runs a bare task
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         args.fn(args)

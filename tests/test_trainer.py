@@ -95,6 +95,6 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer(model_dir, tmp_pat
     t2.load(str(tmp_path / "ck"))
     for k, v in _params(t2).items():
         assert torch.equal(v, saved[k])
-    for (ka, a), (kb, b) in zip(opt["state"].items(), t2.optimizer.state_dict()["state"].items()):
+    for a, b in zip(opt["state"].values(), t2.optimizer.state_dict()["state"].values(), strict=True):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
     assert (tmp_path / "ck" / "huggingface" / "config.json").exists()
