@@ -22,6 +22,7 @@ from engines import algos
 from tasks import checkpoints
 from tasks import reward as rewards
 
+
 # ---- data ---------------------------------------------------------------------------------------
 def chat_ids(tokenizer, messages) -> list[int]:
     text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)

@@ -52,7 +52,9 @@ class Tracker:
         self.client = mlflow.MlflowClient()
         exp = mlflow.set_experiment(cfg.tracking.experiment)
         id_file = run_root / "mlflow_run.json"
-        run_id = json.loads(id_file.read_text())["run_id"] if id_file.exists() else None
+        # resume_mode=disable starts a fresh MLflow run even where an earlier one left its id.
+        resume = cfg.trainer.resume_mode == "auto" and id_file.exists()
+        run_id = json.loads(id_file.read_text())["run_id"] if resume else None
         if run_id and self._exists(run_id):
             mlflow.start_run(run_id=run_id)
             self.resumed = True
