@@ -86,7 +86,7 @@ class WorkerGroup:
             ).remote(cfg.model_dump_json(), model_dir, rank, self.world_size)
             for rank in range(self.world_size)
         ]
-        self.info = ray.get([w.ready.remote() for w in self.workers])
+        ray.get([w.ready.remote() for w in self.workers])  # surfaces a failed start here, by rank
 
     # ---- helpers ----------------------------------------------------------------------------
     def _all(self, method: str, *args, **kwargs) -> list[Any]:
