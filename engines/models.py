@@ -19,7 +19,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-__all__ = ["ARCH_PRESETS", "VLLM_CPU_HEAD_SIZES", "check_vllm_compatible", "materialize"]
+__all__ = ["ARCH_PRESETS", "VLLM_CPU_HEAD_SIZES", "check_hf_dir", "check_lora_targets", "check_vllm_compatible",
+           "materialize"]
 
 # Shape presets. "tiny" is for tests and CPU smoke runs; the rest copy the public Qwen2.5
 # config.json numbers so memory and throughput estimates carry over to the real models.
@@ -131,6 +132,25 @@ def _download_from_hub(repo_id: str) -> str:
     except Exception as e:  # offline, unknown repo, gated, ...
         raise ValueError(f"model.path={repo_id}: could not fetch it from the Hugging Face hub "
                          f"({type(e).__name__}); download it elsewhere and set model.path to its directory") from None
+
+
+def check_lora_targets(targets: str | list[str], *, model_dir: str | None = None, arch: str = "tiny") -> None:
+    """Every named LoRA target must be a Linear of the model: checked on a meta-device copy (no memory)."""
+    if isinstance(targets, str):  # "all-linear" or one module name
+        if targets == "all-linear":
+            return
+        targets = [targets]
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
+
+    config = AutoConfig.from_pretrained(model_dir) if model_dir else Qwen2Config(**ARCH_PRESETS[arch])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = sorted(set(targets) - linear)
+    if missing:
+        raise ValueError(f"model.target_modules: {missing} not in the model; its Linear layers are "
+                         f"{sorted(linear)} (or use all-linear)")
 
 
 def check_vllm_compatible(config: Any) -> None:

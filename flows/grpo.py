@@ -57,6 +57,12 @@ def preflight(cfg: GRPOConfig) -> None:
             check_hf_dir(Path(cfg.model.path))
         except ValueError as e:
             raise ValueError(f"model.path={cfg.model.path}: {e}") from None
+    if cfg.model.lora_rank > 0 and (cfg.model.source == "random" or
+                                    cfg.model.source == "hf" and not _is_hub_id(cfg.model.path)):
+        from engines.models import check_lora_targets
+
+        check_lora_targets(cfg.model.target_modules, arch=cfg.model.arch,
+                           model_dir=cfg.model.path if cfg.model.source == "hf" else None)
     for key, path in (("trainer.default_local_dir", cfg.checkpoint_dir), ("data.dir", cfg.data.dir)):
         _check_writable(key, Path(path))
     check_tracking_uri(cfg)

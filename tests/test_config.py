@@ -114,7 +114,7 @@ def _bad_model_dirs(tmp_path):
 
 CASES = ["missing_data", "no_columns", "bad_truth", "unknown_key", "wrong_type", "missing_model",
          "partial_model", "no_chat_template", "malformed_yaml", "batch_divisibility", "unwritable_ckpt",
-         "mlflow_unreachable", "gpu_recipe", "megatron_recipe", "multi_gpu_recipe", "empty_dataset"]
+         "mlflow_unreachable", "lora_target", "gpu_recipe", "megatron_recipe", "multi_gpu_recipe", "empty_dataset"]
 
 
 @pytest.mark.slow  # a subprocess each: ~5 s of imports per case
@@ -137,6 +137,8 @@ def test_cli_bad_input_one_clear_line_nothing_written(tmp_path, case):
                             "trainer.default_local_dir=/etc/hostname/ckpt"),
         "mlflow_unreachable": (["run", "tiny-cpu", "tracking.tracking_uri=http://127.0.0.1:9"],
                                "tracking.tracking_uri=http://127.0.0.1:9"),
+        "lora_target": (["run", "tiny-cpu", "model.lora_rank=8", "model.target_modules=[q_proj,qkv_proj]"],
+                        "['qkv_proj'] not in the model"),
         "empty_dataset": (["run", "tiny-cpu", f"data.source={empty}"], str(empty)),
         "missing_data": (["run", "tiny-cpu", "data.source=/no/such/gsm8k"], "data.source=/no/such/gsm8k"),
         "no_columns": (["run", "tiny-cpu", f"data.source={no_cols}"], "answer"),
