@@ -88,7 +88,7 @@ def _is_hub_id(name: str) -> bool:
     return not Path(name).expanduser().exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
 
 
-@task(name="prep", retries=2, retry_delay_seconds=5, cache_policy=NONE)
+@task(name="prep", retries=2, retry_delay_seconds=5, retry_condition_fn=stages.transient, cache_policy=NONE)
 def prep(cfg: GRPOConfig):
     """Build (once) the model files and the train/test parquet; both are cached by content."""
     from transformers import AutoTokenizer

@@ -23,6 +23,17 @@ from tasks import checkpoints
 from tasks import reward as rewards
 
 
+def transient(task, task_run, state) -> bool:
+    """Retry infrastructure hiccups (a dead actor, a timeout), never bad input (ValueError)."""
+    try:
+        state.result()
+    except ValueError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
 # ---- data ---------------------------------------------------------------------------------------
 def chat_ids(tokenizer, messages) -> list[int]:
     text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
@@ -51,7 +62,7 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
 
 
 # ---- stages -------------------------------------------------------------------------------------
-@task(name="rollout", retries=2, retry_delay_seconds=5, cache_policy=NONE)
+@task(name="rollout", retries=2, retry_condition_fn=transient, retry_delay_seconds=5, cache_policy=NONE)
 def rollout(workers, tokenizer, batch: pd.DataFrame, cfg: GRPOConfig, step: int, out: Path) -> pd.DataFrame:
     """Sample rollout.n responses per prompt with vLLM; persist them as parquet.
 
@@ -78,7 +89,7 @@ def rollout(workers, tokenizer, batch: pd.DataFrame, cfg: GRPOConfig, step: int,
     return samples
 
 
-@task(name="reward", retries=1, cache_policy=NONE)
+@task(name="reward", retries=1, retry_condition_fn=transient, cache_policy=NONE)
 def score(samples: pd.DataFrame, cfg: GRPOConfig) -> pd.DataFrame:
     """Rule reward (or the configured function) per sample; then GRPO group-normalised advantages."""
     import torch
@@ -128,7 +139,7 @@ def update(workers, samples: pd.DataFrame, cfg: GRPOConfig, step: int) -> dict[s
     return {**metrics, **timing}
 
 
-@task(name="checkpoint", retries=2, retry_delay_seconds=5, cache_policy=NONE)
+@task(name="checkpoint", retries=2, retry_condition_fn=transient, retry_delay_seconds=5, cache_policy=NONE)
 def save_checkpoint(workers, cfg: GRPOConfig, step: int, root: Path, state: dict) -> Path:
     """global_step_<N>: model/adapter, optimizer, scheduler, RNG (workers) + trainer state (here)."""
     def fill(tmp: Path) -> None:
@@ -138,7 +149,7 @@ def save_checkpoint(workers, cfg: GRPOConfig, step: int, root: Path, state: dict
     return checkpoints.write(root, step, fill, keep=cfg.trainer.max_actor_ckpt_to_keep)
 
 
-@task(name="evaluate", retries=2, retry_delay_seconds=5, cache_policy=NONE)
+@task(name="evaluate", retries=2, retry_condition_fn=transient, retry_delay_seconds=5, cache_policy=NONE)
 def evaluate(workers, tokenizer, test: pd.DataFrame, cfg: GRPOConfig, step: int) -> tuple[dict, dict]:
     """GSM8K test accuracy, greedy mean@1, and a sample table shown as a Prefect artifact."""
     prompts = [chat_ids(tokenizer, m) for m in test["prompt"]]
