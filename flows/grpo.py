@@ -131,7 +131,9 @@ def _tags(cfg: GRPOConfig) -> dict[str, str]:
 
 
 # ---- the flow ----------------------------------------------------------------------------------
-@flow(name="grpo", log_prints=True)
+# A failed run (a worker killed, a node lost) is retried once in place: the retry restores the
+# newest valid checkpoint and reuses every persisted rollout, so it costs at most the lost step.
+@flow(name="grpo", log_prints=True, retries=1, retry_delay_seconds=5)
 def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[str, float]:
     """Train a policy with GRPO. `config`: recipe name or YAML path; `overrides`: ["key=value", ...]."""
     from engines.worker_group import WorkerGroup
