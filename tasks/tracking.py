@@ -5,6 +5,7 @@ A resumed training run logs into the same MLflow run: its id is kept beside the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from configs.load import flatten
 from configs.schema import GRPOConfig
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+log = logging.getLogger(__name__)
 
 
 def metric_key(name: str) -> str:
@@ -48,7 +50,8 @@ class Tracker:
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(tracking_uri(cfg))
+        self.uri = tracking_uri(cfg)
+        mlflow.set_tracking_uri(self.uri)
         self.client = mlflow.MlflowClient()
         exp = mlflow.set_experiment(cfg.tracking.experiment)
         id_file = run_root / "mlflow_run.json"
@@ -70,6 +73,13 @@ class Tracker:
             os.replace(tmp, id_file)
         mlflow.set_tags(tags)
         self.run_id = mlflow.active_run().info.run_id
+        self._pending_file = run_root / "mlflow_pending.jsonl"
+        self._pending: list[tuple[int, dict[str, float]]] = []
+        if self.resumed and self._pending_file.exists():
+            for line in self._pending_file.read_text().splitlines():
+                row = json.loads(line)
+                self._pending.append((row["step"], row["metrics"]))
+            self.flush()
 
     def _exists(self, run_id: str) -> bool:
         try:
@@ -82,10 +92,45 @@ class Tracker:
         return {m.step for m in self.client.get_metric_history(self.run_id, metric_key(key))}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics({metric_key(k): float(v) for k, v in metrics.items()}, step=step)
+        """Metrics never stop training: while the store does not answer they queue (in memory and
+        in <run dir>/mlflow_pending.jsonl, which a resumed run picks up) and go out in step order
+        once it answers again."""
+        self._pending.append((step, {metric_key(k): float(v) for k, v in metrics.items()}))
+        self.flush()
+
+    def flush(self) -> bool:
+        while self._pending:
+            step, metrics = self._pending[0]
+            try:
+                self.mlflow.log_metrics(metrics, step=step)
+            except Exception as e:  # network, server, locked database: all the same to training
+                log.warning("MLflow store %s did not take step %d (%s: %s); %d step(s) queued",
+                            self.uri, step, type(e).__name__, str(e)[:200], len(self._pending))
+                self._save_pending()
+                return False
+            self._pending.pop(0)
+        self._save_pending()
+        return True
+
+    def _save_pending(self) -> None:
+        if self._pending:
+            tmp = self._pending_file.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps({"step": s, "metrics": m}) + "\n" for s, m in self._pending))
+            os.replace(tmp, self._pending_file)
+        else:
+            self._pending_file.unlink(missing_ok=True)
 
     def log_table(self, rows: dict[str, list], name: str) -> None:
-        self.mlflow.log_table(rows, artifact_file=name)
+        try:
+            self.mlflow.log_table(rows, artifact_file=name)
+        except Exception as e:
+            log.warning("MLflow store %s did not take artifact %s (%s)", self.uri, name, e)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.mlflow.end_run(status=status)
+        if not self.flush():
+            log.warning("%d step(s) of metrics stay in %s; the next run with this directory sends them",
+                        len(self._pending), self._pending_file)
+        try:
+            self.mlflow.end_run(status=status)
+        except Exception as e:
+            log.warning("MLflow store %s did not take the run's end (%s)", self.uri, e)
