@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 __all__ = ["ARCH_PRESETS", "VLLM_CPU_HEAD_SIZES", "check_hf_dir", "check_lora_targets", "check_vllm_compatible",
-           "materialize"]
+           "is_hub_id", "materialize"]
 
 # Shape presets. "tiny" is for tests and CPU smoke runs; the rest copy the public Qwen2.5
 # config.json numbers so memory and throughput estimates carry over to the real models.
@@ -85,7 +85,7 @@ def materialize(source: str, path: str, *, arch: str = "tiny", corpus: Iterable[
     """
     dest = Path(path).absolute()
     if source == "hf":
-        if not dest.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        if is_hub_id(path):
             dest = Path(_download_from_hub(path))
         check_hf_dir(dest)
         return str(dest)
@@ -121,6 +121,11 @@ def materialize(source: str, path: str, *, arch: str = "tiny", corpus: Iterable[
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)
+
+
+def is_hub_id(name: str) -> bool:
+    """`org/name` that is not a local path: fetched from the Hugging Face hub."""
+    return not Path(name).expanduser().exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
 
 
 def _download_from_hub(repo_id: str) -> str:

@@ -9,7 +9,6 @@ reference and vLLM engine and does it. Every iteration lands in one MLflow run.
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 
 from configs.load import load_config
 from configs.schema import GRPOConfig
+from engines.models import is_hub_id
 from tasks import checkpoints, stages
 from tasks.prep import load_raw_gsm8k, prepare_gsm8k
 from tasks.tracking import Tracker, check_tracking_uri
@@ -50,7 +50,7 @@ def preflight(cfg: GRPOConfig) -> None:
             raise ValueError(
                 f"recipe '{cfg.recipe}' needs {cfg.world_size} GPU(s) (trainer.device=cuda) but this machine "
                 f"has {have}; run it on a GPU machine or a Ray cluster (RAY_ADDRESS), or use a *-cpu recipe")
-    if cfg.model.source == "hf" and not _is_hub_id(cfg.model.path):
+    if cfg.model.source == "hf" and not is_hub_id(cfg.model.path):
         from engines.models import check_hf_dir
 
         try:  # config, weights, tokenizer, chat template
@@ -58,7 +58,7 @@ def preflight(cfg: GRPOConfig) -> None:
         except ValueError as e:
             raise ValueError(f"model.path={cfg.model.path}: {e}") from None
     if cfg.model.lora_rank > 0 and (cfg.model.source == "random" or
-                                    cfg.model.source == "hf" and not _is_hub_id(cfg.model.path)):
+                                    cfg.model.source == "hf" and not is_hub_id(cfg.model.path)):
         from engines.models import check_lora_targets
 
         check_lora_targets(cfg.model.target_modules, arch=cfg.model.arch,
@@ -67,7 +67,7 @@ def preflight(cfg: GRPOConfig) -> None:
         _check_writable(key, Path(path))
     check_tracking_uri(cfg)
     src = cfg.data.source
-    if not _is_hub_id(src):
+    if not is_hub_id(src):
         if not Path(src).expanduser().exists():
             raise ValueError(f"data.source={src}: path does not exist; point it at a directory with "
                              "train/test jsonl or parquet, or use the hub id openai/gsm8k")
@@ -81,11 +81,6 @@ def _check_writable(key: str, path: Path) -> None:
         p = p.parent
     if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
         raise ValueError(f"{key}={path}: {p} is not a writable directory; choose a writable location")
-
-
-def _is_hub_id(name: str) -> bool:
-    """`org/name` that is not a local path: fetched from the Hugging Face hub."""
-    return not Path(name).expanduser().exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
 
 
 @task(name="prep", retries=2, retry_delay_seconds=5, retry_condition_fn=stages.transient, cache_policy=NONE)
@@ -158,7 +153,7 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
         ckpt = checkpoints.newest_valid(root) if cfg.trainer.resume_mode == "auto" else None
         if ckpt is not None:
             workers.load_checkpoint(str(ckpt))
-            start = int(ckpt.name.split("_")[-1])
+            start = checkpoints.step_of(ckpt)
             log.info("resumed from %s", ckpt)
         # Steps after the checkpoint that a killed run had already logged are replayed, not re-logged.
         logged = tracker.logged_steps("timing_s/step") if tracker.resumed else set()

@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from tasks.atomic import atomic_text, fsync
+
 LATEST = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
@@ -27,27 +29,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _files(ckpt: Path) -> list[Path]:
     return sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
 def step_dir(root: Path, step: int) -> Path:
     return root / f"global_step_{step}"
+
+
+def step_of(ckpt: Path) -> int:
+    """global_step_<N> -> N."""
+    return int(ckpt.name.rsplit("_", 1)[1])
 
 
 def write(root: Path, step: int, fill: Callable[[Path], None], keep: int | None = None) -> Path:
@@ -59,11 +51,11 @@ def write(root: Path, step: int, fill: Callable[[Path], None], keep: int | None 
         fill(tmp)
         files = _files(tmp)
         for f in files:
-            _fsync(f)
+            fsync(f)
         manifest = {"global_step": step,
                     "files": {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": _sha256(f)}
                               for f in files}}
-        _atomic_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        atomic_text(tmp / MANIFEST, json.dumps(manifest, indent=1), durable=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(f"writing checkpoint global_step_{step} under {root} failed ({e}); "
@@ -71,9 +63,9 @@ def write(root: Path, step: int, fill: Callable[[Path], None], keep: int | None 
     if final.exists():  # a re-run of the same step: the old copy goes only once the new one is whole
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _atomic_text(root / LATEST, str(step))
+    atomic_text(root / LATEST, str(step), durable=True)
     if keep:
-        steps = sorted(int(p.name.rsplit("_", 1)[1]) for p in root.glob("global_step_*"))
+        steps = sorted(step_of(p) for p in root.glob("global_step_*"))
         for old in steps[:-keep]:
             shutil.rmtree(step_dir(root, old), ignore_errors=True)
     return final
@@ -108,7 +100,7 @@ def newest_valid(root: Path) -> Path | None:
     latest = read_latest(root)
     if latest is None:
         return None
-    steps = sorted((int(p.name.rsplit("_", 1)[1]) for p in root.glob("global_step_*")), reverse=True)
+    steps = sorted((step_of(p) for p in root.glob("global_step_*")), reverse=True)
     for step in (s for s in steps if s <= latest):
         reason = verify(step_dir(root, step))
         if reason is None:

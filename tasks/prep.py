@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,8 @@ from typing import Callable, Literal
 
 import pandas as pd
 from huggingface_hub import hf_hub_download
+
+from tasks.atomic import atomic_text, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -207,19 +207,6 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(dest: Path, write: Callable[[str], None]) -> None:
-    """Write through a temp file in the same directory, then rename: readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file owner-only; outputs are shared with other readers
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cached_result(out: Path, cache_key: str | None) -> PrepResult | None:
     if cache_key is None:
         return None
@@ -302,7 +289,7 @@ def prepare_gsm8k(
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     paths = {split: out / f"{split}.parquet" for split in SPLITS}
     for split in SPLITS:
-        _atomic_write(paths[split], lambda tmp, df=tables[split]: df.to_parquet(tmp, index=False))
+        atomic_write(paths[split], lambda tmp, df=tables[split]: df.to_parquet(tmp, index=False))
     manifest = {
         "cache_key": cache_key,
         "prep_version": PREP_VERSION,
@@ -317,9 +304,7 @@ def prepare_gsm8k(
         "filtered_test": filtered["test"],
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _atomic_write(
-        out / MANIFEST_NAME, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    )
+    atomic_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2))
     logger.info(
         "GSM8K prepared in %s: %d train (%d dropped), %d test (%d dropped)",
         out, manifest["n_train"], filtered["train"], manifest["n_test"], filtered["test"],

@@ -6,7 +6,6 @@ checkpoints are written atomically; the policy update mutates optimizer state, s
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from configs.schema import GRPOConfig
 from engines import algos
 from tasks import checkpoints
 from tasks import reward as rewards
+from tasks.atomic import atomic_write
 
 
 def transient(task, task_run, state) -> bool:
@@ -54,13 +54,6 @@ def _seed(cfg: GRPOConfig, step: int, row: int) -> int:
     return (cfg.trainer.seed * 1_000_003 + step * 10_007 + int(row)) % (2**31 - 1)
 
 
-def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
 # ---- stages -------------------------------------------------------------------------------------
 @task(name="rollout", retries=2, retry_condition_fn=transient, retry_delay_seconds=5, cache_policy=NONE)
 def rollout(workers, tokenizer, batch: pd.DataFrame, cfg: GRPOConfig, step: int, out: Path) -> pd.DataFrame:
@@ -85,7 +78,8 @@ def rollout(workers, tokenizer, batch: pd.DataFrame, cfg: GRPOConfig, step: int,
     samples["prompt_ids"] = [prompts[i] for i in samples["prompt_index"]]
     samples["data_source"] = src["data_source"].to_numpy()[samples["prompt_index"]]
     samples["ground_truth"] = [src["reward_model"][i]["ground_truth"] for i in samples["prompt_index"]]
-    _write_parquet(samples, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: samples.to_parquet(tmp, index=False))
     return samples
 
 

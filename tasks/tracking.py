@@ -13,6 +13,7 @@ import yaml
 
 from configs.load import flatten
 from configs.schema import GRPOConfig
+from tasks.atomic import atomic_text
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 log = logging.getLogger(__name__)
@@ -68,9 +69,7 @@ class Tracker:
             mlflow.log_params(params)
             mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
             run_root.mkdir(parents=True, exist_ok=True)
-            tmp = id_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"run_id": mlflow.active_run().info.run_id}))
-            os.replace(tmp, id_file)
+            atomic_text(id_file, json.dumps({"run_id": mlflow.active_run().info.run_id}))
         mlflow.set_tags(tags)
         self.run_id = mlflow.active_run().info.run_id
         self._pending_file = run_root / "mlflow_pending.jsonl"
@@ -114,9 +113,8 @@ class Tracker:
 
     def _save_pending(self) -> None:
         if self._pending:
-            tmp = self._pending_file.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps({"step": s, "metrics": m}) + "\n" for s, m in self._pending))
-            os.replace(tmp, self._pending_file)
+            atomic_text(self._pending_file,
+                        "".join(json.dumps({"step": s, "metrics": m}) + "\n" for s, m in self._pending))
         else:
             self._pending_file.unlink(missing_ok=True)
 
