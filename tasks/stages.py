@@ -80,6 +80,7 @@ def rollout(workers, tokenizer, batch: pd.DataFrame, cfg: GRPOConfig, step: int,
     samples["ground_truth"] = [src["reward_model"][i]["ground_truth"] for i in samples["prompt_index"]]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: samples.to_parquet(tmp, index=False))
+    get_run_logger().info("step %d: generated %d rollouts into %s", step, len(samples), path)
     return samples
 
 

@@ -56,27 +56,37 @@ class Tracker:
         self.client = mlflow.MlflowClient()
         exp = mlflow.set_experiment(cfg.tracking.experiment)
         id_file = run_root / "mlflow_run.json"
-        # resume_mode=disable starts a fresh MLflow run even where an earlier one left its id.
-        resume = cfg.trainer.resume_mode == "auto" and id_file.exists()
-        run_id = json.loads(id_file.read_text())["run_id"] if resume else None
-        if run_id and self._exists(run_id):
-            mlflow.start_run(run_id=run_id)
-            self.resumed = True
-        else:
-            mlflow.start_run(experiment_id=exp.experiment_id, run_name=cfg.tracking.run_name)
-            self.resumed = False
-            params = flatten(cfg)
-            mlflow.log_params(params)
-            mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+        run_dir = str(run_root.expanduser().absolute())
+        run_id = None
+        if cfg.trainer.resume_mode == "auto":  # resume_mode=disable starts a fresh MLflow run
+            if id_file.exists():
+                run_id = json.loads(id_file.read_text())["run_id"]
+            else:  # killed between creating the run and writing its id: an empty run with our tag
+                found = self.client.search_runs([exp.experiment_id], f"tags.`grpo.run_dir` = '{run_dir}'",
+                                                order_by=["attributes.start_time DESC"], max_results=1)
+                if found and not found[0].data.params and not found[0].data.metrics:
+                    run_id = found[0].info.run_id
+        self.resumed = bool(run_id and self._exists(run_id))
+        if not self.resumed:
+            run_id = self.client.create_run(exp.experiment_id, run_name=cfg.tracking.run_name,
+                                            tags={"grpo.run_dir": run_dir}).info.run_id
             run_root.mkdir(parents=True, exist_ok=True)
-            atomic_text(id_file, json.dumps({"run_id": mlflow.active_run().info.run_id}))
+            atomic_text(id_file, json.dumps({"run_id": run_id}))
+        mlflow.start_run(run_id=run_id)
+        if not self.client.get_run(run_id).data.params:  # a new run, or one killed before its params
+            mlflow.log_params(flatten(cfg))
+            mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
         mlflow.set_tags(tags)
-        self.run_id = mlflow.active_run().info.run_id
+        self.run_id = run_id
         self._pending_file = run_root / "mlflow_pending.jsonl"
         self._pending: list[tuple[int, dict[str, float]]] = []
         if self.resumed and self._pending_file.exists():
             for line in self._pending_file.read_text().splitlines():
                 row = json.loads(line)
+                first = next(iter(row["metrics"]), None)
+                # Killed after the store took a queued step but before the queue file was rewritten.
+                if first is None or row["step"] in self.logged_steps(first):
+                    continue
                 self._pending.append((row["step"], row["metrics"]))
             self.flush()
 

@@ -1,7 +1,10 @@
 """Shared pieces for the end-to-end tests: real GSM8K, cached tiny model and data, tmp outputs."""
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,3 +50,51 @@ def gsm8k():
     if not GSM8K.exists():
         pytest.skip(f"real GSM8K not found at {GSM8K}")
     return GSM8K
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc, timeout: float = 120) -> None:
+    import urllib.request
+
+    end = time.time() + timeout
+    while time.time() < end:
+        assert proc.poll() is None, f"server for {url} exited"
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(url)
+
+
+def stop(proc) -> None:
+    """SIGTERM the process group (the server and what it started), SIGKILL if it lingers."""
+    try:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path, log: Path):
+    """A real Prefect API server on loopback; yields the env that points clients at it."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(ROOT)}
+    prefect = str(Path(sys.executable).parent / "prefect")
+    proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
+                            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"{api}/health", proc)
+        yield env
+    finally:
+        stop(proc)

@@ -114,7 +114,20 @@ def _bad_model_dirs(tmp_path):
 
 CASES = ["missing_data", "no_columns", "bad_truth", "unknown_key", "wrong_type", "missing_model",
          "partial_model", "no_chat_template", "malformed_yaml", "batch_divisibility", "unwritable_ckpt",
-         "mlflow_unreachable", "lora_target", "gpu_recipe", "megatron_recipe", "multi_gpu_recipe", "empty_dataset"]
+         "mlflow_unreachable", "lora_target", "gpu_recipe", "megatron_recipe", "multi_gpu_recipe", "empty_dataset",
+         "all_prompts_overlong", "ckpt_other_model", "ckpt_other_world_size"]
+
+
+def _foreign_checkpoint(root: Path, **model) -> Path:
+    """A checkpoint dir as another run left it: written for another model shape or world size."""
+    sig = {"model.path": "models/tiny-qwen2", "model.lora_rank": 0, "world_size": 1,
+           "shape": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1}}
+    sig.update(model)
+    (root / "global_step_2").mkdir(parents=True)
+    (root / "global_step_2" / "trainer_state.json").write_text(json.dumps({"global_step": 2, "model": sig}))
+    (root / "latest_checkpointed_iteration.txt").write_text("2")
+    return root
 
 
 @pytest.mark.slow  # a subprocess each: ~5 s of imports per case
@@ -128,7 +141,16 @@ def test_cli_bad_input_one_clear_line_nothing_written(tmp_path, case):
     empty.mkdir()
     (empty / "train.jsonl").write_text("")
     (empty / "test.jsonl").write_text("")
+    other_model = _foreign_checkpoint(tmp_path / "ckpt-a", shape={"hidden_size": 896, "num_hidden_layers": 24})
+    other_world = _foreign_checkpoint(tmp_path / "ckpt-b", world_size=4)
+    model = f"model.path={ROOT / 'models' / 'tiny-qwen2'}"
     args, needle = {
+        "all_prompts_overlong": (["run", "tiny-cpu", model, f"data.source={GSM8K}", f"data.dir={tmp_path / 'data'}",
+                                  "data.max_prompt_length=8"], "data.max_prompt_length=8"),
+        "ckpt_other_model": (["run", "tiny-cpu", model, f"trainer.default_local_dir={other_model}"],
+                             "another model or world size (shape"),
+        "ckpt_other_world_size": (["run", "tiny-cpu", model, f"trainer.default_local_dir={other_world}"],
+                                  "world_size: checkpoint 4 vs config 1"),
         "partial_model": (["run", "tiny-cpu", "model.source=hf", f"model.path={partial}"], "no weights"),
         "no_chat_template": (["run", "tiny-cpu", "model.source=hf", f"model.path={no_template}"], "chat template"),
         "malformed_yaml": (["run", str(bad_yaml)], "not valid YAML"),
@@ -156,3 +178,6 @@ def test_cli_bad_input_one_clear_line_nothing_written(tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.stderr, res.stderr
     assert needle in lines[0], lines[0]
     assert list(work.iterdir()) == [], "a rejected run must write nothing"
+    assert not (tmp_path / "data").exists(), "prep must not write parquet for rejected data"
+    for ckpt in (other_model, other_world):
+        assert sorted(p.name for p in ckpt.iterdir()) == ["global_step_2", "latest_checkpointed_iteration.txt"]

@@ -2,42 +2,20 @@
 `prefect deploy --all` from prefect.yaml, `prefect deployment run grpo/tiny-cpu`."""
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cached_inputs, mlflow_run
+from tests.conftest import ROOT, cached_inputs, free_port, mlflow_run, stop, wait_http
 
 pytestmark = pytest.mark.slow
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc, timeout: float = 120) -> None:
-    import urllib.request
-
-    end = time.time() + timeout
-    while time.time() < end:
-        assert proc.poll() is None, "prefect server exited"
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(url)
-
-
 def test_prefect_deployment_run_reaches_completed(tmp_path, gsm8k):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(ROOT)}
@@ -58,7 +36,7 @@ def test_prefect_deployment_run_reaches_completed(tmp_path, gsm8k):
 
     try:
         server = start("server", PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port))
-        _wait_http(f"{api}/health", server)
+        wait_http(f"{api}/health", server)
         cli("work-pool", "create", "grpo-process", "--type", "process")
         out = cli("--no-prompt", "deploy", "--all")
         assert "grpo/tiny-cpu" in out and "grpo/qwen2-14b-4xh800" in out
@@ -73,11 +51,7 @@ def test_prefect_deployment_run_reaches_completed(tmp_path, gsm8k):
         assert "GSM8K eval at step 2" in artifact and "ground_truth" in artifact
     finally:
         for p in procs:
-            try:
-                os.killpg(p.pid, 15)
-                p.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(p.pid, 9)
+            stop(p)
 
     client, run = mlflow_run(tmp_path)
     assert run.info.status == "FINISHED"

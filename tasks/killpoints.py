@@ -1,0 +1,51 @@
+"""Fault injection for the kill tests: SIGKILL this process at a chosen moment inside a stage.
+
+    GRPO_KILL_AT="<stage>:<step>:<seconds>"   e.g.  rollout:2:0.35
+
+kills the process <seconds> after it enters <stage> at <step> (prep is step 0), or at the end of
+the stage if it finishes sooner, so the kill always lands inside the stage. Unset (the normal
+case), `kill_point` does nothing. Nothing is cleaned up: this is what a node loss or an OOM
+killer does to the flow process, and what resume must survive.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+STAGES = ("prep", "rollout", "reward", "update", "checkpoint", "eval", "logging")
+
+
+def _target() -> tuple[str, int, float] | None:
+    spec = os.environ.get("GRPO_KILL_AT")
+    if not spec:
+        return None
+    stage, step, delay = spec.split(":")
+    if stage not in STAGES:
+        raise ValueError(f"GRPO_KILL_AT={spec}: stage must be one of {', '.join(STAGES)}")
+    return stage, int(step), float(delay)
+
+
+@contextmanager
+def kill_point(stage: str, step: int = 0):
+    target = _target()
+    if target is None or target[:2] != (stage, step):
+        yield
+        return
+    t0 = time.perf_counter()
+
+    def die(where: str) -> None:
+        print(f"killpoint: SIGKILL in {stage} at step {step}, {time.perf_counter() - t0:.3f} s in ({where})",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    timer = threading.Timer(target[2], die, args=("timer",))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        die("stage end")
