@@ -1,4 +1,4 @@
-"""`grpo run|prep|eval|recipes`: the flow from a shell, no Prefect server needed.
+"""`grpo run|prep|eval|plan|recipes`: the flow from a shell, no Prefect server needed.
 
 Input errors (config, paths, data, model files) print one line naming the input and exit 2,
 before any Prefect, Ray or model work starts.
@@ -27,8 +27,9 @@ def _load(config: str, overrides: list[str]):
 
 def cmd_run(args) -> None:
     cfg = _load(args.config, args.overrides)
-    from flows.grpo import grpo
+    from flows.grpo import grpo, prepare
 
+    prepare(cfg)  # data and model errors surface here as one line; the flow's prep then hits the cache
     final = grpo(args.config, args.overrides)
     print(f"done: recipe {cfg.recipe}, checkpoints in {cfg.checkpoint_dir}, "
           f"final score {final.get('critic/score/mean', float('nan')):.3f}")
@@ -70,6 +71,21 @@ def cmd_recipes(args) -> None:
         print(f"{name:28s} {cfg.model.path:34s} {cfg.world_size} x {cfg.trainer.device}{note}")
 
 
+def cmd_plan(args) -> None:
+    """Per-GPU memory, FLOPs and step time from the model's shape: no GPU, no weights needed."""
+    import json
+
+    from configs.load import load_config
+    from engines.plan import format_plan, plan
+
+    cfg = load_config(args.config, args.overrides)
+    p = plan(cfg, args.gpu, as_configured=args.as_configured)
+    if args.json:
+        print(json.dumps(p, indent=1))
+        return
+    print(format_plan(p, plan(cfg, args.gpu, as_configured=not args.as_configured)))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="grpo", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -84,6 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("overrides", nargs="*")
     s.add_argument("--config", default="tiny-cpu", help="recipe whose settings eval a checkpoint")
     s.set_defaults(fn=cmd_eval)
+    s = sub.add_parser("plan", help="per-GPU memory / FLOPs / time estimate and fit verdict (no GPU needed)")
+    s.add_argument("config", help="recipe name (see `grpo recipes`) or YAML path")
+    s.add_argument("overrides", nargs="*", help="dotted key=value, e.g. actor.ppo_micro_batch_size_per_gpu=8")
+    s.add_argument("--gpu", help="H100, H800, H200, H20 or A100 (default: from the recipe name, else H100)")
+    s.add_argument("--as-configured", action="store_true",
+                   help="model FSDP sharding and offload as the config states, not as the trainer does today")
+    s.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    s.set_defaults(fn=cmd_plan)
     sub.add_parser("recipes", help="list recipes").set_defaults(fn=cmd_recipes)
     args = p.parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

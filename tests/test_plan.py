@@ -1,0 +1,157 @@
+"""`grpo plan`: shape arithmetic against real models, hand-computed bytes, verdicts, and the H100
+measurements the trainer-memory model was fitted to."""
+import pytest
+
+from configs.load import load_config, recipe_names
+from engines import plan as P
+from engines.models import ARCH_PRESETS
+
+
+def _cfg(recipe="qwen2-0.5b-lora-1xh100", **kv):
+    return load_config(recipe, [f"{k}={v}" for k, v in kv.items()])
+
+
+def _meta_numel(preset: dict) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**preset))
+    return sum(p.numel() for p in model.parameters())  # tied weights are counted once
+
+
+@pytest.mark.parametrize("preset", [
+    {**ARCH_PRESETS["0.5b"]},
+    {**ARCH_PRESETS["7b"]},  # untied lm_head
+    dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+         num_key_value_heads=2, vocab_size=500, tie_word_embeddings=False),
+])
+def test_param_count_matches_transformers(preset):
+    assert P.shape_from_hf({**preset, "model_type": "qwen2"}).n_params() == _meta_numel(preset)
+
+
+def test_published_table_matches_model_cards():
+    # Totals the model cards state: 0.49B, 1.54B, 3.09B, 7.61B, 14.7B, 72.7B.
+    want = {"Qwen/Qwen2.5-0.5B-Instruct": 0.49, "Qwen/Qwen2.5-1.5B-Instruct": 1.54,
+            "Qwen/Qwen2.5-3B-Instruct": 3.09, "Qwen/Qwen2.5-7B-Instruct": 7.61,
+            "Qwen/Qwen2.5-14B-Instruct": 14.7, "Qwen/Qwen2.5-72B-Instruct": 72.7}
+    for hub_id, billions in want.items():
+        got = P.shape_from_hf(P.PUBLISHED_HUB_CONFIGS[hub_id]).n_params() / 1e9
+        assert got == pytest.approx(billions, rel=0.01), hub_id
+
+
+def test_lora_params_match_peft():
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    preset = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(Qwen2Config(**preset)),
+                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shape = P.shape_from_hf({**preset, "model_type": "qwen2"})
+    assert shape.lora_params(4, "all-linear") == trainable
+    assert shape.lora_params(4, ["q_proj", "v_proj"]) == 2 * 4 * ((32 + 32) + (32 + 16))
+
+
+def test_state_bytes_by_hand():
+    full = P.plan(_cfg("qwen2-7b-2xh800", **{"trainer.n_gpus_per_node": 1, "rollout.tensor_model_parallel_size": 1,
+                                             "actor.ppo_mini_batch_size": 256, "actor.ppo_micro_batch_size_per_gpu": 1}))
+    n = 7_615_616_512
+    items = {i["item"]: i["gib"] * 2**30 for i in full["items"]}
+    assert full["n_params"] == n
+    assert items["actor weights (fp32 master)"] == 4 * n
+    assert items["gradients (fp32)"] == 4 * n
+    assert items["AdamW states (exp_avg, exp_avg_sq)"] == 8 * n
+    assert items["reference model (bf16 copy)"] == 2 * n
+    lora = P.plan(_cfg())
+    li = {i["item"]: i["gib"] * 2**30 for i in lora["items"]}
+    r = lora["n_trainable"]
+    assert r == 24 * 32 * ((896 + 896) * 2 + (896 + 128) * 2 + (896 + 4864) * 2 + (4864 + 896))
+    assert li["gradients (fp32)"] == 4 * r and li["AdamW states (exp_avg, exp_avg_sq)"] == 8 * r
+    assert li["reference model"] == 0  # the base with the adapter disabled
+
+
+def test_activation_bytes_by_hand():
+    s = P.Shape(hidden=8, layers=3, heads=2, kv_heads=1, intermediate=16, vocab=100, tie=True)
+    # fp32: residual in/mid 2x4h + two norms 2x(4h+4h) = 24h; bf16 casts + proj outs 4x2h = 8h;
+    # attention bf16: q 8, k 4, v 4, rope q 8, rope k 4, repeat k+v 16, out 8, o_in 8 = 60 x 2 B + lse 4 x 2 heads;
+    # MLP: gate, up, silu, product 4 x 2 B x 16.
+    per_token = 24 * 8 + 8 * 8 + (2 * 60 + 8) + 8 * 16
+    assert P.layer_act_bytes_per_token(s) == per_token == 512
+    assert P.activation_bytes(s, 10, checkpointing=False) == 3 * 512 * 10
+    assert P.activation_bytes(s, 10, checkpointing=True) == 3 * 4 * 8 * 10 + 512 * 10
+
+
+def test_verdict_flips_and_largest_batch_is_the_edge():
+    cfg = _cfg("qwen2-7b-lora-1xh100")
+    best = P.plan(cfg)["largest_micro_batch"]
+    assert best >= 1
+    assert P.plan(cfg, micro_batch=best)["fits"]
+    assert not P.plan(cfg, micro_batch=best + 1)["fits"]
+    peaks = [P.plan(cfg, micro_batch=b)["peak_gib"] for b in (1, 2, 4, 8, 16, 32)]
+    assert peaks == sorted(peaks) and peaks[0] < peaks[-1]
+    # more GPU memory: a larger batch fits
+    assert P.plan(cfg, "H200")["largest_micro_batch"] > best
+
+
+def test_gpu_from_recipe_name():
+    assert P.gpu_of(_cfg("qwen2-14b-4xh800"))[0].name == "H800"
+    assert P.gpu_of(_cfg("qwen2-32b-megatron-8xh20"))[0].name == "H20"
+    assert P.gpu_of(_cfg("qwen2-7b-lora-1xh100"))[0].name == "H100"
+    assert P.gpu_of(_cfg("qwen2-7b-lora-1xh100"), "h200")[0].name == "H200"
+    with pytest.raises(ValueError, match="unknown GPU"):
+        P.gpu_of(_cfg(), "V100")
+
+
+def test_sharding_and_offload_only_when_asked():
+    cfg = _cfg("qwen2-14b-4xh800")
+    now, later = P.plan(cfg), P.plan(cfg, as_configured=True)
+    assert now["shard"] == 1 and later["shard"] == 4
+    assert later["trainer_resident_gib"] == pytest.approx(now["trainer_resident_gib"] / 4)
+    assert later["rollout_phase_gib"] < now["rollout_phase_gib"]  # params + optimizer offloaded for rollout
+
+
+# Measured on one H100 80GB (torch 2.11, transformers 5.17), engines/trainer.py ActorTrainer on random
+# Qwen2 presets: peak torch.cuda.max_memory_allocated over old-log-prob, ref and a second update.
+# (arch, lora rank, micro-batch, prompt, response, checkpointing) -> GiB
+H100_MEASURED = [
+    (("0.5b", 0, 4, 512, 1024, True), 23.55),
+    (("0.5b", 32, 8, 512, 1024, True), 35.78),
+    (("0.5b", 32, 4, 512, 1024, False), 27.71),
+    (("1.5b", 0, 4, 512, 512, True), 31.64),
+    (("1.5b", 32, 16, 256, 512, True), 41.14),
+    (("3b", 32, 8, 512, 512, True), 31.30),
+]
+
+
+@pytest.mark.parametrize("case,measured", H100_MEASURED)
+def test_trainer_peak_within_15pct_of_h100_measurement(case, measured):
+    arch, rank, b, prompt, resp, ck = case
+    cfg = _cfg("qwen2-0.5b-lora-1xh100" if rank else "qwen2-7b-2xh800", **{
+        "model.path": "/nonexistent", "model.source": "random", "model.arch": arch, "model.lora_rank": rank,
+        "data.max_prompt_length": prompt, "rollout.max_response_length": resp, "data.train_batch_size": b,
+        "actor.ppo_mini_batch_size": b, "actor.ppo_micro_batch_size_per_gpu": b, "rollout.n": 1,
+        "trainer.n_gpus_per_node": 1, "rollout.tensor_model_parallel_size": 1,
+        "model.enable_gradient_checkpointing": str(ck).lower()})
+    assert P.plan(cfg, "H100")["trainer_peak_gib"] == pytest.approx(measured, rel=0.15)
+
+
+def test_every_recipe_plans(capsys):
+    from flows.cli import main
+
+    for name in recipe_names():
+        main(["plan", name])
+        out = capsys.readouterr().out
+        assert "PEAK per GPU" in out and "verdict:" in out and "vLLM KV cache" in out, name
+
+
+def test_cli_bad_input_is_one_error_line(capsys):
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "qwen2-7b-lora-1xh100", "--gpu", "V100"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("error: unknown GPU")
