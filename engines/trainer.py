@@ -3,17 +3,29 @@
 One rank's worth of work. Samples arrive as token-id lists; we lay each micro-batch out as
 [left-padded prompt | right-padded response] so every response starts at the same column and
 only the response logits are materialised (`logits_to_keep`).
+
+With cfg.world_size > 1 the model is sharded with FSDP2 (`fully_shard` per decoder layer and at
+the root) over a process group that `init_distributed` made; one rank runs unsharded, as before.
+Losses are normalised by mini-batch counts summed over ranks, so the update is the same whatever
+the world size. Full tensors leave the trainer one at a time (`DTensor.full_tensor()`), never
+the whole model at once.
 """
 from __future__ import annotations
 
+import copy
+import itertools
+import json
 import math
+import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from configs.schema import GRPOConfig
 from engines import algos
@@ -21,6 +33,39 @@ from engines import algos
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Dense bf16 peak of the GPUs the recipes name (recipes.md), for perf/mfu/actor.
 PEAK_TFLOPS = {"H100": 989.0, "H800": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0}
+
+
+SHARD_BYTES = 4 << 30  # largest safetensors file written by a checkpoint or export
+
+
+def init_distributed(rank: int, world_size: int, master: tuple[str, int], device: str) -> None:
+    """The trainer's process group: gloo on CPU; on CUDA nccl, with gloo for CPU-side counts.
+
+    Made before vLLM starts, so each colocated engine sees it as an external data-parallel rank.
+    """
+    backend = "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(0)  # Ray shows each actor only its own GPU
+    dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=rank,
+                            world_size=world_size)
+
+
+def minibatch_schedule(n: int, cfg: GRPOConfig, seed: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
+    """This rank's sample indices for each optimizer step: every epoch reshuffles the n samples
+    (seeded), cuts them into mini-batches, and gives each rank a contiguous share of each one.
+    Shared by every rank and the worker group, so mini-batches are the same at any world size."""
+    mini = cfg.actor.ppo_mini_batch_size * cfg.rollout.n
+    rng = np.random.default_rng(seed)
+    steps = []
+    for _ in range(cfg.actor.ppo_epochs):
+        order = rng.permutation(n)
+        steps += [np.array_split(order[s:s + mini], world)[rank] for s in range(0, n, mini)]
+    return steps
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from every rank's shard (a collective) or as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t.detach()
 
 
 def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> torch.Tensor:
@@ -38,6 +83,10 @@ class ActorTrainer:
 
         self.cfg, self.model_dir = cfg, model_dir
         self.device = torch.device(device)
+        self.world = cfg.world_size
+        if self.world > 1 and not (dist.is_initialized() and dist.get_world_size() == self.world):
+            raise RuntimeError(f"world_size={self.world} needs init_distributed() before the trainer")
+        self.rank = dist.get_rank() if self.world > 1 else 0
         self.compute_dtype = DTYPES[cfg.model.dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -46,6 +95,9 @@ class ActorTrainer:
         if cfg.model.enable_gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        self.hf_config = model.config
+        # Tied output embedding: saved once, under the input embedding's name (as HF does).
+        self.tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
         self.is_lora = cfg.model.lora_rank > 0
         if self.is_lora:
             from peft import LoraConfig, get_peft_model
@@ -58,18 +110,47 @@ class ActorTrainer:
             except ValueError as e:
                 raise ValueError(f"model.target_modules={cfg.model.target_modules!r} does not fit "
                                  f"{model_dir}: {e}") from None
-        self.model = model
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.model = self._shard(model)
         self.ref = None
         if cfg.actor.use_kl_loss and not self.is_lora:
             # LoRA needs no copy: the reference is the base with the adapter disabled.
-            self.ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.compute_dtype).to(self.device)
-            self.ref.eval().requires_grad_(False)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+            ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.compute_dtype).to(self.device)
+            self.ref = self._shard(ref.eval().requires_grad_(False))
+        params = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapter only
         a = cfg.actor
         self.optimizer = torch.optim.AdamW(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda())
-        self.n_params = sum(p.numel() for p in self.model.parameters())
         self.bad_steps = 0
+
+    def _shard(self, model):
+        """FSDP2: each decoder layer its own unit (gathered just in time), the rest at the root.
+
+        CUDA: bf16 (compute dtype) parameters in forward/backward, gradients reduced in fp32 onto
+        fp32 shards; CPU: fp32 throughout."""
+        if self.world == 1:
+            return model
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = (MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+              if self.device.type == "cuda" else MixedPrecisionPolicy())
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        layer_types = set(getattr(hf, "_no_split_modules", None) or ())
+        layers = [m for m in hf.modules() if type(m).__name__ in layer_types]
+        if not layers:
+            raise ValueError(f"{self.model_dir}: no decoder layers ({layer_types or '_no_split_modules'}) to shard")
+        for layer in layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(hf, mp_policy=mp)
+        return model
+
+    def _sum(self, values: list[float]) -> list[float]:
+        """Sums over ranks (identity on one rank)."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
 
     # ---- schedule -------------------------------------------------------------------------
     def _lr_lambda(self):
@@ -113,7 +194,9 @@ class ActorTrainer:
 
     @torch.no_grad()
     def compute_log_prob(self, prompts, responses, ref: bool = False) -> list[np.ndarray]:
-        """Log-probs of each response under the current policy (old_log_prob) or the reference."""
+        """Log-probs of each response under the current policy (old_log_prob) or the reference.
+
+        Sharded: every rank must pass the same number of samples (each forward is a collective)."""
         self.model.eval()
         out: list[np.ndarray] = []
         ctx = self.model.disable_adapter() if (ref and self.is_lora) else nullcontext()
@@ -126,29 +209,26 @@ class ActorTrainer:
         return out
 
     # ---- update -----------------------------------------------------------------------------
-    def update(self, batch: dict, seed: int) -> dict[str, float]:
+    def update(self, batch: dict, seed: int, steps: list | None = None) -> dict[str, float]:
         """PPO epochs over mini-batches; one optimizer step per mini-batch.
 
         batch: prompts, responses (token-id lists), old_log_probs, ref_log_probs (ragged arrays
-        or None), advantages ([N]). Losses are normalised over the whole mini-batch, so the
-        result does not depend on how it is cut into micro-batches.
+        or None), advantages ([N]). steps: the indices into batch of this rank's share of each
+        optimizer step (minibatch_schedule; the default is the one-rank schedule of the whole
+        batch). Losses are normalised over the whole mini-batch, all ranks together, so the
+        result depends neither on the micro-batch size nor on the world size.
         """
-        a = self.cfg.actor
-        n = len(batch["prompts"])
-        mini = a.ppo_mini_batch_size * self.cfg.rollout.n // self.cfg.world_size
-        rng = np.random.default_rng(seed)
+        if steps is None:
+            steps = minibatch_schedule(len(batch["prompts"]), self.cfg, seed)
         sums: dict[str, list[float]] = {}
         t0 = time.perf_counter()
         tokens = 0
         self.model.train()
-        for _ in range(a.ppo_epochs):
-            order = rng.permutation(n)
-            for start in range(0, n, mini):
-                idx = order[start:start + mini]
-                stats = self._optimizer_step(batch, idx)
-                for k, v in stats.items():
-                    sums.setdefault(k, []).append(v)
-                tokens += sum(len(batch["prompts"][i]) + len(batch["responses"][i]) for i in idx)
+        for idx in steps:
+            stats = self._optimizer_step(batch, idx)
+            for k, v in stats.items():
+                sums.setdefault(k, []).append(v)
+            tokens += sum(len(batch["prompts"][i]) + len(batch["responses"][i]) for i in idx)
         elapsed = time.perf_counter() - t0
         metrics = {k: float(np.mean(v)) for k, v in sums.items()}
         metrics["actor/lr"] = self.scheduler.get_last_lr()[0]
@@ -163,8 +243,8 @@ class ActorTrainer:
         old = pick("old_log_probs")
         ref = pick("ref_log_probs") if batch.get("ref_log_probs") is not None else None
         adv = torch.tensor(np.asarray(batch["advantages"], np.float32)[idx], device=self.device)
-        glob = dict(global_tokens=float(sum(len(r) for r in responses)), global_seqs=float(len(idx)),
-                    norm_len=self.cfg.rollout.max_response_length)
+        n_tokens, n_seqs = self._sum([float(sum(len(r) for r in responses)), float(len(idx))])
+        glob = dict(global_tokens=n_tokens, global_seqs=n_seqs, norm_len=self.cfg.rollout.max_response_length)
         agg = dict(loss_agg_mode=a.loss_agg_mode, **glob)
         self.optimizer.zero_grad(set_to_none=True)
         acc: dict[str, float] = {}
@@ -183,11 +263,14 @@ class ActorTrainer:
                 kl_loss = algos.agg_loss(kl, mask, a.loss_agg_mode, **glob)
                 loss = loss + a.kl_loss_coef * kl_loss
                 share["actor/kl_loss"] = kl_loss
-            loss.backward()
+            # Each rank's loss is its share of the global mean; FSDP averages gradients over
+            # ranks, so x world turns that average back into the sum of the shares.
+            (loss * self.world if self.world > 1 else loss).backward()
             for k, v in share.items():
                 acc[k] = acc.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+        acc = dict(zip(acc, self._sum(list(acc.values()))))  # the shares of all ranks: global values
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.grad_clip))
+        grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(params, a.grad_clip)))
         if math.isfinite(grad_norm):
             self.optimizer.step()
         else:
@@ -200,86 +283,166 @@ class ActorTrainer:
         return acc
 
     def _perf(self, tokens: int, elapsed: float, batch: dict) -> dict[str, float]:
-        out = {"perf/update_tokens": float(tokens)}
+        out = {"perf/update_tokens": self._sum([float(tokens)])[0]}
         if self.device.type != "cuda":
             return out
         out["perf/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
         if peak and elapsed > 0:
-            c = self.model.config
+            c = self.hf_config
             layers, hidden = c.num_hidden_layers, c.hidden_size
             seq2 = sum((len(p) + len(r)) ** 2 for p, r in zip(batch["prompts"], batch["responses"]))
-            # 6 N T dense + 12 L h S^2 attention (fwd+bwd), per epoch; +1 fwd for recomputation ignored.
+            # This rank's tokens: 6 N T dense + 12 L h S^2 attention (fwd+bwd), per epoch;
+            # +1 fwd for recomputation ignored.
             flops = (6 * self.n_params * tokens + 12 * layers * hidden * seq2 * self.cfg.actor.ppo_epochs)
             out["perf/mfu/actor"] = flops / elapsed / (peak * 1e12)
         return out
 
     # ---- weights out ------------------------------------------------------------------------
+    def _full_state(self, dtype: torch.dtype | None = None, lora_only: bool = False,
+                    files: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF-named full tensors, gathered one at a time; every rank must drain it (collectives).
+        files: without the tied output embedding (vLLM's in-place reload wants it, files do not)."""
+        for name, t in self.model.state_dict().items():
+            if (files and name in self.tied) or (lora_only and "lora_" not in name):
+                continue
+            t = _full(t)
+            yield name, (t if dtype is None else t.to(dtype))
+
     def full_state_for_rollout(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF-named tensors in the rollout dtype, one at a time (full fine-tuning)."""
-        for name, t in self.model.state_dict().items():
-            yield name, t.detach().to(self.compute_dtype)
+        return self._full_state(self.compute_dtype)
 
     def save_adapter(self, out_dir: str) -> None:
-        self.model.save_pretrained(out_dir)
+        """The LoRA adapter in peft format, collected tensor by tensor (a collective when sharded)."""
+        self.model.save_pretrained(out_dir, state_dict=dict(self._full_state(lora_only=True)))
 
     # ---- checkpoint -------------------------------------------------------------------------
     def save(self, ckpt_dir: str) -> None:
-        """Model (or adapter) + optimizer + scheduler + RNG in ckpt_dir/actor, HF export in ckpt_dir/huggingface."""
+        """Model (or adapter) + optimizer + scheduler + RNG in ckpt_dir/actor, HF export in ckpt_dir/huggingface.
+
+        Every rank takes part; rank 0 writes full (unsharded) tensors gathered one at a time,
+        keyed by parameter name, so a checkpoint loads at any world size.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
         actor = Path(ckpt_dir) / "actor"
-        actor.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(actor)  # safetensors; for LoRA only the adapter
-        torch.save(self.optimizer.state_dict(), actor / "optim.pt")
-        torch.save({"scheduler": self.scheduler.state_dict(), "bad_steps": self.bad_steps,
-                    "torch_rng": torch.get_rng_state()},
-                   actor / "extra_state.pt")
+        if self.is_lora:
+            adapter = dict(self._full_state(lora_only=True))
+            if self.rank == 0:
+                self.model.save_pretrained(actor, state_dict=adapter)  # safetensors + adapter_config
+        else:
+            _write_safetensors(actor, self._full_state(files=True), write=self.rank == 0)
+            if self.rank == 0:
+                self.hf_config.save_pretrained(actor)
+        # Optimizer state keyed by parameter name, full tensors (rank 0's CPU on several ranks).
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=self.world > 1))
+        if self.rank == 0:
+            torch.save(optim, actor / "optim.pt")
+            torch.save({"scheduler": self.scheduler.state_dict(), "bad_steps": self.bad_steps,
+                        "torch_rng": torch.get_rng_state()}, actor / "extra_state.pt")
         self.export_hf(str(Path(ckpt_dir) / "huggingface"))
 
     def export_hf(self, out_dir: str) -> None:
-        """A plain HF model dir (LoRA merged into the base) loadable by from_pretrained and vLLM."""
+        """A plain HF model dir in the compute dtype (LoRA merged into the base), loadable by
+        from_pretrained and vLLM. Every rank takes part; rank 0 writes."""
         if self.is_lora:
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
 
-            tmp = Path(out_dir).parent / "adapter_tmp"
-            self.model.save_pretrained(tmp)
-            base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.compute_dtype)
-            merged = PeftModel.from_pretrained(base, tmp).merge_and_unload()
-            merged.save_pretrained(out_dir)
-            for f in tmp.iterdir():
-                f.unlink()
-            tmp.rmdir()
+            adapter = dict(self._full_state(lora_only=True))
+            if self.rank == 0:
+                tmp = Path(out_dir).parent / "adapter_tmp"
+                self.model.save_pretrained(tmp, state_dict=adapter)
+                base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.compute_dtype)
+                merged = PeftModel.from_pretrained(base, tmp).merge_and_unload()
+                merged.save_pretrained(out_dir)
+                for f in tmp.iterdir():
+                    f.unlink()
+                tmp.rmdir()
         else:
-            self.model.to(self.compute_dtype)
-            try:
-                self.model.save_pretrained(out_dir)
-            finally:
-                self.model.to(torch.float32)
-        self.tokenizer.save_pretrained(out_dir)
+            _write_safetensors(Path(out_dir), self._full_state(self.compute_dtype, files=True),
+                               write=self.rank == 0)
+            if self.rank == 0:
+                conf = copy.deepcopy(self.hf_config)
+                conf.dtype, conf.use_cache = self.compute_dtype, True
+                conf.save_pretrained(out_dir)
+                self.model.generation_config.save_pretrained(out_dir)
+        if self.rank == 0:
+            self.tokenizer.save_pretrained(out_dir)
 
     def load(self, ckpt_dir: str) -> None:
-        from safetensors.torch import load_file
+        """Restore save()'s checkpoint, written at this or any other world size."""
+        from safetensors import safe_open
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         actor = Path(ckpt_dir) / "actor"
-        if self.is_lora:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.model, load_file(actor / "adapter_model.safetensors"))
-        else:
-            state = {}
-            for f in sorted(actor.glob("*.safetensors")):
-                state.update(load_file(f))
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
-            missing = [m for m in missing if not m.endswith("lm_head.weight")]
-            if missing or unexpected:
-                raise ValueError(f"checkpoint {actor} does not match model {self.model_dir}: "
-                                 f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-        self.optimizer.load_state_dict(torch.load(actor / "optim.pt", weights_only=True))
+        own = dict(self.model.named_parameters())
+        files = [actor / "adapter_model.safetensors"] if self.is_lora else sorted(actor.glob("*.safetensors"))
+        seen, unexpected = set(), []
+        with torch.no_grad():
+            for f in files:
+                with safe_open(f, "pt") as st:
+                    for key in st.keys():
+                        # peft drops the adapter name ("default") from the keys it saves
+                        name = re.sub(r"\.(lora_[AB])\.", r".\1.default.", key) if self.is_lora else key
+                        if name not in own:
+                            unexpected.append(key)
+                            continue
+                        _copy_full(own[name], st.get_tensor(key))
+                        seen.add(name)
+        wanted = {n for n, p in own.items() if p.requires_grad or not self.is_lora}
+        missing = sorted(wanted - seen)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {actor} does not match model {self.model_dir}: "
+                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        optim = torch.load(actor / "optim.pt", weights_only=True) if self.rank == 0 else {}
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=optim, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=self.world > 1))
         extra = torch.load(actor / "extra_state.pt", weights_only=True)
         self.scheduler.load_state_dict(extra["scheduler"])
         self.bad_steps = extra["bad_steps"]
         torch.set_rng_state(extra["torch_rng"])
+
+
+def _copy_full(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into a parameter: whole, or this rank's shard of it (no communication)."""
+    full = full.to(dst.device, dst.dtype)
+    if isinstance(dst, DTensor):
+        dst.to_local().copy_(distribute_tensor(full, dst.device_mesh, dst.placements, src_data_rank=None).to_local())
+    else:
+        dst.copy_(full)
+
+
+def _write_safetensors(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], write: bool) -> None:
+    """Stream tensors to model.safetensors, or to SHARD_BYTES-sized files + the HF index: host
+    memory holds one file's worth, never the whole model. write=False only drains the stream
+    (the other ranks' side of each gather)."""
+    from safetensors.torch import save_file
+
+    if not write:
+        for _ in tensors:
+            pass
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[list[str]] = []
+    part: dict[str, torch.Tensor] = {}
+    for name, t in itertools.chain(tensors, [(None, None)]):
+        if part and (name is None or sum(x.nbytes for x in part.values()) + t.nbytes > SHARD_BYTES):
+            save_file(part, str(out / f"part-{len(written)}"), metadata={"format": "pt"})
+            written.append(list(part))
+            part = {}
+        if name is not None:
+            part[name] = t.to("cpu").contiguous()
+    n = len(written)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for i, f in enumerate(names):
+        (out / f"part-{i}").rename(out / f)
+    if n > 1:
+        index = {"metadata": {}, "weight_map": {k: f for f, keys in zip(names, written) for k in keys}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
 def _pad_float(rows: list[np.ndarray], width: int, device) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """One GPU (or CPU) rank: trainer + colocated vLLM engine, for the whole run.
 
 The controller never sees tensors or devices: it sends token-id lists and numbers, and gets
-back the same. Every method here is one thing the flow asks for.
+back the same. Every method here is one thing the flow asks for; with several ranks the worker
+group calls it on every rank at once (the sharded trainer's methods are collectives).
 """
 from __future__ import annotations
 
 import os
 import resource
+import socket
 import time
 
 import numpy as np
@@ -15,26 +17,42 @@ import torch
 from configs.schema import GRPOConfig
 
 
+def master_address() -> tuple[str, int]:
+    """This node's IP and a free port: where rank 0 hosts the process group's rendezvous."""
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
 class GRPOWorker:
-    def __init__(self, cfg_json: str, model_dir: str, rank: int, world_size: int):
+    def __init__(self, cfg_json: str, model_dir: str, rank: int, world_size: int,
+                 master: tuple[str, int] | None = None):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.cfg = GRPOConfig.model_validate_json(cfg_json)
         self.rank, self.world_size = rank, world_size
         device = self.cfg.trainer.device
         if device == "cpu":
-            # Ray pins actors to one thread; the trainer and vLLM-CPU want every core they have.
-            torch.set_num_threads(max(1, os.cpu_count() or 1))
-        torch.manual_seed(self.cfg.trainer.seed + rank)
+            # Ray pins actors to one thread; the trainer and vLLM-CPU want their share of the
+            # node's cores (vLLM-CPU freezes the thread count once it starts).
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.cfg.trainer.n_gpus_per_node))
         from engines.rollout import VLLMRollout
-        from engines.trainer import ActorTrainer
+        from engines.trainer import ActorTrainer, init_distributed
 
+        if world_size > 1:  # before vLLM, which then runs as one external data-parallel rank
+            init_distributed(rank, world_size, master, device)
+        torch.manual_seed(self.cfg.trainer.seed)  # the same on every rank: LoRA inits must agree
         self.trainer = ActorTrainer(self.cfg, model_dir, "cuda" if device == "cuda" else "cpu")
         # vLLM first reserves its share of memory, then sleeps while the trainer works.
         self.rollout = VLLMRollout(self.cfg, model_dir, device)
         self.rollout.sleep()
 
     def ready(self) -> dict:
-        return {"rank": self.rank, "n_params": self.trainer.n_params, "pid": os.getpid()}
+        import ray
+
+        return {"rank": self.rank, "n_params": self.trainer.n_params, "pid": os.getpid(),
+                "node": ray.get_runtime_context().get_node_id()}
 
     def generate(self, prompts: list[list[int]], sampling: dict) -> list[dict]:
         return self.rollout.generate(prompts, **sampling)
@@ -42,8 +60,8 @@ class GRPOWorker:
     def compute_log_prob(self, prompts, responses, ref: bool = False) -> list[np.ndarray]:
         return self.trainer.compute_log_prob(prompts, responses, ref=ref)
 
-    def update_actor(self, batch: dict, seed: int) -> dict[str, float]:
-        return self.trainer.update(batch, seed)
+    def update_actor(self, batch: dict, seed: int, steps: list | None = None) -> dict[str, float]:
+        return self.trainer.update(batch, seed, steps)
 
     def sync_weights(self) -> float:
         """Push the trainer's new weights (or LoRA adapter) into vLLM; returns seconds taken."""
@@ -57,8 +75,8 @@ class GRPOWorker:
         return time.perf_counter() - t0
 
     def save_checkpoint(self, ckpt_dir: str) -> None:
-        if self.rank == 0:
-            self.trainer.save(ckpt_dir)
+        """Every rank gathers; rank 0 writes (ckpt_dir must be on a filesystem it shares with the controller)."""
+        self.trainer.save(ckpt_dir)
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
         self.trainer.load(ckpt_dir)

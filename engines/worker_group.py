@@ -36,7 +36,8 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, runtime_env=env, log_to_driver=True,
+        # address="local": a new local Ray even when another one runs on this machine.
+        ray.init(address="local", include_dashboard=False, runtime_env=env, log_to_driver=True,
                  num_cpus=max(2, os.cpu_count() or 1))
 
 
@@ -47,16 +48,16 @@ def local_gpu_count() -> int:
 
 
 def check_resources(cfg: GRPOConfig) -> None:
-    """Fail within seconds, naming both numbers, when the cluster is smaller than the recipe."""
+    """Fail within seconds, naming both numbers, when the cluster is smaller than the recipe
+    (GPUs; on CPU one core per rank), rather than wait for a placement group that never forms."""
     import ray
 
-    if cfg.trainer.device != "cuda":
-        return
-    have = int(ray.cluster_resources().get("GPU", 0))
+    kind = "GPU" if cfg.trainer.device == "cuda" else "CPU"
+    have = int(ray.cluster_resources().get(kind, 0))
     need = cfg.world_size
     if have < need:
         raise RuntimeError(
-            f"recipe '{cfg.recipe}' needs {need} GPUs (trainer.n_gpus_per_node={cfg.trainer.n_gpus_per_node} x "
+            f"recipe '{cfg.recipe}' needs {need} {kind}s (trainer.n_gpus_per_node={cfg.trainer.n_gpus_per_node} x "
             f"trainer.nnodes={cfg.trainer.nnodes}) but the Ray cluster has {have}; run it on a larger cluster "
             f"(RAY_ADDRESS) or lower trainer.n_gpus_per_node")
 
@@ -67,7 +68,7 @@ class WorkerGroup:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from engines.worker import GRPOWorker
+        from engines.worker import GRPOWorker, master_address
 
         init_ray()
         check_resources(cfg)
@@ -77,16 +78,19 @@ class WorkerGroup:
         self.pg = placement_group([bundle] * self.world_size,
                                   strategy="PACK" if cfg.trainer.nnodes == 1 else "SPREAD")
         ray.get(self.pg.ready(), timeout=120)
+        place = lambda rank: PlacementGroupSchedulingStrategy(  # noqa: E731
+            placement_group=self.pg, placement_group_bundle_index=rank)
+        # Rank 0's node and a free port there: every rank joins the process group at that address.
+        master = (ray.get(ray.remote(master_address).options(num_cpus=0, scheduling_strategy=place(0)).remote())
+                  if self.world_size > 1 else None)
         actor_cls = ray.remote(GRPOWorker)
         self.workers = [
-            actor_cls.options(
-                num_cpus=1, num_gpus=1 if gpu else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=rank),
-            ).remote(cfg.model_dump_json(), model_dir, rank, self.world_size)
+            actor_cls.options(num_cpus=1, num_gpus=1 if gpu else 0, scheduling_strategy=place(rank))
+            .remote(cfg.model_dump_json(), model_dir, rank, self.world_size, master)
             for rank in range(self.world_size)
         ]
-        ray.get([w.ready.remote() for w in self.workers])  # surfaces a failed start here, by rank
+        for r in ray.get([w.ready.remote() for w in self.workers]):  # a failed start surfaces here
+            print(f"worker group: rank {r['rank']} on node {r['node'][:8]} (pid {r['pid']})")
 
     # ---- helpers ----------------------------------------------------------------------------
     def _all(self, method: str, *args, **kwargs) -> list[Any]:
@@ -101,29 +105,43 @@ class WorkerGroup:
 
     # ---- what the flow asks for ---------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: dict) -> list[dict]:
-        """Data-parallel rollout: one share of prompts per engine, results in prompt order."""
+        """Data-parallel rollout: one share of prompts per engine, results in prompt order, each
+        row naming the engine that made it."""
         engines = self.world_size // self.cfg.rollout.tensor_model_parallel_size
         shares = split(list(range(len(prompts))), engines)
         seeds = sampling["seeds"]
         outs = self._scatter("generate", [([prompts[i] for i in s], {**sampling, "seeds": [seeds[i] for i in s]})
                                           for s in shares])
         merged = []
-        for share, out in zip(shares, outs):
+        for engine, (share, out) in enumerate(zip(shares, outs)):
             for row in out:
-                merged.append({**row, "prompt_index": share[row["prompt_index"]]})
+                merged.append({**row, "prompt_index": share[row["prompt_index"]], "engine": engine})
         return merged
 
     def compute_log_prob(self, prompts, responses, ref: bool = False) -> list[np.ndarray]:
+        if len(prompts) % self.world_size:  # sharded forwards are collectives: equal shares only
+            raise ValueError(f"{len(prompts)} samples do not split evenly over {self.world_size} ranks")
         idx = split(list(range(len(prompts))), self.world_size)
         outs = self._scatter("compute_log_prob",
                              [([prompts[i] for i in s], [responses[i] for i in s]) for s in idx], ref=ref)
         return [x for out in outs for x in out]
 
     def update_actor(self, batch: dict, seed: int) -> dict[str, float]:
-        idx = split(list(range(len(batch["prompts"]))), self.world_size)
-        shares = [({k: (None if v is None else [v[i] for i in s]) for k, v in batch.items()},) for s in idx]
-        metrics = self._scatter("update_actor", shares, seed=seed)
-        return {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+        """Each rank gets the samples of its contiguous share of every mini-batch (the same
+        mini-batches as one rank would use) and the order to take them in."""
+        from engines.trainer import minibatch_schedule
+
+        n, shares = len(batch["prompts"]), []
+        for rank in range(self.world_size):
+            steps = minibatch_schedule(n, self.cfg, seed, rank, self.world_size)
+            need = list(dict.fromkeys(int(i) for s in steps for i in s))  # first use order
+            local = {g: j for j, g in enumerate(need)}
+            shares.append(({k: (None if v is None else [v[i] for i in need]) for k, v in batch.items()},
+                           seed, [[local[int(i)] for i in s] for s in steps]))
+        metrics = self._scatter("update_actor", shares)
+        # Loss metrics are already global (summed over ranks in the trainer); memory is per rank.
+        return {k: float(np.max([m[k] for m in metrics]) if "memory" in k else np.mean([m[k] for m in metrics]))
+                for k in metrics[0]}
 
     def sync_weights(self) -> float:
         return max(self._all("sync_weights"))

@@ -170,7 +170,7 @@ def test_cli_bad_input_one_clear_line_nothing_written(tmp_path, case):
         "missing_model": (["run", "tiny-cpu", "model.source=hf", "model.path=/no/model"], "model.path=/no/model"),
         "gpu_recipe": (["run", "qwen2-0.5b-lora-1xh100"], "needs 1 GPU"),
         "megatron_recipe": (["run", "qwen2-32b-megatron-8xh20"], "Megatron"),
-        "multi_gpu_recipe": (["run", "qwen2-14b-4xh800"], "4 GPUs"),
+        "multi_gpu_recipe": (["run", "qwen2-14b-4xh800"], "needs 4 GPU(s)"),
     }[case]
     res = run_cli(work, *args)
     assert res.returncode == 2, res.stderr[-2000:]

@@ -1,0 +1,217 @@
+"""FSDP2 across ranks: two gloo ranks on CPU train the tiny model exactly as one rank does.
+
+Reference: the unsharded one-rank trainer (tests/test_trainer.py checks it; one rank runs
+without FSDP). Two processes (torch.multiprocessing, gloo) shard the same model with
+`fully_shard`, each takes a contiguous half of every mini-batch, and after 3 updates of 2
+mini-batches each the gathered parameters must equal the one-rank run's. Responses have
+different lengths, so a per-rank loss normalisation (instead of the global token count) would
+be off by far more than the tolerance. Checkpoints written at one world size load at the other.
+
+The e2e test (slow) runs `grpo run tiny-cpu trainer.n_gpus_per_node=2`: two Ray CPU actors, two
+vLLM engines, one MLflow run with the same metric keys as one rank.
+"""
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from configs.load import load_config
+from engines.models import materialize
+
+CORPUS = [f"Tom has {i} apples and buys {i + 3} more. #### {2 * i + 3}" for i in range(300)]
+# 3 updates x 2 mini-batches of 4 samples (2 per rank), micro-batches of 1; lr 1e-3 moves each
+# weight by ~1e-3 per step.
+OVERRIDES = ["rollout.n=2", "data.train_batch_size=4", "actor.ppo_mini_batch_size=2",
+             "actor.ppo_micro_batch_size_per_gpu=1", "actor.lr=1e-3", "trainer.device=cpu"]
+# |2 ranks - 1 rank| per weight after 3 AdamW steps, fp32 CPU, both with one thread per process.
+# Sharding changes only the summation order (each rank sums its half of the gradient, then the
+# halves are reduced), a last-bit difference; Adam's g/sqrt(v) blows it up to ~lr for the few
+# weights whose gradient is near eps. Measured: max 2.5e-6 full / 4.5e-7 LoRA, mean 1.1e-9 / 7e-11.
+# (Merely changing the micro-batch size or thread count of one rank moves weights by 3e-5.)
+# A wrong normalisation moves most weights by ~lr=1e-3, and the grad norm by far more than 1e-5.
+ATOL, MEAN_ATOL = 1e-5, 1e-8
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return materialize("random", str(tmp_path_factory.mktemp("m") / "tiny"), corpus=CORPUS)
+
+
+def _cfg(world: int, extra: list[str]):
+    return load_config("tiny-cpu", OVERRIDES + [f"trainer.n_gpus_per_node={world}", *extra])
+
+
+def _batch(n=8):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(5, 200, size=rng.integers(4, 9)).tolist() for _ in range(n)]
+    responses = [rng.integers(5, 200, size=rng.integers(1, 12)).tolist() for _ in range(n)]
+    return prompts, responses, rng.normal(size=n).astype(np.float32).tolist()
+
+
+def _train(trainer, cfg, rank: int, world: int) -> list[dict]:
+    """STEPS GRPO updates on fixed data; this rank's share of every mini-batch only."""
+    from engines.trainer import minibatch_schedule
+
+    prompts, responses, adv = _batch()
+    ref = trainer.compute_log_prob(prompts, responses, ref=True)
+    metrics = []
+    for step in range(STEPS):
+        batch = {"prompts": prompts, "responses": responses, "advantages": adv, "ref_log_probs": ref,
+                 "old_log_probs": trainer.compute_log_prob(prompts, responses)}
+        steps = minibatch_schedule(len(prompts), cfg, step, rank, world)
+        metrics.append(trainer.update(batch, seed=step, steps=steps))
+    return metrics
+
+
+def _state(trainer) -> dict[str, torch.Tensor]:
+    from engines.trainer import _full
+
+    return {k: _full(v).clone() for k, v in trainer.model.state_dict().items()}
+
+
+def _rank_main(rank, world, port, model_dir, extra, tmp):
+    """One gloo rank: train, save a checkpoint, then load the one-rank run's checkpoint."""
+    from engines.trainer import ActorTrainer, init_distributed
+
+    torch.set_num_threads(1)
+    init_distributed(rank, world, ("127.0.0.1", port), "cpu")
+    cfg = _cfg(world, extra)
+    torch.manual_seed(0)
+    t = ActorTrainer(cfg, model_dir, "cpu")
+    metrics = _train(t, cfg, rank, world)
+    trained = _state(t)
+    t.save(f"{tmp}/ck{world}")
+    t.load(f"{tmp}/ck1")
+    loaded = _state(t)
+    if rank == 0:
+        torch.save({"metrics": metrics, "trained": trained, "loaded": loaded}, f"{tmp}/out{world}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("extra", [[], ["model.lora_rank=8", "actor.loss_agg_mode=seq-mean-token-mean"]],
+                         ids=["full", "lora"])
+def test_two_gloo_ranks_match_one_rank(model_dir, tmp_path, extra):
+    from engines.trainer import ActorTrainer
+
+    cfg = _cfg(1, extra)
+    torch.manual_seed(0)
+    one = ActorTrainer(cfg, model_dir, "cpu")
+    before = _state(one)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the same summation order within a matmul
+    try:
+        m1 = _train(one, cfg, 0, 1)
+    finally:
+        torch.set_num_threads(threads)
+    p1 = _state(one)
+    one.save(str(tmp_path / "ck1"))
+
+    mp.spawn(_rank_main, args=(2, _free_port(), model_dir, extra, str(tmp_path)), nprocs=2)
+    out = torch.load(tmp_path / "out2.pt", weights_only=False)
+    p2, m2 = out["trained"], out["metrics"]
+
+    assert p1.keys() == p2.keys()
+    moved = max((p1[k] - before[k]).abs().max().item() for k in p1)
+    assert moved > 1e-3, "training did not move the weights: the comparison would be empty"
+    diff = torch.cat([(p1[k] - p2[k]).abs().flatten() for k in p1])
+    print(f"|2 ranks - 1 rank|: max {diff.max():.2e} mean {diff.mean():.2e} (weights moved up to {moved:.2e})")
+    assert diff.max() <= ATOL and diff.mean() <= MEAN_ATOL
+    for a, b in zip(m1, m2, strict=True):  # metrics are global: the ranks' shares summed
+        for k in ("actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/ppo_kl", "actor/grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+        assert b["perf/update_tokens"] == a["perf/update_tokens"]
+
+    # Checkpoints carry full tensors keyed by name: each world size loads the other's.
+    for k, v in out["loaded"].items():
+        assert torch.equal(v, p1[k]), f"2 ranks loading the 1-rank checkpoint: {k} differs"
+    fresh = ActorTrainer(cfg, model_dir, "cpu")
+    fresh.load(str(tmp_path / "ck2"))
+    for k, v in _state(fresh).items():
+        assert torch.equal(v, p2[k]), f"1 rank loading the 2-rank checkpoint: {k} differs"
+    o1, o2 = one.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
+    assert max((o1[i]["exp_avg"] - o2[i]["exp_avg"]).abs().max().item() for i in o1) < ATOL
+
+
+@pytest.mark.slow
+def test_grpo_run_on_two_cpu_ranks(tmp_path, gsm8k):
+    """`grpo run tiny-cpu trainer.n_gpus_per_node=2`: two Ray CPU actors (gloo ranks), each with its
+    own vLLM engine, against one rank on the same recipe."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from tests.conftest import mlflow_run, run_grpo
+
+    runs = {}
+    for world in (1, 2):
+        (tmp_path / str(world)).mkdir()
+        # A reward the random tiny policy earns (GSM8K's is 0 for all): non-zero advantages,
+        # so the update moves the weights and the weight sync to both engines is tested.
+        run_grpo(tmp_path / str(world), f"trainer.n_gpus_per_node={world}",
+                 "reward.function=tests.toy_reward:letter_e_share")
+        client, run = mlflow_run(tmp_path / str(world))
+        assert run.info.status == "FINISHED"
+        runs[world] = (client, run, tmp_path / str(world) / "ckpt")
+    (c1, r1, ck1), (c2, r2, ck2) = runs[1], runs[2]
+    assert set(r2.data.metrics) == set(r1.data.metrics)
+    for key in set(r1.data.metrics):
+        assert [m.step for m in c2.get_metric_history(r2.info.run_id, key)] == \
+               [m.step for m in c1.get_metric_history(r1.info.run_id, key)], key
+
+    # Rollout split over two engines, gathered back in prompt order. vLLM seeds each prompt's
+    # sampling, so the two engines draw exactly what one engine drew.
+    one = pd.read_parquet(ck1 / "rollouts" / "step_000001.parquet")
+    two = pd.read_parquet(ck2 / "rollouts" / "step_000001.parquet")
+    half = two["prompt_index"].nunique() // 2
+    assert set(two["engine"]) == {0, 1} and set(one["engine"]) == {0}
+    assert (two["engine"] == (two["prompt_index"] >= half)).all()
+    assert two["prompt_index"].is_monotonic_increasing
+    assert list(two["row"]) == list(one["row"])
+    assert [list(x) for x in two["response_ids"]] == [list(x) for x in one["response_ids"]]
+    # Same samples, so the first update is the same; sharding changes only summation order.
+    first = lambda c, r, key: next(m.value for m in c.get_metric_history(r.info.run_id, key) if m.step == 1)  # noqa: E731
+    assert first(c1, r1, "actor/grad_norm") > 0.01
+    for key in ("critic/score/mean", "actor/pg_loss", "actor/entropy", "actor/grad_norm", "actor/kl_loss"):
+        assert first(c2, r2, key) == pytest.approx(first(c1, r1, key), rel=1e-4, abs=1e-6), key
+    # After each update both engines sample with the new weights: vLLM's log-probs of what it
+    # sampled match the trainer's (fp32 CPU, as tests/test_parity.py: ~1e-6; 1e-4 allowed).
+    diffs = c2.get_metric_history(r2.info.run_id, "training/rollout_probs_diff_max")
+    assert len(diffs) == 3 and max(m.value for m in diffs) < 1e-4
+
+    # The 2-rank checkpoint holds full tensors, like the 1-rank one.
+    a = load_file(ck1 / "global_step_3" / "actor" / "model.safetensors")
+    b = load_file(ck2 / "global_step_3" / "actor" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+
+
+def test_export_in_shards_loads_in_hf(model_dir, tmp_path, monkeypatch):
+    """Past SHARD_BYTES the full tensors go to several files + the HF index; transformers loads
+    them in the compute dtype, equal to the trainer's weights rounded to it; load() reads them."""
+    from transformers import AutoModelForCausalLM
+
+    import engines.trainer as T
+
+    monkeypatch.setattr(T, "SHARD_BYTES", 200_000)
+    t = T.ActorTrainer(_cfg(1, ["model.dtype=bfloat16"]), model_dir, "cpu")
+    t.save(str(tmp_path / "ck"))
+    for sub in ("actor", "huggingface"):
+        assert len(list((tmp_path / "ck" / sub).glob("model-*-of-*.safetensors"))) > 2
+        assert (tmp_path / "ck" / sub / "model.safetensors.index.json").exists()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ck" / "huggingface")
+    mine = _state(t)
+    for k, v in hf.state_dict().items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, mine[k].to(torch.bfloat16)), k
+    with torch.no_grad():
+        for p in t.model.parameters():
+            p.zero_()
+    t.load(str(tmp_path / "ck"))
+    for k, v in _state(t).items():
+        assert torch.equal(v, mine[k]), k
