@@ -181,10 +181,8 @@ class ActorTrainer:
         with self._autocast():
             logits = model(input_ids=ids, attention_mask=attn, position_ids=pos,
                            logits_to_keep=R + 1, use_cache=False).logits
-        logits = logits[:, :-1].float() / max(self.cfg.rollout.temperature, 1e-6)
-        labels = ids[:, -R:]
-        logp = algos.logprobs_from_logits(logits, labels)
-        ent = algos.entropy_from_logits(logits) if with_entropy else None
+        logp, ent = algos.token_logprobs(logits[:, :-1], ids[:, -R:], max(self.cfg.rollout.temperature, 1e-6),
+                                         with_entropy)
         return logp, ent, r_mask.to(self.device, torch.float32)
 
     def _micro_batches(self, n: int) -> Iterator[slice]:

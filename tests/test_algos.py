@@ -13,10 +13,9 @@ from engines.algos import (
     KL_ESTIMATORS,
     LOSS_AGG_MODES,
     agg_loss,
-    entropy_from_logits,
     grpo_advantages,
     kl_penalty,
-    logprobs_from_logits,
+    token_logprobs,
     masked_mean,
     num_valid_seqs,
     policy_loss,
@@ -353,7 +352,7 @@ def test_logprobs_three_token_vocab():
     # log-probs: -ln6 = -1.791759, -ln3 = -1.098612, -ln2 = -0.693147
     logits = torch.tensor([[[0.0, LN2, LN3]] * 3], requires_grad=True)  # [1, 3, 3]
     labels = torch.tensor([[0, 1, 2]])
-    lp = logprobs_from_logits(logits, labels)
+    lp, _ = token_logprobs(logits, labels)
     assert lp.shape == (1, 3) and lp.dtype == torch.float32
     close(lp, [[-1.791759, -1.098612, -0.693147]])
     # d logp[label] / d logits = onehot - probs; for the label-2 token: [-1/6, -1/3, 1/2]
@@ -366,7 +365,7 @@ def test_entropy_three_token_vocab():
     #   = 1.791759/6 + 1.098612/3 + 0.693147/2 = 0.298627 + 0.366204 + 0.346574 = 1.011404
     # uniform over 3 -> ln 3 = 1.098612; adding a constant to the logits changes nothing
     logits = torch.tensor([[[0.0, LN2, LN3], [5.0, 5.0, 5.0], [100.0, 100.0 + LN2, 100.0 + LN3]]])
-    ent = entropy_from_logits(logits)
+    _, ent = token_logprobs(logits, torch.zeros(1, 3, dtype=torch.long), with_entropy=True)
     assert ent.shape == (1, 3) and ent.dtype == torch.float32
     close(ent, [[1.011404, 1.098612, 1.011404]])
 
@@ -378,9 +377,24 @@ def test_logprobs_entropy_bf16_rows():
     # probs = [0.090031, 0.244728, 0.665241]; sum p*l = 0.244728 + 2*0.665241 = 1.575210
     # entropy = 2.407606 - 1.575210 = 0.832396
     logits = torch.tensor([[[0.0, 1.0, 2.0]], [[0.0, 1.0, 2.0]]], dtype=torch.bfloat16)  # [2, 1, 3]
-    lp = logprobs_from_logits(logits, torch.tensor([[2], [0]]))
+    lp, ent = token_logprobs(logits, torch.tensor([[2], [0]]), with_entropy=True)
     assert lp.dtype == torch.float32 and lp.shape == (2, 1)
     close(lp, [[-0.407606], [-2.407606]])
-    ent = entropy_from_logits(logits)
     assert ent.dtype == torch.float32 and ent.shape == (2, 1)
     close(ent, [[0.832396], [0.832396]])
+
+
+def test_token_logprobs_temperature_and_checkpointed_grad_match_the_plain_formula():
+    # logits / T with T = 2: [0, 2 ln2, 2 ln3] / 2 = [0, ln2, ln3] -> probs [1/6, 1/3, 1/2]
+    logits = torch.tensor([[[0.0, 2 * LN2, 2 * LN3]] * 2, [[1.0, 1.0, 1.0]] * 2], requires_grad=True)
+    labels = torch.tensor([[2, 0], [1, 1]])
+    lp, ent = token_logprobs(logits, labels, temperature=2.0, with_entropy=True)
+    close(lp, [[-0.693147, -1.791759], [-1.098612, -1.098612]])
+    close(ent, [[1.011404, 1.011404], [1.098612, 1.098612]])
+    (lp.sum() + ent.sum()).backward()  # the checkpointed rows recompute in backward
+    ref = logits.detach().clone().requires_grad_(True)
+    x = ref / 2.0
+    plain_lp = torch.log_softmax(x, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    plain_ent = -(torch.softmax(x, -1) * torch.log_softmax(x, -1)).sum(-1)
+    (plain_lp.sum() + plain_ent.sum()).backward()
+    assert torch.allclose(logits.grad, ref.grad, atol=1e-6)
