@@ -205,11 +205,13 @@ def activation_bytes(s: Shape, tokens: int, checkpointing: bool) -> int:
 
 
 # Bytes per response-logit element (b x (R+1) x vocab) at the peak of a training micro-batch:
-# bf16 lm_head output, .float(), / temperature, softmax for the entropy, then backward's fp32
-# grads and temporaries. Fitted to engines/trainer.py on one H100 (tests/test_plan.py lists the
-# six measured runs, full and LoRA alike). A no-grad pass holds 10 (bf16 2 + fp32 4 + fp32 4).
-LOGIT_BYTES_TRAIN = 26
-LOGIT_BYTES_NOGRAD = 10
+# the bf16 lm_head output and its bf16 gradient; log-probs and entropy are computed one row at a
+# time and recomputed in backward (algos.token_logprobs), so their fp32 temporaries exist for one
+# row only (ROW_BYTES per element of one row). A no-grad pass holds the bf16 logits and one row.
+# Checked on one H100 (tests/test_plan.py lists the measured runs).
+LOGIT_BYTES_TRAIN = 4
+LOGIT_BYTES_NOGRAD = 2
+ROW_BYTES = 20
 
 
 def logits_elems(s: Shape, batch: int, resp: int) -> int:
@@ -272,8 +274,9 @@ def _memory(cfg: GRPOConfig, s: Shape, g: GPU, feats: dict, b: int) -> dict[str,
     add(f"(activations if checkpointing {'off' if ck else 'on'})", "-", activation_bytes(s, tokens, not ck),
         "for comparison only")
     mask = add("attention mask", "train", 3 * b * seq * seq, "[B,1,T,T] bool + bf16 SDPA bias (padded batch)")
-    c = LOGIT_BYTES_TRAIN
-    lg = add("logits (fwd+bwd, fp32)", "train", c * el, f"{b} x {resp + 1} x vocab {s.vocab} x {c} B")
+    c, row = LOGIT_BYTES_TRAIN, ROW_BYTES * (resp + 1) * s.vocab
+    lg = add("logits (fwd+bwd) + one row's fp32", "train", c * el + row,
+             f"{b} x {resp + 1} x vocab {s.vocab} x {c} B + {ROW_BYTES} B x one row")
     tmp = add("optimizer step temporary", "train", 4 * P_train / shard, "foreach AdamW sqrt(exp_avg_sq)")
 
     in_update = resident - (ref if off_p else 0)  # offload between uses: the ref leaves during the update
@@ -282,7 +285,7 @@ def _memory(cfg: GRPOConfig, s: Shape, g: GPU, feats: dict, b: int) -> dict[str,
     # forward end (weight casts + bf16 logits) vs logits stage (casts freed, fp32 logits and grads)
     upd = in_update - gr + mask + act + max(cast_fwd + 2 * el, saved_cast + lg + head_grad)
     nograd_cast = 0 if lora else cast_fwd  # trainable weights are cached under no_grad too
-    logp = resident + mask + max(nograd_cast + 2 * el + 4 * s.hidden * tokens, LOGIT_BYTES_NOGRAD * el)
+    logp = resident + mask + max(nograd_cast + 2 * el + 4 * s.hidden * tokens, LOGIT_BYTES_NOGRAD * el + row)
     step = in_update + tmp
     trainer_peak = max(upd, logp, step)
 

@@ -65,16 +65,18 @@ class VLLMRollout:
 
         self.wake_up()
         greedy = temperature == 0.0
+        # flat_logprobs: vLLM keeps each request's log-probs in a few flat lists instead of one
+        # dict + Logprob object per generated token (benchmarks/BENCHMARKS.md, rollout row).
         params = [SamplingParams(n=n, temperature=temperature, top_p=1.0 if greedy else top_p,
                                  top_k=-1 if greedy else top_k, max_tokens=max_tokens, logprobs=0,
-                                 seed=s) for s in seeds]
+                                 seed=s, flat_logprobs=True) for s in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                                  lora_request=self._lora_request(), use_tqdm=False)
         results = []
         for i, out in enumerate(outs):
             for j, c in enumerate(out.outputs):
                 ids = list(c.token_ids)
-                lps = [d[t].logprob for d, t in zip(c.logprobs or [], ids)] if c.logprobs else []
+                lps = _sampled_logprobs(c.logprobs, ids)
                 results.append({"prompt_index": i, "sample_index": j, "response_ids": ids,
                                 "response_text": c.text, "rollout_log_probs": lps,
                                 "finish_reason": c.finish_reason or "length"})
@@ -115,6 +117,18 @@ class VLLMRollout:
 
         return LoRARequest(lora_name=f"policy_v{self.lora_version}", lora_int_id=self.lora_version,
                            lora_path=self._lora_path)
+
+
+def _sampled_logprobs(lp, ids: list[int]) -> list[float]:
+    """The log-prob of each sampled token, from vLLM's FlatLogprobs (or its list of dicts)."""
+    if not lp:
+        return []
+    if hasattr(lp, "start_indices"):  # FlatLogprobs: flat token_ids / logprobs, ranges per position
+        if len(lp.logprobs) == len(ids) and list(lp.token_ids) == ids:  # logprobs=0: just the sampled token
+            return [float(x) for x in lp.logprobs]
+        return [next(lp.logprobs[k] for k in range(s, e) if lp.token_ids[k] == t)
+                for s, e, t in zip(lp.start_indices, lp.end_indices, ids)]
+    return [d[t].logprob for d, t in zip(lp, ids)]
 
 
 def _vllm_lora_rank(rank: int) -> int:

@@ -114,16 +114,15 @@ def test_sharding_and_offload_only_when_asked():
     assert later["rollout_phase_gib"] < now["rollout_phase_gib"]  # params + optimizer offloaded for rollout
 
 
-# Measured on one H100 80GB (torch 2.11, transformers 5.17), engines/trainer.py ActorTrainer on random
-# Qwen2 presets: peak torch.cuda.max_memory_allocated over old-log-prob, ref and a second update.
+# Measured on one H100 80GB (torch 2.11, transformers 5.17), engines/trainer.py ActorTrainer at 8dc6f9e
+# (row-wise checkpointed log-probs) on random Qwen2 presets, 2026-11-23: peak
+# torch.cuda.max_memory_allocated over old-log-prob, ref and a second update (.plan_calib/calib.py).
+# Before 8dc6f9e the same three read 23.55, 35.78 and 41.14 GiB (full fp32 logits, 26 B/element).
 # (arch, lora rank, micro-batch, prompt, response, checkpointing) -> GiB
 H100_MEASURED = [
-    (("0.5b", 0, 4, 512, 1024, True), 23.55),
-    (("0.5b", 32, 8, 512, 1024, True), 35.78),
-    (("0.5b", 32, 4, 512, 1024, False), 27.71),
-    (("1.5b", 0, 4, 512, 512, True), 31.64),
-    (("1.5b", 32, 16, 256, 512, True), 41.14),
-    (("3b", 32, 8, 512, 512, True), 31.30),
+    (("0.5b", 0, 4, 512, 1024, True), 13.12),
+    (("0.5b", 32, 8, 512, 1024, True), 11.44),
+    (("1.5b", 32, 16, 256, 512, True), 15.79),
 ]
 
 

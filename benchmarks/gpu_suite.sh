@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The GPU rows of benchmarks/BENCHMARKS.md on one H100/H200, in three parts that each fit one
+# lent-machine call (< 10 min). From the repo root, with the pipeline's packages importable
+# (on the lent machine: after the staging calls, `source scripts/device_env.sh`):
+#     python benchmarks/build_models.py 0.5b 1.5b 7b   # once (needs no vLLM: the lent machine's 3rd staging call)
+#     benchmarks/gpu_suite.sh p1   # engines: rollout vs bare vLLM (0.5B), weight sync + trainer MFU (0.5B/1.5B/7B LoRA)
+#     benchmarks/gpu_suite.sh p2   # the flow: step breakdown + Prefect/MLflow overhead, 0.5B and 1.5B LoRA recipes
+#     benchmarks/gpu_suite.sh p3   # resume determinism (0.5B full), 7B rows not done yet, anything p1 left
+# Each item runs under `timeout`, within DEADLINE (epoch seconds; default now + 570 s); items
+# that do not fit are skipped and named. Results (JSON + logs) go to $BENCH_OUT/<part>
+# (default /root/bench) and, packed, to $OUT/<part>.tgz when $OUT is set.
+# Env: BENCH_SRC (code snapshot, default benchmarks/_snapshot if present), BENCH_MODELS_DIR
+# (default /root/models), GSM8K_DIR (default .device/gsm8k).
+set -uo pipefail
+part=${1:?usage: benchmarks/gpu_suite.sh p1|p2|p3}
+cd "$(dirname "$0")/.."
+: "${DEADLINE:=$(( $(date +%s) + 570 ))}"
+B=${BENCH_OUT:-/root/bench}; R=$B/$part; mkdir -p "$R"
+if [ -z "${BENCH_SRC+x}" ] && [ -d benchmarks/_snapshot ]; then export BENCH_SRC=$PWD/benchmarks/_snapshot; fi
+export BENCH_MODELS_DIR=${BENCH_MODELS_DIR:-/root/models} GSM8K_DIR=${GSM8K_DIR:-$PWD/.device/gsm8k}
+export PYTHONUNBUFFERED=1 VLLM_LOGGING_LEVEL=${VLLM_LOGGING_LEVEL:-INFO}
+M=$BENCH_MODELS_DIR
+t0=$(date +%s)
+left() { echo $(( DEADLINE - $(date +%s) )); }
+
+cleanup_gpu() {  # a killed flow can leave Ray workers holding GPU memory: end them (all ours)
+  ray stop --force >/dev/null 2>&1 || true
+  for pid in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+  sleep 1
+}
+
+# run NAME MAX_S MIN_S CMD...: skipped when fewer than MIN_S seconds are left
+run() {
+  local name=$1 max=$2 min=$3; shift 3
+  local l; l=$(left)
+  if (( l < min )); then echo "SKIP $name: $l s left < $min s"; echo "$name" >> "$R/skipped.txt"; return 0; fi
+  local t=$(( max < l - 20 ? max : l - 20 ))
+  echo "=== $name: timeout $t s, at +$(( $(date +%s) - t0 )) s"
+  timeout -k 10 "$t" "$@" > "$R/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: rc=$rc, at +$(( $(date +%s) - t0 )) s"
+  grep -E "^\[(rollout|sync|train|done|breakdown|determinism|model)\]|Error|error:|OOM" "$R/$name.log" | grep -v "INFO" | tail -12
+  echo "$name rc=$rc" >> "$R/status.txt"
+  cleanup_gpu
+}
+
+eb() {  # eb ARCH MODE PARTS MAX MIN [extra args]
+  local arch=$1 mode=$2 parts=$3 max=$4 min=$5; shift 5
+  run "eb-$arch-$mode" "$max" "$min" python3 benchmarks/engine_bench.py --arch "$arch" --mode "$mode" --parts "$parts" \
+    --models-dir "$M" --gsm8k "$GSM8K_DIR" --out "$R/engine-$arch-$mode.json" "$@"
+}
+
+done_eb() {  # done_eb ARCH MODE PART: a result with that part exists in any part's folder
+  python3 - "$B" "$1" "$2" "$3" <<'EOF'
+import glob, json, sys
+b, arch, mode, part = sys.argv[1:]
+for f in glob.glob(f"{b}/p*/engine-{arch}-{mode}.json"):
+    try:
+        d = json.load(open(f))
+    except ValueError:
+        continue
+    if part in d and not [e for e in d.get("errors", []) if e.get("part") == part]:
+        sys.exit(0)
+sys.exit(1)
+EOF
+}
+
+flow_common() {  # flow_common ARCH
+  echo model.source=random model.arch="$1" model.path="$M/random-qwen2-$1" data.source="$GSM8K_DIR" \
+    data.dir="/root/data/$1" tracking.tracking_uri="sqlite:///$B/mlflow.db" trainer.test_freq=-1
+}
+
+echo "part $part: $(left) s to the deadline; BENCH_SRC=${BENCH_SRC:-<repo>} $(cat "${BENCH_SRC:-.}/SNAPSHOT" 2>/dev/null)"
+nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv,noheader
+df -h /root | tail -1
+case $part in
+p1)
+  eb 0.5b full rollout,sync,train 270 150
+  eb 0.5b lora sync,train 150 70
+  eb 1.5b full sync,train 170 90
+  eb 1.5b lora sync,train 170 90
+  eb 7b lora sync,train 240 210 --train-reps 1
+  ;;
+p2)
+  # The LoRA recipes as written except: random weights, responses capped at 512 tokens (random
+  # weights never stop early), micro-batch 20/16 (the recipes' 116/128 would need 36-72 GB of
+  # logits alone in this trainer), 2 steps, no periodic eval.
+  run flow-0.5b-lora 290 150 python3 benchmarks/flow_breakdown.py --out "$R/flow-0.5b-lora.json" qwen2-0.5b-lora-1xh100 \
+    $(flow_common 0.5b) rollout.max_response_length=512 actor.ppo_micro_batch_size_per_gpu=20 \
+    trainer.total_training_steps=2 trainer.default_local_dir=/root/ckpt/flow-0.5b-lora tracking.run_name=flow-0.5b-lora
+  rm -rf /root/ckpt/flow-0.5b-lora
+  run flow-1.5b-lora 420 200 python3 benchmarks/flow_breakdown.py --out "$R/flow-1.5b-lora.json" qwen2-1.5b-lora-1xh100 \
+    $(flow_common 1.5b) rollout.max_response_length=512 actor.ppo_micro_batch_size_per_gpu=16 \
+    trainer.total_training_steps=2 trainer.default_local_dir=/root/ckpt/flow-1.5b-lora tracking.run_name=flow-1.5b-lora
+  rm -rf /root/ckpt/flow-1.5b-lora
+  ;;
+p3)
+  free_gb=$(df -BG --output=avail /root | tail -1 | tr -dc 0-9)
+  keep=2; (( free_gb < 45 )) && keep=1
+  run determinism 330 200 python3 benchmarks/determinism.py --workdir "$R/det" --out "$R/determinism.json" \
+    --keep $keep --clean --timeout 150 qwen2-0.5b-lora-1xh100 $(flow_common 0.5b) model.lora_rank=0 actor.lr=1e-5 \
+    data.train_batch_size=16 actor.ppo_mini_batch_size=16 actor.ppo_micro_batch_size_per_gpu=16 \
+    rollout.max_response_length=256 rollout.gpu_memory_utilization=0.3 rollout.enforce_eager=true \
+    reward.function=tests.toy_reward:letter_e_share
+  rm -rf "$R/det/A" "$R/det/B"
+  done_eb 7b lora train || eb 7b lora sync,train 240 200 --train-reps 1
+  done_eb 7b full sync || eb 7b full sync,train 200 150 --train-reps 1
+  for spec in 0.5b:lora 1.5b:full 1.5b:lora; do
+    done_eb "${spec%:*}" "${spec#*:}" train || eb "${spec%:*}" "${spec#*:}" sync,train 170 90
+  done
+  ;;
+*) echo "unknown part $part"; exit 2 ;;
+esac
+echo "part $part finished at +$(( $(date +%s) - t0 )) s; skipped: $(cat "$R/skipped.txt" 2>/dev/null | tr '\n' ' ')"
+python3 benchmarks/summarize.py "$B" --brief 2>&1 | tail -60
+if [ -n "${OUT:-}" ]; then tar czf "$OUT/$part.tgz" -C "$B" "$part" && ls -la "$OUT"; fi
