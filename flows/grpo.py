@@ -73,20 +73,17 @@ def preflight(cfg: GRPOConfig) -> None:
         load_raw_gsm8k(src)  # columns, emptiness, ground truths: checked before any work
 
 
-SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads")
-
-
 def model_signature(cfg: GRPOConfig) -> dict:
-    """What a checkpoint must match to be resumed by this config: model shape, LoRA, world size."""
-    from engines.models import ARCH_PRESETS
+    """What a checkpoint must match to be resumed by this config: model shape, LoRA, world size.
+    The shape is the planner's (local config.json, preset or published table); None if unknown."""
+    from engines.plan import model_shape
 
-    shape = None
-    if cfg.model.source == "random" and cfg.model.arch in ARCH_PRESETS:
-        shape = {k: ARCH_PRESETS[cfg.model.arch][k] for k in SHAPE_KEYS}
-    elif cfg.model.source == "hf" and (Path(cfg.model.path) / "config.json").is_file():
-        conf = json.loads((Path(cfg.model.path) / "config.json").read_text())
-        shape = {k: conf.get(k) for k in SHAPE_KEYS}
+    try:
+        s, _ = model_shape(cfg)
+        shape = {"hidden": s.hidden, "layers": s.layers, "heads": s.heads, "kv_heads": s.kv_heads,
+                 "intermediate": s.intermediate}
+    except ValueError:  # a hub model outside the planner's table: its path stands in
+        shape = None
     return {"model.path": cfg.model.path, "shape": shape, "model.lora_rank": cfg.model.lora_rank,
             "world_size": cfg.world_size}
 
@@ -106,12 +103,10 @@ def check_resumable(cfg: GRPOConfig) -> None:
     if not saved:
         return
     want = model_signature(cfg)
-    same_shape = saved["shape"] == want["shape"] if saved["shape"] and want["shape"] else \
-        saved["model.path"] == want["model.path"]
-    diff = [k for k in ("model.lora_rank", "world_size") if saved[k] != want[k]]
-    if not same_shape or diff:
-        what = ", ".join(f"{k}: checkpoint {saved[k]} vs config {want[k]}"
-                         for k in (["shape" if want["shape"] else "model.path"] if not same_shape else []) + diff)
+    model_key = "shape" if saved.get("shape") and want["shape"] else "model.path"  # shapes when both known
+    diff = [k for k in (model_key, "model.lora_rank", "world_size") if saved.get(k) != want[k]]
+    if diff:
+        what = ", ".join(f"{k}: checkpoint {saved.get(k)} vs config {want[k]}" for k in diff)
         raise ValueError(
             f"trainer.default_local_dir={cfg.trainer.default_local_dir}: its checkpoint "
             f"{state_file.parent.name} was written for another model or world size ({what}); use another "

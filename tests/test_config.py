@@ -121,8 +121,7 @@ CASES = ["missing_data", "no_columns", "bad_truth", "unknown_key", "wrong_type",
 def _foreign_checkpoint(root: Path, **model) -> Path:
     """A checkpoint dir as another run left it: written for another model shape or world size."""
     sig = {"model.path": "models/tiny-qwen2", "model.lora_rank": 0, "world_size": 1,
-           "shape": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "num_key_value_heads": 1}}
+           "shape": {"hidden": 128, "layers": 2, "heads": 2, "kv_heads": 1, "intermediate": 384}}
     sig.update(model)
     (root / "global_step_2").mkdir(parents=True)
     (root / "global_step_2" / "trainer_state.json").write_text(json.dumps({"global_step": 2, "model": sig}))
@@ -141,7 +140,7 @@ def test_cli_bad_input_one_clear_line_nothing_written(tmp_path, case):
     empty.mkdir()
     (empty / "train.jsonl").write_text("")
     (empty / "test.jsonl").write_text("")
-    other_model = _foreign_checkpoint(tmp_path / "ckpt-a", shape={"hidden_size": 896, "num_hidden_layers": 24})
+    other_model = _foreign_checkpoint(tmp_path / "ckpt-a", shape={"hidden": 896, "layers": 24, "heads": 14, "kv_heads": 2, "intermediate": 4864})
     other_world = _foreign_checkpoint(tmp_path / "ckpt-b", world_size=4)
     model = f"model.path={ROOT / 'models' / 'tiny-qwen2'}"
     args, needle = {
