@@ -21,7 +21,9 @@ def test_killed_worker_is_rebuilt_from_the_last_checkpoint(tmp_path, gsm8k):
     proc = subprocess.Popen(args, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 900
-    while "step 1/3" not in (tmp_path / "run.log").read_text():
+    # Kill once step 1's checkpoint is whole (a step's last act), so the retry has one to restore.
+    while "step 1/3" not in (tmp_path / "run.log").read_text() or \
+            not (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").exists():
         assert proc.poll() is None and time.time() < deadline, (tmp_path / "run.log").read_text()[-3000:]
         time.sleep(0.5)
     pids = subprocess.run(["pgrep", "-f", "ray::GRPOWorker"], capture_output=True, text=True).stdout.split()
