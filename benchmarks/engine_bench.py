@@ -3,15 +3,19 @@
 Builds engines.worker.GRPOWorker in-process (trainer + colocated vLLM engine with sleep mode, as
 each Ray worker holds them) on a random-init Qwen2 of the given shape, then measures any of:
 
-  rollout  our rollout stage (VLLMRollout.generate as the worker calls it: wake, per-prompt seeded
-           SamplingParams with log-probs, generate, post-process, sleep) against bare vLLM
-           `LLM.generate` on the same LLM object, same prompts, same n / temperature / max_tokens,
-           ignore_eos=True for both, alternated in the same process; plus two intermediate
-           variants (bare + per-prompt seeds, bare + seeds + log-probs) that attribute the gap.
+  rollout  our rollout stage (VLLMRollout.generate as the worker calls it: wake, SamplingParams as
+           the config asks, generate, post-process, sleep; started, as in the flow, right after
+           a weight sync) against bare vLLM `LLM.generate` on the same LLM object, same prompts,
+           same n / temperature / max_tokens, ignore_eos=True for both, alternated in the same
+           process. Variants of ours: the defaults (per-prompt seeds, no log-probs), one seed per
+           call (rollout.seed_per_prompt=false), and with log-probs (the stage before this change);
+           of bare: + per-prompt seeds.
   sync     weight sync trainer -> vLLM: full = worker.sync_weights() (wake weights + reload_weights
-           of trainer.full_state_for_rollout()), with the sleep (offload) before it and the wake /
-           reload split; LoRA = the adapter save (sync_weights) + vLLM's load of the new adapter at
-           the next generate (first call with the new adapter minus a second call with the same).
+           of trainer.full_state_for_rollout()) after the sleep that ends each generate, for both
+           sleep levels (1: weights offloaded to host and copied back on wake; 2: dropped, as the
+           worker now does for full fine-tuning), with the level-1 wake / reload split; LoRA = the
+           adapter save (sync_weights) + vLLM's load of the new adapter at the next generate
+           (first call with the new adapter minus a second call with the same).
   train    trainer tokens/s and MFU (recipes.md formula) of ActorTrainer.update on a synthetic
            batch (random token ids, fixed lengths), peak torch.cuda.max_memory_allocated; a CUDA
            out-of-memory error is recorded as a result (7B full fine-tuning on one 80 GB GPU).
@@ -119,13 +123,15 @@ def bench_rollout(w, a, cfg) -> dict:
         kw.update(extra_sp)
         return orig_sp(*args, **kw)
 
-    def ours(max_tokens, flat=False):
+    def ours(max_tokens, **rollout_cfg):
         extra_sp.clear()
-        if flat:  # candidate fix: vLLM's FlatLogprobs (few Python objects per request, not one dict per token)
-            extra_sp["flat_logprobs"] = True
         pieces.clear()
+        saved = {k: getattr(r, k) for k in rollout_cfg}
+        for k, v in rollout_cfg.items():
+            setattr(r, k, v)
         sampling = dict(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=max_tokens,
                         seeds=seeds)
+        w.sync_weights()  # as in the flow: the update's sync comes right before the next rollout
         ro.wake_up, ro.sleep, llm.generate = timed("wake", orig_wake), timed("sleep", orig_sleep), timed("llm_generate", orig_gen)
         vllm.SamplingParams = sp_ignore_eos
         try:
@@ -137,6 +143,8 @@ def bench_rollout(w, a, cfg) -> dict:
         finally:
             vllm.SamplingParams = orig_sp
             del ro.wake_up, ro.sleep, llm.generate
+            for k, v in saved.items():
+                setattr(r, k, v)
         toks = sum(len(o["response_ids"]) for o in out)
         rest = dt - sum(pieces.values())
         return dict(seconds=dt, tokens=toks, tok_s=toks / dt, samples=len(out),
@@ -157,9 +165,10 @@ def bench_rollout(w, a, cfg) -> dict:
         toks = sum(len(c.token_ids) for o in outs for c in o.outputs)
         return dict(seconds=dt, tokens=toks, tok_s=toks / dt, samples=sum(len(o.outputs) for o in outs))
 
-    variants = {"bare": lambda m: bare(m), "ours": ours, "bare_seeded": lambda m: bare(m, seeded=True),
-                "bare_seeded_logprobs": lambda m: bare(m, seeded=True, logprobs=0),
-                "ours_flat_logprobs": lambda m: ours(m, flat=True)}
+    variants = {"bare": lambda m: bare(m), "ours": lambda m: ours(m),
+                "ours_batch_seed": lambda m: ours(m, seed_per_prompt=False),
+                "ours_logprobs": lambda m: ours(m, calculate_log_probs=True),
+                "bare_seeded": lambda m: bare(m, seeded=True)}
     res = {"prompts": len(prompts), "n": r.n, "max_tokens": a.max_tokens, "temperature": r.temperature,
            "top_p": r.top_p, "top_k": r.top_k, "prompt_tokens_mean": float(np.mean([len(p) for p in prompts])),
            "lora": lora is not None, "enforce_eager": r.enforce_eager, "gpu_memory_utilization": r.gpu_memory_utilization,
@@ -175,7 +184,7 @@ def bench_rollout(w, a, cfg) -> dict:
         variants[name](min(16, a.max_tokens))
     res["warmup_s"] = time.perf_counter() - t
     for i in range(a.rounds):
-        names = list(variants) if i < a.attrib_rounds else ["bare", "ours"]
+        names = list(variants) if i < a.attrib_rounds else ["bare", "ours", "ours_batch_seed"]
         row = {}
         for name in names:
             row[name] = variants[name](a.max_tokens)
@@ -189,6 +198,7 @@ def bench_rollout(w, a, cfg) -> dict:
     res["tok_s"] = tot
     res["ratio_ours_vs_bare"] = tot["ours"] / tot["bare"]
     res["ratio_per_round"] = [rw["ours"]["tok_s"] / rw["bare"]["tok_s"] for rw in res["rounds"]]
+    res["ratios_vs_bare"] = {k: v / tot["bare"] for k, v in tot.items()}
     return res
 
 
@@ -235,34 +245,42 @@ def bench_sync(w, a, cfg) -> dict:
     else:
         uniq = {t.data_ptr(): t.numel() for t in tr.model.state_dict().values()}  # tied embeddings once
         res["state_bytes_bf16"] = sum(uniq.values()) * 2
-        for i in range(a.sync_reps):
-            ro.wake_up()
-            _sync()
-            t = time.perf_counter()
-            ro.sleep()  # what the end of each generate does: weights to host, KV cache dropped
-            _sync()
-            sleep_s = time.perf_counter() - t
-            sync_s = w.sync_weights()  # wake weights + reload (= timing_s/update_weights in the flow)
-            rep = dict(sleep_offload_s=sleep_s, sync_s=sync_s)
-            # the same, split: wake weights (host -> GPU copy) vs reload of the trainer's tensors
-            ro.wake_up()
-            ro.sleep()
-            _sync()
-            t = time.perf_counter()
-            ro.wake_up(("weights",))
-            _sync()
-            rep["wake_weights_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            ro.load_weights(tr.full_state_for_rollout())
-            _sync()
-            rep["reload_s"] = time.perf_counter() - t
-            res["reps"].append(rep)
-            print(f"[sync] full rep {i}: {rep}", flush=True)
-        res["GB_per_s_reload"] = [res["state_bytes_bf16"] / r["reload_s"] / 1e9 for r in res["reps"]]
+        refill = ro.refill
+        for level in (1, 2):
+            ro.refill = refill if level == 2 else None  # None: sleep keeps the weights (level 1)
+            for i in range(a.sync_reps):
+                ro.wake_up()
+                _sync()
+                t = time.perf_counter()
+                ro.sleep()  # what the end of each generate does
+                _sync()
+                sleep_s = time.perf_counter() - t
+                sync_s = w.sync_weights()  # wake weights + reload (= timing_s/update_weights in the flow)
+                rep = dict(level=level, sleep_s=sleep_s, sync_s=sync_s)
+                if level == 1:  # the same, split: wake weights (host -> GPU copy) vs reload
+                    ro.wake_up()
+                    ro.sleep()
+                    _sync()
+                    t = time.perf_counter()
+                    ro.wake_up(("weights",))
+                    _sync()
+                    rep["wake_weights_s"] = time.perf_counter() - t
+                    t = time.perf_counter()
+                    ro.load_weights(tr.full_state_for_rollout())
+                    _sync()
+                    rep["reload_s"] = time.perf_counter() - t
+                res["reps"].append(rep)
+                print(f"[sync] full rep {i}: {rep}", flush=True)
+        ro.refill = refill
+        for level in (1, 2):
+            vals = [r["sync_s"] for r in res["reps"] if r["level"] == level][1:]
+            res[f"sync_s_median_level{level}"] = float(np.median(vals)) if vals else None
+        res["GB_per_s_reload"] = [res["state_bytes_bf16"] / r["reload_s"] / 1e9 for r in res["reps"] if "reload_s" in r]
     ro.wake_up()
     ro.sleep()  # fully asleep again, as during the trainer's work
     key = "total_s" if tr.is_lora else "sync_s"
-    vals = [r[key] for r in res["reps"][1:]] or [r[key] for r in res["reps"]]
+    reps = [r for r in res["reps"] if r.get("level", 2) == 2]  # full: the level the worker uses
+    vals = [r[key] for r in reps[1:]] or [r[key] for r in reps]
     res["sync_s_median_after_first"] = float(np.median(vals))
     return res
 

@@ -6,6 +6,10 @@
 #     benchmarks/gpu_suite.sh p1   # engines: rollout vs bare vLLM (0.5B), weight sync + trainer MFU (0.5B/1.5B/7B LoRA)
 #     benchmarks/gpu_suite.sh p2   # the flow: step breakdown + Prefect/MLflow overhead, 0.5B and 1.5B LoRA recipes
 #     benchmarks/gpu_suite.sh p3   # resume determinism (0.5B full), 7B rows not done yet, anything p1 left
+# After the rollout / sleep-level / fused-AdamW changes (one H200, so that 7B full fine-tuning fits):
+#     benchmarks/gpu_suite.sh p5   # CUDA parity tests; rollout variants + sync levels (0.5B full)
+#     benchmarks/gpu_suite.sh p6   # 7B full: sync levels + trainer; 1.5B full trainer
+#     benchmarks/gpu_suite.sh p7   # trainer rows 0.5B full/LoRA, 1.5B LoRA, 7B LoRA; trainer memory vs plan
 # Each item runs under `timeout`, within DEADLINE (epoch seconds; default now + 570 s); items
 # that do not fit are skipped and named. Results (JSON + logs) go to $BENCH_OUT/<part>
 # (default /root/bench) and, packed, to $OUT/<part>.tgz when $OUT is set.
@@ -108,6 +112,22 @@ p3)
   for spec in 0.5b:lora 1.5b:full 1.5b:lora; do
     done_eb "${spec%:*}" "${spec#*:}" train || eb "${spec%:*}" "${spec#*:}" sync,train 170 90
   done
+  ;;
+p5)
+  python3 benchmarks/build_models.py 0.5b 1.5b 7b --models-dir "$M" --gsm8k "$GSM8K_DIR" 2>&1 | grep "^\[model\]"
+  run parity 200 120 env GRPO_TEST_DEVICE=cuda python3 -m pytest -q -s -p no:cacheprovider tests/test_parity.py
+  eb 0.5b full rollout,sync 330 200 --rounds 3 --attrib-rounds 3
+  ;;
+p6)
+  eb 7b full sync,train 330 240 --train-reps 1 --micro 8 --gpu-mem-util 0.15
+  eb 1.5b full train 200 120
+  ;;
+p7)
+  eb 0.5b full train 110 80
+  eb 0.5b lora train 110 80
+  eb 1.5b lora train 130 90
+  eb 7b lora train 200 150 --train-reps 1
+  run trainer-memory 150 100 env OUT="$R" python3 benchmarks/trainer_memory.py 0 1 4
   ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac

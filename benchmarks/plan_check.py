@@ -23,9 +23,11 @@ def main(path: str = "benchmarks/results/gpu_memory.json") -> None:
     data = json.loads(Path(path).read_text())
     old_code = any("0755f97" in c for c in data["measured_code"])
     now = {k: getattr(P, k) for k in BEFORE_ROWWISE}
+    feats = dict(P.TRAINER_IMPLEMENTS)
     if old_code:
         for k, v in BEFORE_ROWWISE.items():
             setattr(P, k, v)
+        P.TRAINER_IMPLEMENTS["fused_adamw"] = False  # 0755f97's AdamW was foreach
     print(f"{'run':34s} {'kind':15s} {'predicted':>9s} {'measured':>9s} {'ratio':>6s}")
     ok = 0
     for row in data["rows"]:
@@ -36,6 +38,7 @@ def main(path: str = "benchmarks/results/gpu_memory.json") -> None:
         print(f"{row['result_file']:34s} {row['kind']:15s} {pred:9.2f} {meas:9.2f} {pred / meas:6.3f}")
     for k, v in now.items():
         setattr(P, k, v)
+    P.TRAINER_IMPLEMENTS.update(feats)
     print(f"{ok}/{len(data['rows'])} within ±15% (code measured: {', '.join(data['measured_code'])})")
 
 

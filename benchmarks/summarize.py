@@ -86,9 +86,7 @@ def main() -> None:
         for i, rnd in enumerate(r["rounds"]):
             o = rnd["ours"]
             print(f"   round {i}: ours {o['seconds']:.2f} s = " + ", ".join(f"{k} {v:.3f}" for k, v in o["pieces_s"].items())
-                  + "; " + ", ".join(f"{k} {v['seconds']:.2f} s" for k, v in rnd.items() if k != "ours")
-                  + ("; ours_flat pieces " + ", ".join(f"{k} {v:.3f}" for k, v in rnd["ours_flat_logprobs"]["pieces_s"].items())
-                     if "ours_flat_logprobs" in rnd else ""))
+                  + "; " + ", ".join(f"{k} {v['seconds']:.2f} s" for k, v in rnd.items() if k != "ours"))
 
     def sync(pth, d):
         s = d.get("sync")
@@ -96,11 +94,13 @@ def main() -> None:
             return
         reps = s["reps"]
         if s["mode"] == "full":
-            print(f"{d['arch']} full: sync(wake+reload) " + " ".join(f(r['sync_s']) for r in reps)
-                  + " | wake " + " ".join(f(r['wake_weights_s']) for r in reps)
-                  + " | reload " + " ".join(f(r['reload_s']) for r in reps)
-                  + " | sleep(offload) " + " ".join(f(r['sleep_offload_s']) for r in reps)
-                  + f" | {s['state_bytes_bf16'] / 1e9:.2f} GB bf16")
+            for lv in sorted({r.get("level", 1) for r in reps}):
+                rs = [r for r in reps if r.get("level", 1) == lv]
+                split = "".join(f" | {k} " + " ".join(f(r[k]) for r in rs) for k in ("wake_weights_s", "reload_s")
+                                if all(k in r for r in rs))
+                print(f"{d['arch']} full, sleep level {lv}: sync " + " ".join(f(r['sync_s']) for r in rs) + split
+                      + " | sleep " + " ".join(f(r.get('sleep_s', r.get('sleep_offload_s'))) for r in rs)
+                      + f" | {s['state_bytes_bf16'] / 1e9:.2f} GB bf16")
         else:
             print(f"{d['arch']} lora: save " + " ".join(f(r['save_adapter_s']) for r in reps)
                   + " | vllm load " + " ".join(f(r['vllm_adapter_load_s']) for r in reps)

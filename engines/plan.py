@@ -27,8 +27,8 @@ from configs.schema import GRPOConfig
 GIB = 2**30
 
 # What engines/trainer.py does today with the knobs the schema has. Flip an entry when the trainer
-# implements it (FSDP2 sharding and offload are in progress); `--as-configured` sets all to True.
-TRAINER_IMPLEMENTS = {"fsdp_shard": False, "param_offload": False, "optimizer_offload": False,
+# implements it (offload is not built yet); `--as-configured` sets all to True.
+TRAINER_IMPLEMENTS = {"fsdp_shard": True, "fused_adamw": True, "param_offload": False, "optimizer_offload": False,
                       "dynamic_bsz": False, "empty_cache_between_phases": False}
 
 ASSUMED_MFU = 0.40
@@ -277,7 +277,8 @@ def _memory(cfg: GRPOConfig, s: Shape, g: GPU, feats: dict, b: int) -> dict[str,
     c, row = LOGIT_BYTES_TRAIN, ROW_BYTES * (resp + 1) * s.vocab
     lg = add("logits (fwd+bwd) + one row's fp32", "train", c * el + row,
              f"{b} x {resp + 1} x vocab {s.vocab} x {c} B + {ROW_BYTES} B x one row")
-    tmp = add("optimizer step temporary", "train", 4 * P_train / shard, "foreach AdamW sqrt(exp_avg_sq)")
+    tmp = add("optimizer step temporary", "train", 0 if feats["fused_adamw"] else 4 * P_train / shard,
+              "none: fused AdamW" if feats["fused_adamw"] else "foreach AdamW sqrt(exp_avg_sq)")
 
     in_update = resident - (ref if off_p else 0)  # offload between uses: the ref leaves during the update
     # zero_grad(set_to_none) opens each update: while the logits peak, only lm_head's grad exists.

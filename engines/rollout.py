@@ -1,13 +1,17 @@
 """vLLM rollout engine, colocated with the trainer in the same worker process.
 
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that new weights can be pushed
-from the trainer's tensors without a copy through another process. It sleeps (frees its KV cache
-and offloads weights) while the trainer works, on platforms that support it (CUDA).
+from the trainer's tensors without a copy through another process. It sleeps while the trainer
+works, on platforms that support it (CUDA): the KV cache is freed, and the weights are offloaded
+to host memory (LoRA: the base must survive) or, for full fine-tuning, dropped (level 2) and
+refilled from the trainer before the next generate, which saves a device-host round trip of
+weights the next sync would overwrite anyway.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from typing import Iterable
 
 import torch
@@ -52,33 +56,42 @@ class VLLMRollout:
             kwargs.update(enable_lora=True, max_lora_rank=_vllm_lora_rank(cfg.model.lora_rank), max_loras=1)
         self.llm = LLM(**kwargs)
         self._asleep: set[str] = set()
+        # Full fine-tuning: where the weights come from after a level-2 sleep dropped them (set by
+        # the worker to the trainer's full_state_for_rollout). None: sleep keeps them (level 1).
+        self.refill = None
+        self._stale = False
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
                  top_k: int, max_tokens: int, seeds: list[int]) -> list[dict]:
-        """n samples per prompt: token ids, text, sampling log-probs, finish reason.
-
-        Each prompt carries its own seed, so a retried or resumed rollout draws the same samples.
+        """n samples per prompt: token ids, text, finish reason (and sampling log-probs if
+        rollout.calculate_log_probs). A retried or resumed rollout draws the same samples: each
+        prompt has its own seed (rollout.seed_per_prompt), or the call reseeds the sampler.
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        r = self.cfg.rollout
         self.wake_up()
         greedy = temperature == 0.0
         # flat_logprobs: vLLM keeps each request's log-probs in a few flat lists instead of one
         # dict + Logprob object per generated token (benchmarks/BENCHMARKS.md, rollout row).
-        params = [SamplingParams(n=n, temperature=temperature, top_p=1.0 if greedy else top_p,
-                                 top_k=-1 if greedy else top_k, max_tokens=max_tokens, logprobs=0,
-                                 seed=s, flat_logprobs=True) for s in seeds]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                                 lora_request=self._lora_request(), use_tqdm=False)
+        common = dict(n=n, temperature=temperature, top_p=1.0 if greedy else top_p,
+                      top_k=-1 if greedy else top_k, max_tokens=max_tokens,
+                      logprobs=0 if r.calculate_log_probs else None, flat_logprobs=True)
+        if r.seed_per_prompt:
+            params = [SamplingParams(**common, seed=s) for s in seeds]
+        else:
+            params = SamplingParams(**common)
+        with _sampler_seed(None if r.seed_per_prompt else _batch_seed(seeds)):
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                     lora_request=self._lora_request(), use_tqdm=False)
         results = []
         for i, out in enumerate(outs):
             for j, c in enumerate(out.outputs):
                 ids = list(c.token_ids)
-                lps = _sampled_logprobs(c.logprobs, ids)
                 results.append({"prompt_index": i, "sample_index": j, "response_ids": ids,
-                                "response_text": c.text, "rollout_log_probs": lps,
+                                "response_text": c.text, "rollout_log_probs": _sampled_logprobs(c.logprobs, ids),
                                 "finish_reason": c.finish_reason or "length"})
         self.sleep()
         return results
@@ -86,19 +99,26 @@ class VLLMRollout:
     # ---- memory -----------------------------------------------------------------------------
     def sleep(self) -> None:
         if self.sleep_mode and not self._asleep:
-            self.llm.sleep(level=1)  # level 1: weights to host memory, KV cache dropped
+            # level 1: weights to host memory, KV cache dropped; level 2: both dropped.
+            self.llm.sleep(level=2 if self.refill is not None else 1)
             self._asleep = {"weights", "kv_cache"}
+            self._stale = self.refill is not None
 
     def wake_up(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
-        """Wake only what sleeps: waking weights twice would restore the stale host copy."""
+        """Wake only what sleeps: waking weights twice would restore the stale host copy. Weights
+        a level-2 sleep dropped come back from the trainer before anything reads them."""
         todo = [t for t in tags if t in self._asleep]
         if todo:
             self.llm.wake_up(tags=todo)
             self._asleep -= set(todo)
+        if self._stale and "weights" not in self._asleep:
+            self._stale = False
+            self.load_weights(self.refill())
 
     # ---- weights in ---------------------------------------------------------------------------
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Overwrite the engine's weights in place with the trainer's (full fine-tuning)."""
+        self._stale = False  # these weights replace whatever sleep dropped
         self.wake_up(("weights",))  # new weights go in before the KV cache comes back
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         self.llm.reset_prefix_cache()
@@ -117,6 +137,24 @@ class VLLMRollout:
 
         return LoRARequest(lora_name=f"policy_v{self.lora_version}", lora_int_id=self.lora_version,
                            lora_path=self._lora_path)
+
+
+def _batch_seed(seeds: list[int]) -> int:
+    """One seed for a whole call, from its prompts' seeds (so it is as reproducible as they are)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([s & 0xFFFFFFFF for s in seeds] or [0]).generate_state(1)[0])
+
+
+@contextmanager
+def _sampler_seed(seed: int | None):
+    """For one call: seed the global generators vLLM samples unseeded requests from (if seed is
+    given), and leave the trainer's RNG stream (saved in checkpoints) as it was either way."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 
 def _sampled_logprobs(lp, ids: list[int]) -> list[float]:

@@ -119,7 +119,10 @@ class ActorTrainer:
             self.ref = self._shard(ref.eval().requires_grad_(False))
         params = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapter only
         a = cfg.actor
-        self.optimizer = torch.optim.AdamW(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
+        # CUDA: the fused kernel, one pass and no temporaries (foreach AdamW materialises a copy of
+        # every moment, 4 B/param: the 7B full fine-tune's OOM on one H200). CPU keeps foreach.
+        self.optimizer = torch.optim.AdamW(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay,
+                                           fused=self.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda())
         self.bad_steps = 0
 

@@ -46,6 +46,8 @@ class GRPOWorker:
         self.trainer = ActorTrainer(self.cfg, model_dir, "cuda" if device == "cuda" else "cpu")
         # vLLM first reserves its share of memory, then sleeps while the trainer works.
         self.rollout = VLLMRollout(self.cfg, model_dir, device)
+        if not self.trainer.is_lora:  # full fine-tuning: the trainer holds every weight vLLM needs
+            self.rollout.refill = self.trainer.full_state_for_rollout
         self.rollout.sleep()
 
     def ready(self) -> dict:
