@@ -7,9 +7,8 @@ each Ray worker holds them) on a random-init Qwen2 of the given shape, then meas
            the config asks, generate, post-process, sleep; started, as in the flow, right after
            a weight sync) against bare vLLM `LLM.generate` on the same LLM object, same prompts,
            same n / temperature / max_tokens, ignore_eos=True for both, alternated in the same
-           process. Variants of ours: the defaults (per-prompt seeds, no log-probs), one seed per
-           call (rollout.seed_per_prompt=false), and with log-probs (the stage before this change);
-           of bare: + per-prompt seeds.
+           process. Variants: ours with log-probs (rollout.calculate_log_probs, the default before
+           688dc48), and bare + per-prompt seeds.
   sync     weight sync trainer -> vLLM: full = worker.sync_weights() (wake weights + reload_weights
            of trainer.full_state_for_rollout()) after the sleep that ends each generate, for both
            sleep levels (1: weights offloaded to host and copied back on wake; 2: dropped, as the
@@ -166,7 +165,6 @@ def bench_rollout(w, a, cfg) -> dict:
         return dict(seconds=dt, tokens=toks, tok_s=toks / dt, samples=sum(len(o.outputs) for o in outs))
 
     variants = {"bare": lambda m: bare(m), "ours": lambda m: ours(m),
-                "ours_batch_seed": lambda m: ours(m, seed_per_prompt=False),
                 "ours_logprobs": lambda m: ours(m, calculate_log_probs=True),
                 "bare_seeded": lambda m: bare(m, seeded=True)}
     res = {"prompts": len(prompts), "n": r.n, "max_tokens": a.max_tokens, "temperature": r.temperature,
@@ -184,7 +182,7 @@ def bench_rollout(w, a, cfg) -> dict:
         variants[name](min(16, a.max_tokens))
     res["warmup_s"] = time.perf_counter() - t
     for i in range(a.rounds):
-        names = list(variants) if i < a.attrib_rounds else ["bare", "ours", "ours_batch_seed"]
+        names = list(variants) if i < a.attrib_rounds else ["bare", "ours"]
         row = {}
         for name in names:
             row[name] = variants[name](a.max_tokens)

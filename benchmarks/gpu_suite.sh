@@ -7,9 +7,9 @@
 #     benchmarks/gpu_suite.sh p2   # the flow: step breakdown + Prefect/MLflow overhead, 0.5B and 1.5B LoRA recipes
 #     benchmarks/gpu_suite.sh p3   # resume determinism (0.5B full), 7B rows not done yet, anything p1 left
 # After the rollout / sleep-level / fused-AdamW changes (one H200, so that 7B full fine-tuning fits):
-#     benchmarks/gpu_suite.sh p5   # CUDA parity tests; rollout variants + sync levels (0.5B full)
-#     benchmarks/gpu_suite.sh p6   # 7B full: sync levels + trainer; 1.5B full trainer
-#     benchmarks/gpu_suite.sh p7   # trainer rows 0.5B full/LoRA, 1.5B LoRA, 7B LoRA; trainer memory vs plan
+#     benchmarks/gpu_suite.sh p5   # rollout variants vs bare vLLM (0.5B full)
+#     benchmarks/gpu_suite.sh p6   # 7B full: sync at both sleep levels + trainer; 0.5B sync levels
+#     benchmarks/gpu_suite.sh p7   # CUDA parity tests; trainer rows; trainer memory vs plan
 # Each item runs under `timeout`, within DEADLINE (epoch seconds; default now + 570 s); items
 # that do not fit are skipped and named. Results (JSON + logs) go to $BENCH_OUT/<part>
 # (default /root/bench) and, packed, to $OUT/<part>.tgz when $OUT is set.
@@ -115,19 +115,23 @@ p3)
   ;;
 p5)
   python3 benchmarks/build_models.py 0.5b 1.5b 7b --models-dir "$M" --gsm8k "$GSM8K_DIR" 2>&1 | grep "^\[model\]"
-  run parity 200 120 env GRPO_TEST_DEVICE=cuda python3 -m pytest -q -s -p no:cacheprovider tests/test_parity.py
   eb 0.5b full rollout,sync 330 200 --rounds 3 --attrib-rounds 3
   ;;
 p6)
   eb 7b full sync,train 330 240 --train-reps 1 --micro 8 --gpu-mem-util 0.15
-  eb 1.5b full train 200 120
+  eb 0.5b full sync 100 60
   ;;
 p7)
-  eb 0.5b full train 110 80
-  eb 0.5b lora train 110 80
-  eb 1.5b lora train 130 90
-  eb 7b lora train 200 150 --train-reps 1
-  run trainer-memory 150 100 env OUT="$R" python3 benchmarks/trainer_memory.py 0 1 4
+  # the snapshot's tests when there is one (benchmarks/snapshot.sh tests/conftest.py tests/test_parity.py);
+  # one process per test: vLLM's sleep-mode allocator allows one engine per process
+  run parity 200 120 bash -c "cd ${BENCH_SRC:-.} && for t in 'full' 'lora' 'sampling_seeds'; do
+    GRPO_TEST_DEVICE=cuda python3 -m pytest -q -s -p no:cacheprovider tests/test_parity.py -k \$t || exit 1; done"
+  eb 1.5b full train 150 100
+  eb 7b lora train 170 140 --train-reps 1
+  run trainer-memory 100 80 env OUT="$R" python3 benchmarks/trainer_memory.py 0 1 4
+  eb 0.5b full train 90 70
+  eb 0.5b lora train 90 70
+  eb 1.5b lora train 110 80
   ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac

@@ -68,13 +68,8 @@ class RolloutConfig(_Section):
     weights offloaded (LoRA) or dropped and refilled from the trainer (full fine-tuning)."""
     calculate_log_probs: bool = False
     """Return vLLM's log-prob of each sampled token, for the `training/rollout_probs_diff_*` check
-    of weight sync. The trainer recomputes old_log_prob, so this is a diagnostic only; it cost ~28%
-    of generation time on an H100 (benchmarks/BENCHMARKS.md, section 1)."""
-    seed_per_prompt: bool = True
-    """Each prompt samples from its own seeded generator, so its samples depend neither on the
-    batch around it nor on how prompts split over engines. False: one seed per engine call:
-    still the same samples on a retry or resume at the same world size, and faster on GPU, where
-    vLLM runs one random-number kernel per seeded request per token (~15%, BENCHMARKS.md)."""
+    of weight sync. The trainer recomputes old_log_prob, so this is a diagnostic only (its cost:
+    benchmarks/BENCHMARKS.md, section 1)."""
     max_num_seqs: int = Field(256, ge=1)
     max_model_len: int | None = None
     """None: max_prompt_length + max_response_length."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from contextlib import contextmanager
 from typing import Iterable
 
 import torch
@@ -59,14 +58,16 @@ class VLLMRollout:
         # Full fine-tuning: where the weights come from after a level-2 sleep dropped them (set by
         # the worker to the trainer's full_state_for_rollout). None: sleep keeps them (level 1).
         self.refill = None
-        self._stale = False
+        self._stale = None  # the refill a level-2 sleep left owing, until weights come back
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
                  top_k: int, max_tokens: int, seeds: list[int]) -> list[dict]:
         """n samples per prompt: token ids, text, finish reason (and sampling log-probs if
-        rollout.calculate_log_probs). A retried or resumed rollout draws the same samples: each
-        prompt has its own seed (rollout.seed_per_prompt), or the call reseeds the sampler.
+        rollout.calculate_log_probs).
+
+        Each prompt carries its own seed, so a retried or resumed rollout draws the same samples,
+        whatever the batch around it or the number of engines.
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -79,11 +80,10 @@ class VLLMRollout:
         common = dict(n=n, temperature=temperature, top_p=1.0 if greedy else top_p,
                       top_k=-1 if greedy else top_k, max_tokens=max_tokens,
                       logprobs=0 if r.calculate_log_probs else None, flat_logprobs=True)
-        if r.seed_per_prompt:
-            params = [SamplingParams(**common, seed=s) for s in seeds]
-        else:
-            params = SamplingParams(**common)
-        with _sampler_seed(None if r.seed_per_prompt else _batch_seed(seeds)):
+        params = [SamplingParams(**common, seed=s) for s in seeds]
+        # vLLM draws from the global generators too (CPU); the trainer's stream, saved in
+        # checkpoints, must not depend on how much was generated.
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                                      lora_request=self._lora_request(), use_tqdm=False)
         results = []
@@ -102,7 +102,7 @@ class VLLMRollout:
             # level 1: weights to host memory, KV cache dropped; level 2: both dropped.
             self.llm.sleep(level=2 if self.refill is not None else 1)
             self._asleep = {"weights", "kv_cache"}
-            self._stale = self.refill is not None
+            self._stale = self.refill
 
     def wake_up(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
         """Wake only what sleeps: waking weights twice would restore the stale host copy. Weights
@@ -111,14 +111,14 @@ class VLLMRollout:
         if todo:
             self.llm.wake_up(tags=todo)
             self._asleep -= set(todo)
-        if self._stale and "weights" not in self._asleep:
-            self._stale = False
-            self.load_weights(self.refill())
+        if self._stale is not None and "weights" not in self._asleep:
+            refill, self._stale = self._stale, None
+            self.load_weights(refill())
 
     # ---- weights in ---------------------------------------------------------------------------
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Overwrite the engine's weights in place with the trainer's (full fine-tuning)."""
-        self._stale = False  # these weights replace whatever sleep dropped
+        self._stale = None  # these weights replace whatever sleep dropped
         self.wake_up(("weights",))  # new weights go in before the KV cache comes back
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         self.llm.reset_prefix_cache()
@@ -137,24 +137,6 @@ class VLLMRollout:
 
         return LoRARequest(lora_name=f"policy_v{self.lora_version}", lora_int_id=self.lora_version,
                            lora_path=self._lora_path)
-
-
-def _batch_seed(seeds: list[int]) -> int:
-    """One seed for a whole call, from its prompts' seeds (so it is as reproducible as they are)."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([s & 0xFFFFFFFF for s in seeds] or [0]).generate_state(1)[0])
-
-
-@contextmanager
-def _sampler_seed(seed: int | None):
-    """For one call: seed the global generators vLLM samples unseeded requests from (if seed is
-    given), and leave the trainer's RNG stream (saved in checkpoints) as it was either way."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        if seed is not None:
-            torch.manual_seed(seed)
-        yield
 
 
 def _sampled_logprobs(lp, ids: list[int]) -> list[float]:
