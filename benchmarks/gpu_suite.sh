@@ -10,6 +10,7 @@
 #     benchmarks/gpu_suite.sh p5   # rollout variants vs bare vLLM (0.5B full)
 #     benchmarks/gpu_suite.sh p6   # 7B full: sync at both sleep levels + trainer; 0.5B sync levels
 #     benchmarks/gpu_suite.sh p7   # CUDA parity tests; trainer rows; trainer memory vs plan
+#     benchmarks/gpu_suite.sh p10  # CUDA offload + parity tests; update speed vs micro-batch size
 # Each item runs under `timeout`, within DEADLINE (epoch seconds; default now + 570 s); items
 # that do not fit are skipped and named. Results (JSON + logs) go to $BENCH_OUT/<part>
 # (default /root/bench) and, packed, to $OUT/<part>.tgz when $OUT is set.
@@ -132,6 +133,16 @@ p7)
   eb 0.5b full train 90 70
   eb 0.5b lora train 90 70
   eb 1.5b lora train 110 80
+  ;;
+p10)
+  # offload (CUDA only) and the parity tests it relies on, one process each
+  run cuda-tests 260 150 bash -c "cd ${BENCH_SRC:-.} && for t in 'test_offload.py' 'test_parity.py -k full' 'test_parity.py -k lora'; do
+    GRPO_TEST_DEVICE=cuda python3 -m pytest -q -s -p no:cacheprovider tests/\$t || exit 1; done"
+  # update speed against micro-batch size at the 0.5B LoRA recipe's batch (116 x 5 samples)
+  for mb in 20 116; do
+    run "micro-$mb" 130 90 python3 benchmarks/engine_bench.py --arch 0.5b --mode lora --parts train --models-dir "$M" \
+      --gsm8k "$GSM8K_DIR" --samples 580 --micro $mb --train-reps 1 --out "$R/engine-0.5b-lora-micro$mb.json"
+  done
   ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac

@@ -28,6 +28,8 @@ def check(path: str) -> tuple[int, int]:
         for k, v in BEFORE_ROWWISE.items():
             setattr(P, k, v)
         P.TRAINER_IMPLEMENTS["fused_adamw"] = False  # 0755f97's AdamW was foreach
+    # Both files were measured before the trainer offloaded anything (engines/offload.py).
+    P.TRAINER_IMPLEMENTS.update(param_offload=False, optimizer_offload=False)
     ok = 0
     try:
         for row in data["rows"]:

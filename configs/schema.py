@@ -95,7 +95,11 @@ class ActorConfig(_Section):
     ppo_micro_batch_size_per_gpu: int = Field(4, ge=1)
     """Samples per forward/backward on one GPU; gradients accumulate over micro-batches."""
     use_dynamic_bsz: bool = False
+    """Cut micro-batches (training and log-prob passes) by tokens, not by count: the
+    ppo_max_token_len_per_gpu budget, samples of similar length together; ignores ppo_micro_batch_size_per_gpu."""
     ppo_max_token_len_per_gpu: int = Field(16384, ge=1)
+    """use_dynamic_bsz: most tokens in one micro-batch on one GPU, counted as laid out with padding:
+    rows x (longest prompt + longest response). One whole sample must fit."""
     ppo_epochs: int = Field(1, ge=1)
     clip_ratio_low: float = Field(0.2, ge=0.0)
     clip_ratio_high: float = Field(0.2, ge=0.0)
@@ -197,6 +201,12 @@ class GRPOConfig(_Section):
             raise ValueError(
                 f"samples per GPU per mini-batch ({per_gpu} = ppo_mini_batch_size*n/world_size) must be "
                 f"a multiple of actor.ppo_micro_batch_size_per_gpu={a.ppo_micro_batch_size_per_gpu}")
+        longest = self.data.max_prompt_length + self.rollout.max_response_length
+        if a.use_dynamic_bsz and a.ppo_max_token_len_per_gpu < longest:
+            raise ValueError(
+                f"actor.ppo_max_token_len_per_gpu={a.ppo_max_token_len_per_gpu} must be at least "
+                f"data.max_prompt_length+rollout.max_response_length={longest} (one whole sample) "
+                f"with actor.use_dynamic_bsz")
         if ws % self.rollout.tensor_model_parallel_size:
             raise ValueError(
                 f"rollout.tensor_model_parallel_size={self.rollout.tensor_model_parallel_size} must "

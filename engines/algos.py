@@ -302,8 +302,11 @@ def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0,
 
     grad = torch.is_grad_enabled() and logits.requires_grad
     parts = []
-    for i in range(logits.shape[0]):
-        args = (logits[i:i + 1], labels[i:i + 1], temperature, with_entropy)
+    # split, not logits[i:i+1]: a slice's backward writes its row into a zero tensor of the whole
+    # [B, T, V] and adds that up, B times per micro-batch (quadratic in B; 1.5x slower updates at
+    # micro-batch 116, BENCHMARKS.md); split's backward concatenates the rows' gradients once.
+    for i, row in enumerate(logits.split(1)):
+        args = (row, labels[i:i + 1], temperature, with_entropy)
         parts.append(checkpoint(_row_logprobs, *args, use_reentrant=False) if grad else _row_logprobs(*args))
     if not parts:
         empty = logits.new_empty(logits.shape[:-1], dtype=torch.float32)

@@ -27,9 +27,9 @@ from configs.schema import GRPOConfig
 GIB = 2**30
 
 # What engines/trainer.py does today with the knobs the schema has. Flip an entry when the trainer
-# implements it (offload is not built yet); `--as-configured` sets all to True.
-TRAINER_IMPLEMENTS = {"fsdp_shard": True, "fused_adamw": True, "param_offload": False, "optimizer_offload": False,
-                      "dynamic_bsz": False, "empty_cache_between_phases": False}
+# implements it; `--as-configured` sets all to True.
+TRAINER_IMPLEMENTS = {"fsdp_shard": True, "fused_adamw": True, "param_offload": True, "optimizer_offload": True,
+                      "dynamic_bsz": True, "empty_cache_between_phases": False}
 
 ASSUMED_MFU = 0.40
 """Share of dense bf16 peak a training/prefill matmul pass reaches (stated, not measured)."""
@@ -304,12 +304,14 @@ def _memory(cfg: GRPOConfig, s: Shape, g: GPU, feats: dict, b: int) -> dict[str,
     add("vLLM activations + CUDA graphs", "rollout", other, f"profiled at {max_tok} tokens")
     add("vLLM KV cache", "rollout", max(kv, 0), f"rest of util {r.gpu_memory_utilization} x {g.mem_gib:.1f} GiB")
 
-    if feats["empty_cache_between_phases"]:
+    if feats["empty_cache_between_phases"] or offloaded:  # engines/offload.py empties the cache
         rollout_phase = resident - offloaded + budget
         train_phase = trainer_peak + VLLM_NON_TORCH_GIB * GIB  # level-1 sleep: weights to host, KV freed
     else:  # the trainer's cached blocks stay reserved when vLLM wakes: both share the GPU
         rollout_phase, train_phase = resident + budget, trainer_peak + budget
     peak = max(rollout_phase, train_phase)
+    # vLLM starts after the trainer loads (and offloads), before any gradient or AdamW state exists
+    at_init = resident - gr - opt - (w + lw + ref if off_p else 0)
     total = g.mem_gib * GIB
     return dict(items=items, shard=shard, n_params=P, n_trainable=P_train, seq_len=seq,
                 trainer_phases_gib=dict(update=upd / GIB, log_prob=logp / GIB, optimizer_step=step / GIB),
@@ -317,8 +319,8 @@ def _memory(cfg: GRPOConfig, s: Shape, g: GPU, feats: dict, b: int) -> dict[str,
                 vllm_budget_gib=budget / GIB, vllm_weights_gib=v_w / GIB, vllm_kv_gib=max(kv, 0) / GIB,
                 rollout_phase_gib=rollout_phase / GIB, train_phase_gib=train_phase / GIB, peak_gib=peak / GIB,
                 torch_max_allocated_gib=(trainer_peak + budget - other + v_act) / GIB,
-                vllm_init_ok=resident - gr - opt + budget <= total, vllm_kv_ok=kv > 0,
-                fits=peak <= total and kv > 0 and resident - gr - opt + budget <= total)
+                vllm_init_ok=at_init + budget <= total, vllm_kv_ok=kv > 0,
+                fits=peak <= total and kv > 0 and at_init + budget <= total)
 
 
 def largest_micro_batch(cfg: GRPOConfig, s: Shape, g: GPU, feats: dict, cap: int = 1 << 16) -> int:
@@ -380,7 +382,11 @@ def plan(cfg: GRPOConfig, gpu: str | None = None, *, as_configured: bool = False
     a = cfg.actor
     b = micro_batch or a.ppo_micro_batch_size_per_gpu
     if micro_batch is None and feats["dynamic_bsz"] and a.use_dynamic_bsz:
-        b = max(1, a.ppo_max_token_len_per_gpu // (cfg.data.max_prompt_length + cfg.rollout.max_response_length))
+        # The trainer's budget counts padded tokens, rows x (longest prompt + longest response)
+        # (engines/batching.py): at full-length samples, as planned here, that many rows (>= 1, the
+        # config checks). Shorter prompts let more rows in, so the response logits (rows x R x vocab)
+        # of a real micro-batch can exceed this plan's.
+        b = a.ppo_max_token_len_per_gpu // (cfg.data.max_prompt_length + cfg.rollout.max_response_length)
     mem = _memory(cfg, s, g, feats, b)
     return dict(recipe=cfg.recipe, mode="as-configured" if as_configured else "current trainer",
                 features=feats, gpu=asdict(g), gpu_source=gpu_src, shape=asdict(s), shape_source=shape_src,

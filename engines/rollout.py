@@ -106,14 +106,18 @@ class VLLMRollout:
 
     def wake_up(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
         """Wake only what sleeps: waking weights twice would restore the stale host copy. Weights
-        a level-2 sleep dropped come back from the trainer before anything reads them."""
+        a level-2 sleep dropped come back from the trainer before the KV cache does (the refill
+        may hold the trainer's offloaded weights on the GPU for a moment)."""
         todo = [t for t in tags if t in self._asleep]
+        if self._stale is not None and "weights" in todo:
+            self.llm.wake_up(tags=["weights"])
+            self._asleep.discard("weights")
+            todo.remove("weights")
+            refill, self._stale = self._stale, None
+            self.load_weights(refill())
         if todo:
             self.llm.wake_up(tags=todo)
             self._asleep -= set(todo)
-        if self._stale is not None and "weights" not in self._asleep:
-            refill, self._stale = self._stale, None
-            self.load_weights(refill())
 
     # ---- weights in ---------------------------------------------------------------------------
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -2,7 +2,9 @@
 
 One rank's worth of work. Samples arrive as token-id lists; we lay each micro-batch out as
 [left-padded prompt | right-padded response] so every response starts at the same column and
-only the response logits are materialised (`logits_to_keep`).
+only the response logits are materialised (`logits_to_keep`). Micro-batches hold
+ppo_micro_batch_size_per_gpu samples, or with actor.use_dynamic_bsz as many as a token budget
+allows (engines/batching.py).
 
 With cfg.world_size > 1 the model is sharded with FSDP2 (`fully_shard` per decoder layer and at
 the root) over a process group that `init_distributed` made; one rank runs unsharded, as before.
@@ -28,7 +30,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from configs.schema import GRPOConfig
-from engines import algos
+from engines import algos, batching
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Dense bf16 peak of the GPUs the recipes name (recipes.md), for perf/mfu/actor.
@@ -66,6 +68,10 @@ def minibatch_schedule(n: int, cfg: GRPOConfig, seed: int, rank: int = 0, world:
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor: gathered from every rank's shard (a collective) or as it is."""
     return t.full_tensor() if isinstance(t, DTensor) else t.detach()
+
+
+def _take(xs: list, idx: list[int]) -> list:
+    return [xs[i] for i in idx]
 
 
 def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> torch.Tensor:
@@ -147,13 +153,17 @@ class ActorTrainer:
         fully_shard(hf, mp_policy=mp)
         return model
 
-    def _sum(self, values: list[float]) -> list[float]:
-        """Sums over ranks (identity on one rank)."""
+    def _sum(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+        """Sums (or another all_reduce op) over ranks (identity on one rank)."""
         if self.world == 1:
             return values
         t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
         return t.tolist()
+
+    def _max(self, values: list[float]) -> list[float]:
+        """Maxima over ranks (identity on one rank)."""
+        return self._sum(values, op=dist.ReduceOp.MAX)
 
     # ---- schedule -------------------------------------------------------------------------
     def _lr_lambda(self):
@@ -188,25 +198,39 @@ class ActorTrainer:
                                          with_entropy)
         return logp, ent, r_mask.to(self.device, torch.float32)
 
-    def _micro_batches(self, n: int) -> Iterator[slice]:
-        mb = self.cfg.actor.ppo_micro_batch_size_per_gpu
-        for i in range(0, n, mb):
-            yield slice(i, min(i + mb, n))
+    def _micro_batches(self, prompts, responses) -> list[list[int]]:
+        """Sample indices of each forward: ppo_micro_batch_size_per_gpu at a time, in order; or,
+        with use_dynamic_bsz, groups within ppo_max_token_len_per_gpu padded tokens
+        (engines/batching.py). Sharded, every rank runs the count the neediest rank needs, since
+        each forward is a collective; a rank with fewer samples than that cannot (no empty forward)."""
+        a, n = self.cfg.actor, len(prompts)
+        if not a.use_dynamic_bsz:
+            return [list(range(i, min(i + a.ppo_micro_batch_size_per_gpu, n)))
+                    for i in range(0, n, a.ppo_micro_batch_size_per_gpu)]
+        shapes = [(len(p), len(r)) for p, r in zip(prompts, responses)]
+        need, minus_fewest = self._max([batching.count(shapes, a.ppo_max_token_len_per_gpu), -n])
+        k, fewest = int(need), int(-minus_fewest)
+        if k > fewest:  # the same verdict on every rank: all raise, none waits
+            raise ValueError(f"use_dynamic_bsz: a rank needs {k} micro-batches within actor.ppo_max_token_len_per_gpu="
+                             f"{a.ppo_max_token_len_per_gpu} but another has only {fewest} samples; "
+                             "give every rank the same number of samples")
+        return batching.micro_batches(shapes, a.ppo_max_token_len_per_gpu, k)
 
     @torch.no_grad()
     def compute_log_prob(self, prompts, responses, ref: bool = False) -> list[np.ndarray]:
         """Log-probs of each response under the current policy (old_log_prob) or the reference.
 
-        Sharded: every rank must pass the same number of samples (each forward is a collective)."""
+        Sharded: every rank must pass the same number of samples (each forward is a collective).
+        Returned in the order given, whatever the micro-batches' grouping."""
         self.model.eval()
-        out: list[np.ndarray] = []
+        out: list = [None] * len(prompts)
         ctx = self.model.disable_adapter() if (ref and self.is_lora) else nullcontext()
         model = self.ref if (ref and self.ref is not None) else self.model
         with ctx:
-            for s in self._micro_batches(len(prompts)):
-                logp, _, mask = self._forward(model, prompts[s], responses[s], with_entropy=False)
-                for row, m in zip(logp.cpu().numpy(), mask.cpu().numpy()):
-                    out.append(row[: int(m.sum())].astype(np.float32))
+            for g in self._micro_batches(prompts, responses):
+                logp, _, mask = self._forward(model, _take(prompts, g), _take(responses, g), with_entropy=False)
+                for i, row, m in zip(g, logp.cpu().numpy(), mask.cpu().numpy()):
+                    out[i] = row[: int(m.sum())].astype(np.float32)
         return out
 
     # ---- update -----------------------------------------------------------------------------
@@ -249,10 +273,10 @@ class ActorTrainer:
         agg = dict(loss_agg_mode=a.loss_agg_mode, **glob)
         self.optimizer.zero_grad(set_to_none=True)
         acc: dict[str, float] = {}
-        for s in self._micro_batches(len(idx)):
-            logp, ent, mask = self._forward(self.model, prompts[s], responses[s], with_entropy=True)
-            old_t = _pad_float(old[s], logp.shape[1], self.device)
-            out = algos.policy_loss(logp, old_t, adv[s], mask, clip_ratio_low=a.clip_ratio_low,
+        for g in self._micro_batches(prompts, responses):
+            logp, ent, mask = self._forward(self.model, _take(prompts, g), _take(responses, g), with_entropy=True)
+            old_t = _pad_float(_take(old, g), logp.shape[1], self.device)
+            out = algos.policy_loss(logp, old_t, adv[g], mask, clip_ratio_low=a.clip_ratio_low,
                                     clip_ratio_high=a.clip_ratio_high, clip_ratio_c=a.clip_ratio_c, **agg)
             entropy = algos.agg_loss(ent, mask, a.loss_agg_mode, **glob)
             loss = out["pg_loss"] - a.entropy_coeff * entropy
@@ -260,7 +284,7 @@ class ActorTrainer:
                      "actor/pg_clipfrac": out["pg_clipfrac"], "actor/ppo_kl": out["ppo_kl"],
                      "actor/pg_clipfrac_lower": out["pg_clipfrac_lower"]}
             if ref is not None:
-                kl = algos.kl_penalty(logp, _pad_float(ref[s], logp.shape[1], self.device), a.kl_loss_type)
+                kl = algos.kl_penalty(logp, _pad_float(_take(ref, g), logp.shape[1], self.device), a.kl_loss_type)
                 kl_loss = algos.agg_loss(kl, mask, a.loss_agg_mode, **glob)
                 loss = loss + a.kl_loss_coef * kl_loss
                 share["actor/kl_loss"] = kl_loss

@@ -37,6 +37,7 @@ class GRPOWorker:
             # Ray pins actors to one thread; the trainer and vLLM-CPU want their share of the
             # node's cores (vLLM-CPU freezes the thread count once it starts).
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.cfg.trainer.n_gpus_per_node))
+        from engines.offload import Offloader
         from engines.rollout import VLLMRollout
         from engines.trainer import ActorTrainer, init_distributed
 
@@ -44,10 +45,13 @@ class GRPOWorker:
             init_distributed(rank, world_size, master, device)
         torch.manual_seed(self.cfg.trainer.seed)  # the same on every rank: LoRA inits must agree
         self.trainer = ActorTrainer(self.cfg, model_dir, "cuda" if device == "cuda" else "cpu")
+        a = self.cfg.actor
+        self.offload = Offloader(self.trainer, a.param_offload, a.optimizer_offload)
+        self.offload.to_host()  # before vLLM sizes its share of the GPU
         # vLLM first reserves its share of memory, then sleeps while the trainer works.
         self.rollout = VLLMRollout(self.cfg, model_dir, device)
         if not self.trainer.is_lora:  # full fine-tuning: the trainer holds every weight vLLM needs
-            self.rollout.refill = self.trainer.full_state_for_rollout
+            self.rollout.refill = self._state_for_rollout
         self.rollout.sleep()
 
     def ready(self) -> dict:
@@ -57,30 +61,41 @@ class GRPOWorker:
                 "node": ray.get_runtime_context().get_node_id()}
 
     def generate(self, prompts: list[list[int]], sampling: dict) -> list[dict]:
+        self.offload.to_host()  # the trainer's idle state makes room for the KV cache
         return self.rollout.generate(prompts, **sampling)
 
     def compute_log_prob(self, prompts, responses, ref: bool = False) -> list[np.ndarray]:
+        self.offload.to_gpu()
         return self.trainer.compute_log_prob(prompts, responses, ref=ref)
 
     def update_actor(self, batch: dict, seed: int, steps: list | None = None) -> dict[str, float]:
+        self.offload.to_gpu(optimizer=True)
         return self.trainer.update(batch, seed, steps)
+
+    def _state_for_rollout(self):
+        """The trainer's weights for vLLM, one tensor at a time, fetched to the GPU if offloaded."""
+        with self.offload.borrowed():
+            yield from self.trainer.full_state_for_rollout()
 
     def sync_weights(self) -> float:
         """Push the trainer's new weights (or LoRA adapter) into vLLM; returns seconds taken."""
         t0 = time.perf_counter()
         if self.trainer.is_lora:
+            self.offload.to_gpu()
             self.rollout.load_adapter(self.trainer.save_adapter)
         else:
-            self.rollout.load_weights(self.trainer.full_state_for_rollout())
+            self.rollout.load_weights(self._state_for_rollout())
         if self.cfg.trainer.device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     def save_checkpoint(self, ckpt_dir: str) -> None:
         """Every rank gathers; rank 0 writes (ckpt_dir must be on a filesystem it shares with the controller)."""
+        self.offload.to_gpu(optimizer=True)
         self.trainer.save(ckpt_dir)
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
+        self.offload.to_gpu(optimizer=True)
         self.trainer.load(ckpt_dir)
         self.sync_weights()
 

@@ -63,6 +63,9 @@ def test_overrides_parse_yaml_scalars_and_nest():
     (["trainer.device=tpu"], "trainer.device"),
     (["data.train_batch_size=6"], "must be a multiple of actor.ppo_mini_batch_size=4"),
     (["actor.ppo_micro_batch_size_per_gpu=5"], "actor.ppo_micro_batch_size_per_gpu=5"),
+    (["actor.use_dynamic_bsz=true", "actor.ppo_max_token_len_per_gpu=100", "data.max_prompt_length=64",
+      "rollout.max_response_length=64"],
+     "actor.ppo_max_token_len_per_gpu=100 must be at least data.max_prompt_length+rollout.max_response_length=128"),
     (["actorlr"], "section.key=value"),
 ])
 def test_bad_config_names_the_key(overrides, needle):

@@ -6,6 +6,8 @@ without FSDP). Two processes (torch.multiprocessing, gloo) shard the same model 
 mini-batches each the gathered parameters must equal the one-rank run's. Responses have
 different lengths, so a per-rank loss normalisation (instead of the global token count) would
 be off by far more than the tolerance. Checkpoints written at one world size load at the other.
+With use_dynamic_bsz the micro-batches follow a token budget instead, and in some steps one
+rank needs two of them and the other one: both must run two (each forward is a collective).
 
 The e2e test (slow) runs `grpo run tiny-cpu trainer.n_gpus_per_node=2`: two Ray CPU actors, two
 vLLM engines, one MLflow run with the same metric keys as one rank.
@@ -32,6 +34,9 @@ OVERRIDES = ["rollout.n=2", "data.train_batch_size=4", "actor.ppo_mini_batch_siz
 # (Merely changing the micro-batch size or thread count of one rank moves weights by 3e-5.)
 # A wrong normalisation moves most weights by ~lr=1e-3, and the grad norm by far more than 1e-5.
 ATOL, MEAN_ATOL = 1e-5, 1e-8
+# With use_dynamic_bsz one rank groups a step's 4 samples otherwise than two ranks group 2 each:
+# other batch shapes, other summation order, as other micro-batch sizes (1e-4 in test_trainer.py).
+DYNAMIC_ATOL = 1e-4
 STEPS = 3
 
 
@@ -97,12 +102,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("extra", [[], ["model.lora_rank=8", "actor.loss_agg_mode=seq-mean-token-mean"]],
-                         ids=["full", "lora"])
+# Budget 30 padded tokens for samples of 5..19 (max_prompt_length 8 + max_response_length 11):
+# log-prob passes of 1, 1, 2, 2, 2 samples; one rank's 4 samples per step in 2 or 3 micro-batches.
+DYNAMIC = ["actor.use_dynamic_bsz=true", "actor.ppo_max_token_len_per_gpu=30", "data.max_prompt_length=8",
+           "rollout.max_response_length=11"]
+
+
+def _rank_needs(cfg, world: int) -> list[list[int]]:
+    """Micro-batches each rank's share of each optimizer step needs on its own."""
+    from engines import batching
+    from engines.trainer import minibatch_schedule
+
+    prompts, responses, _ = _batch()
+    shapes = [(len(p), len(r)) for p, r in zip(prompts, responses)]
+    b = cfg.actor.ppo_max_token_len_per_gpu
+    return [[batching.count([shapes[i] for i in share], b) for share in shares]
+            for step in range(STEPS)
+            for shares in zip(*(minibatch_schedule(len(prompts), cfg, step, r, world) for r in range(world)))]
+
+
+@pytest.mark.parametrize("extra", [[], ["model.lora_rank=8", "actor.loss_agg_mode=seq-mean-token-mean"], DYNAMIC],
+                         ids=["full", "lora", "dynamic_bsz"])
 def test_two_gloo_ranks_match_one_rank(model_dir, tmp_path, extra):
     from engines.trainer import ActorTrainer
 
     cfg = _cfg(1, extra)
+    if extra is DYNAMIC:  # the case under test: ranks that need different counts in one step
+        assert any(len(set(needs)) > 1 for needs in _rank_needs(_cfg(2, extra), 2))
     torch.manual_seed(0)
     one = ActorTrainer(cfg, model_dir, "cpu")
     before = _state(one)
@@ -124,7 +150,7 @@ def test_two_gloo_ranks_match_one_rank(model_dir, tmp_path, extra):
     assert moved > 1e-3, "training did not move the weights: the comparison would be empty"
     diff = torch.cat([(p1[k] - p2[k]).abs().flatten() for k in p1])
     print(f"|2 ranks - 1 rank|: max {diff.max():.2e} mean {diff.mean():.2e} (weights moved up to {moved:.2e})")
-    assert diff.max() <= ATOL and diff.mean() <= MEAN_ATOL
+    assert diff.max() <= (DYNAMIC_ATOL if extra is DYNAMIC else ATOL) and diff.mean() <= MEAN_ATOL
     for a, b in zip(m1, m2, strict=True):  # metrics are global: the ranks' shares summed
         for k in ("actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/ppo_kl", "actor/grad_norm"):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k

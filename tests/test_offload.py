@@ -1,0 +1,62 @@
+"""actor.param_offload / optimizer_offload: the trainer's state leaves the GPU while vLLM
+generates, comes back for compute, and no number changes on the way.
+
+CUDA only (there is nothing to offload on CPU): run with GRPO_TEST_DEVICE=cuda on a GPU machine
+(benchmarks/gpu_suite.sh runs it).
+"""
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import DEVICE
+from tests.test_parity import TOL, _prompts, _vllm_vs_trainer, _worker
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(DEVICE != "cuda", reason="offload moves GPU memory: GRPO_TEST_DEVICE=cuda")]
+
+
+def _where(worker) -> set[str]:
+    return {p.device.type for m in (worker.trainer.model, worker.trainer.ref) for p in m.parameters()}
+
+
+def test_offload_frees_the_gpu_for_rollout_and_changes_no_number(tmp_path, gsm8k):
+    worker, _ = _worker(tmp_path, "actor.param_offload=true", "actor.optimizer_offload=true",
+                        "actor.use_kl_loss=true")
+    assert worker.trainer.ref is not None
+    assert _where(worker) == {"cpu"}, "the trainer's weights stayed on the GPU after start-up"
+    prompts = _prompts(worker)
+    sampling = dict(n=4, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=24, seeds=[1, 2])
+    out = worker.generate(prompts, sampling)  # full fine-tuning: vLLM refills from the offloaded trainer
+    assert _where(worker) == {"cpu"}, "a refill left the trainer's weights on the GPU"
+
+    p_ids = [prompts[o["prompt_index"]] for o in out]
+    r_ids = [o["response_ids"] for o in out]
+    old = worker.compute_log_prob(p_ids, r_ids)
+    assert _where(worker) == {"cuda"}
+    ref = worker.compute_log_prob(p_ids, r_ids, ref=True)
+    adv = np.random.default_rng(0).standard_normal(len(out)).astype(np.float32).tolist()
+    worker.update_actor(dict(prompts=p_ids, responses=r_ids, old_log_probs=old, ref_log_probs=ref,
+                             advantages=adv), seed=0)
+    opt_devices = {v.device.type for st in worker.trainer.optimizer.state.values() for v in st.values()
+                   if torch.is_tensor(v)}
+    assert opt_devices == {"cuda"}, f"AdamW state on {opt_devices}"
+
+    # Round trip: every weight, gradient and AdamW moment comes back bit for bit.
+    tensors = lambda: [t.detach().cpu().clone() for m in (worker.trainer.model, worker.trainer.ref)  # noqa: E731
+                       for p in m.parameters() for t in ([p] + ([p.grad] if p.grad is not None else []))] + \
+        [v.cpu().clone() for st in worker.trainer.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    before = tensors()
+    on_gpu = torch.cuda.memory_allocated()
+    worker.offload.to_host()
+    freed = on_gpu - torch.cuda.memory_allocated()
+    expected = sum(t.numel() * t.element_size() for t in before)
+    worker.offload.to_gpu(optimizer=True)
+    after = tensors()
+    assert len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
+    print(f"offload freed {freed / 2**20:.1f} MiB of {expected / 2**20:.1f} MiB of trainer state")
+    assert freed >= 0.9 * expected, f"to_host freed {freed} B of {expected} B"
+
+    # The updated weights reach vLLM through the offload, and match the trainer.
+    worker.sync_weights()
+    diff = _vllm_vs_trainer(worker, prompts)
+    assert diff < TOL, f"after an offloaded update, vLLM and the trainer differ by {diff}"
