@@ -115,15 +115,11 @@ def bench_rollout(w, a, cfg) -> dict:
 
     orig_sp = vllm.SamplingParams
 
-    extra_sp: dict = {}
-
     def sp_ignore_eos(*args, **kw):
         kw.setdefault("ignore_eos", True)
-        kw.update(extra_sp)
         return orig_sp(*args, **kw)
 
     def ours(max_tokens, **rollout_cfg):
-        extra_sp.clear()
         pieces.clear()
         saved = {k: getattr(r, k) for k in rollout_cfg}
         for k, v in rollout_cfg.items():

@@ -125,7 +125,7 @@ p6)
 p7)
   # the snapshot's tests when there is one (benchmarks/snapshot.sh tests/conftest.py tests/test_parity.py);
   # one process per test: vLLM's sleep-mode allocator allows one engine per process
-  run parity 200 120 bash -c "cd ${BENCH_SRC:-.} && for t in 'full' 'lora' 'sampling_seeds'; do
+  run parity 200 120 bash -c "cd ${BENCH_SRC:-.} && for t in 'full' 'lora' 'per_prompt'; do
     GRPO_TEST_DEVICE=cuda python3 -m pytest -q -s -p no:cacheprovider tests/test_parity.py -k \$t || exit 1; done"
   eb 1.5b full train 150 100
   eb 7b lora train 170 140 --train-reps 1

@@ -250,8 +250,9 @@ def _memory(cfg: GRPOConfig, s: Shape, g: GPU, feats: dict, b: int) -> dict[str,
     if not has_ref:
         add("reference model", "both", 0, "base with adapter disabled (LoRA)" if lora else "no KL loss")
     resident = w + lw + gr + opt + ref
-    off_p = feats["param_offload"] and a.param_offload and (shard == 1 or feats["offload_sharded"])
-    off_o = feats["optimizer_offload"] and a.optimizer_offload and (shard == 1 or feats["offload_sharded"])
+    can_offload = shard == 1 or feats["offload_sharded"]
+    off_p = can_offload and feats["param_offload"] and a.param_offload
+    off_o = can_offload and feats["optimizer_offload"] and a.optimizer_offload
     # Offload between uses (recipes.md): gone while vLLM generates, back on the GPU for compute.
     offloaded = (w + lw + ref if off_p else 0) + (gr + opt if off_o else 0)
 

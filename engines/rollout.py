@@ -110,11 +110,8 @@ class VLLMRollout:
         may hold the trainer's offloaded weights on the GPU for a moment)."""
         todo = [t for t in tags if t in self._asleep]
         if self._stale is not None and "weights" in todo:
-            self.llm.wake_up(tags=["weights"])
-            self._asleep.discard("weights")
+            self.load_weights(self._stale())  # wakes the weights alone, then fills them
             todo.remove("weights")
-            refill, self._stale = self._stale, None
-            self.load_weights(refill())
         if todo:
             self.llm.wake_up(tags=todo)
             self._asleep -= set(todo)
