@@ -12,12 +12,9 @@ import torch
 
 
 def _move_module(module: torch.nn.Module, device: str) -> None:
-    for p in module.parameters():
-        p.data = p.data.to(device, non_blocking=True)
-        if p.grad is not None:
-            p.grad = p.grad.to(device, non_blocking=True)
-    for b in module.buffers():
-        b.data = b.data.to(device, non_blocking=True)
+    """Weights, gradients and buffers, through `Module.to`: FSDP2 overrides it to re-register each
+    shard it holds (moving `p.data` behind its back left it gathering from the old copy)."""
+    module.to(device, non_blocking=True)
 
 
 def _move_optimizer(optimizer: torch.optim.Optimizer, device: str) -> None:
@@ -34,13 +31,9 @@ class Offloader:
 
     def __init__(self, trainer, param_offload: bool, optimizer_offload: bool):
         cuda = trainer.device.type == "cuda"
-        # FSDP2 keeps its own handles on each shard: moving `p.data` behind its back left the
-        # gathered weights on the host (seen on 2 H200s: vLLM's reload then failed). Until
-        # offload goes through FSDP2 itself, sharded runs keep their state on the GPU and say so.
-        self.unsupported = cuda and trainer.world > 1 and (param_offload or optimizer_offload)
         self.trainer = trainer
-        self.params = cuda and param_offload and not self.unsupported
-        self.optim = cuda and optimizer_offload and not self.unsupported
+        self.params = cuda and param_offload
+        self.optim = cuda and optimizer_offload
         self.params_on_host = self.optim_on_host = False
 
     def _modules(self):

@@ -29,7 +29,6 @@ GIB = 2**30
 # What engines/trainer.py does today with the knobs the schema has. Flip an entry when the trainer
 # implements it; `--as-configured` sets all to True.
 TRAINER_IMPLEMENTS = {"fsdp_shard": True, "fused_adamw": True, "param_offload": True, "optimizer_offload": True,
-                      "offload_sharded": False,
                       "dynamic_bsz": True, "empty_cache_between_phases": False}
 
 ASSUMED_MFU = 0.40
@@ -250,9 +249,8 @@ def _memory(cfg: GRPOConfig, s: Shape, g: GPU, feats: dict, b: int) -> dict[str,
     if not has_ref:
         add("reference model", "both", 0, "base with adapter disabled (LoRA)" if lora else "no KL loss")
     resident = w + lw + gr + opt + ref
-    can_offload = shard == 1 or feats["offload_sharded"]
-    off_p = can_offload and feats["param_offload"] and a.param_offload
-    off_o = can_offload and feats["optimizer_offload"] and a.optimizer_offload
+    off_p = feats["param_offload"] and a.param_offload
+    off_o = feats["optimizer_offload"] and a.optimizer_offload
     # Offload between uses (recipes.md): gone while vLLM generates, back on the GPU for compute.
     offloaded = (w + lw + ref if off_p else 0) + (gr + opt if off_o else 0)
 

@@ -18,7 +18,6 @@ import copy
 import itertools
 import json
 import math
-import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from configs.schema import GRPOConfig
 from engines import algos, batching
@@ -84,7 +83,9 @@ def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> torch.Tensor:
 class ActorTrainer:
     """Holds the policy, its optimizer and (for full fine-tuning) a frozen reference copy."""
 
-    def __init__(self, cfg: GRPOConfig, model_dir: str, device: str):
+    def __init__(self, cfg: GRPOConfig, model_dir: str, device: str, shard: bool | None = None):
+        """shard: FSDP2 even on one rank (to test the sharded path on one GPU, in a 1-rank process
+        group); by default exactly when cfg.world_size > 1."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg, self.model_dir = cfg, model_dir
@@ -93,6 +94,7 @@ class ActorTrainer:
         if self.world > 1 and not (dist.is_initialized() and dist.get_world_size() == self.world):
             raise RuntimeError(f"world_size={self.world} needs init_distributed() before the trainer")
         self.rank = dist.get_rank() if self.world > 1 else 0
+        self.sharded = self.world > 1 if shard is None else shard
         self.compute_dtype = DTYPES[cfg.model.dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -137,7 +139,7 @@ class ActorTrainer:
 
         CUDA: bf16 (compute dtype) parameters in forward/backward, gradients reduced in fp32 onto
         fp32 shards; CPU: fp32 throughout."""
-        if self.world == 1:
+        if not self.sharded:
             return model
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -344,28 +346,32 @@ class ActorTrainer:
         self.model.save_pretrained(out_dir, state_dict=dict(self._full_state(lora_only=True)))
 
     # ---- checkpoint -------------------------------------------------------------------------
-    def save(self, ckpt_dir: str) -> None:
-        """Model (or adapter) + optimizer + scheduler + RNG in ckpt_dir/actor, HF export in ckpt_dir/huggingface.
+    def _train_state(self) -> dict:
+        """Weights (LoRA: the adapter) and AdamW state as this rank holds them: its shards when
+        sharded, keyed by parameter name. A fresh optimizer gets zero moments first, as a template."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        Every rank takes part; rank 0 writes full (unsharded) tensors gathered one at a time,
-        keyed by parameter name, so a checkpoint loads at any world size.
+        model, optim = get_state_dict(self.model, self.optimizer,
+                                      options=StateDictOptions(ignore_frozen_params=self.is_lora))
+        return {"model": model, "optim": optim}
+
+    def save(self, ckpt_dir: str) -> None:
+        """Training state in ckpt_dir/actor, HF export in ckpt_dir/huggingface.
+
+        actor/ is a torch.distributed.checkpoint: every rank writes its own shards in parallel, so
+        nothing is gathered (a 72B optimizer state does not fit one host), and a load at another
+        world size reshards from its metadata. Rank 0 adds the scheduler, RNG and skip count
+        (extra_state.pt) and, for LoRA, the adapter in peft format (actor/lora_adapter).
         """
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        import torch.distributed.checkpoint as dcp
 
         actor = Path(ckpt_dir) / "actor"
+        dcp.save(self._train_state(), checkpoint_id=actor, no_dist=not dist.is_initialized())
         if self.is_lora:
             adapter = dict(self._full_state(lora_only=True))
             if self.rank == 0:
-                self.model.save_pretrained(actor, state_dict=adapter)  # safetensors + adapter_config
-        else:
-            _write_safetensors(actor, self._full_state(files=True), write=self.rank == 0)
-            if self.rank == 0:
-                self.hf_config.save_pretrained(actor)
-        # Optimizer state keyed by parameter name, full tensors (rank 0's CPU on several ranks).
-        optim = get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=self.world > 1))
+                self.model.save_pretrained(actor / "lora_adapter", state_dict=adapter)
         if self.rank == 0:
-            torch.save(optim, actor / "optim.pt")
             torch.save({"scheduler": self.scheduler.state_dict(), "bad_steps": self.bad_steps,
                         "torch_rng": torch.get_rng_state()}, actor / "extra_state.pt")
         self.export_hf(str(Path(ckpt_dir) / "huggingface"))
@@ -400,45 +406,28 @@ class ActorTrainer:
 
     def load(self, ckpt_dir: str) -> None:
         """Restore save()'s checkpoint, written at this or any other world size."""
-        from safetensors import safe_open
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import CheckpointException
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         actor = Path(ckpt_dir) / "actor"
-        own = dict(self.model.named_parameters())
-        files = [actor / "adapter_model.safetensors"] if self.is_lora else sorted(actor.glob("*.safetensors"))
-        seen, unexpected = set(), []
-        with torch.no_grad():
-            for f in files:
-                with safe_open(f, "pt") as st:
-                    for key in st.keys():
-                        # peft drops the adapter name ("default") from the keys it saves
-                        name = re.sub(r"\.(lora_[AB])\.", r".\1.default.", key) if self.is_lora else key
-                        if name not in own:
-                            unexpected.append(key)
-                            continue
-                        _copy_full(own[name], st.get_tensor(key))
-                        seen.add(name)
-        wanted = {n for n, p in own.items() if p.requires_grad or not self.is_lora}
-        missing = sorted(wanted - seen)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {actor} does not match model {self.model_dir}: "
-                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-        optim = torch.load(actor / "optim.pt", weights_only=True) if self.rank == 0 else {}
-        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=optim, options=StateDictOptions(
-            full_state_dict=True, broadcast_from_rank0=self.world > 1))
+        if not (actor / ".metadata").is_file():
+            raise ValueError(f"{actor} is not a checkpoint this build can resume (no DCP .metadata; earlier "
+                             f"builds wrote optim.pt). Its weights are in {Path(ckpt_dir) / 'huggingface'}: "
+                             "start from them with model.path=<that dir> trainer.resume_mode=disable")
+        state = self._train_state()
+        try:
+            dcp.load(state, checkpoint_id=actor, no_dist=not dist.is_initialized())
+        except CheckpointException as e:  # a BaseException: name the checkpoint and the model
+            raise ValueError(f"checkpoint {actor} does not match model {self.model_dir} "
+                             f"(lora_rank={self.cfg.model.lora_rank}): {str(e)[:500]}") from None
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       # LoRA: the frozen base stays as loaded from model_dir (dcp.load checked the adapter)
+                       options=StateDictOptions(ignore_frozen_params=self.is_lora, strict=not self.is_lora))
         extra = torch.load(actor / "extra_state.pt", weights_only=True)
         self.scheduler.load_state_dict(extra["scheduler"])
         self.bad_steps = extra["bad_steps"]
         torch.set_rng_state(extra["torch_rng"])
-
-
-def _copy_full(dst: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a full tensor into a parameter: whole, or this rank's shard of it (no communication)."""
-    full = full.to(dst.device, dst.dtype)
-    if isinstance(dst, DTensor):
-        dst.to_local().copy_(distribute_tensor(full, dst.device_mesh, dst.placements, src_data_rank=None).to_local())
-    else:
-        dst.copy_(full)
 
 
 def _write_safetensors(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], write: bool) -> None:

@@ -47,10 +47,6 @@ class GRPOWorker:
         self.trainer = ActorTrainer(self.cfg, model_dir, "cuda" if device == "cuda" else "cpu")
         a = self.cfg.actor
         self.offload = Offloader(self.trainer, a.param_offload, a.optimizer_offload)
-        if self.offload.unsupported and rank == 0:
-            print(f"warning: actor.param_offload/optimizer_offload are not applied with {world_size} "
-                  "sharded ranks yet (one GPU only): the trainer's state stays on the GPU; "
-                  "`grpo plan` counts it there", flush=True)
         self.offload.to_host()  # before vLLM sizes its share of the GPU
         # vLLM first reserves its share of memory, then sleeps while the trainer works.
         self.rollout = VLLMRollout(self.cfg, model_dir, device)

@@ -74,8 +74,9 @@ def preflight(cfg: GRPOConfig) -> None:
 
 
 def model_signature(cfg: GRPOConfig) -> dict:
-    """What a checkpoint must match to be resumed by this config: model shape, LoRA, world size.
-    The shape is the planner's (local config.json, preset or published table); None if unknown."""
+    """What a checkpoint must match to be resumed by this config: model shape and LoRA (the world
+    size is recorded, not required: checkpoints reshard). The shape is the planner's (local
+    config.json, preset or published table); None if unknown."""
     from engines.plan import model_shape
 
     try:
@@ -89,8 +90,8 @@ def model_signature(cfg: GRPOConfig) -> dict:
 
 
 def check_resumable(cfg: GRPOConfig) -> None:
-    """A checkpoint left in trainer.default_local_dir by another model or world size is named
-    before any work, not discovered as a shape error once the workers are up."""
+    """A checkpoint left in trainer.default_local_dir by another model is named before any work,
+    not discovered as a shape error once the workers are up."""
     root = Path(cfg.checkpoint_dir)
     latest = checkpoints.read_latest(root)
     state_file = checkpoints.step_dir(root, latest) / "trainer_state.json" if latest is not None else None
@@ -104,12 +105,12 @@ def check_resumable(cfg: GRPOConfig) -> None:
         return
     want = model_signature(cfg)
     model_key = "shape" if saved.get("shape") and want["shape"] else "model.path"  # shapes when both known
-    diff = [k for k in (model_key, "model.lora_rank", "world_size") if saved.get(k) != want[k]]
+    diff = [k for k in (model_key, "model.lora_rank") if saved.get(k) != want[k]]
     if diff:
         what = ", ".join(f"{k}: checkpoint {saved.get(k)} vs config {want[k]}" for k in diff)
         raise ValueError(
             f"trainer.default_local_dir={cfg.trainer.default_local_dir}: its checkpoint "
-            f"{state_file.parent.name} was written for another model or world size ({what}); use another "
+            f"{state_file.parent.name} was written for another model ({what}); use another "
             "trainer.default_local_dir, or trainer.resume_mode=disable to start over there")
 
 

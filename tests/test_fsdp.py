@@ -156,7 +156,7 @@ def test_two_gloo_ranks_match_one_rank(model_dir, tmp_path, extra):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
         assert b["perf/update_tokens"] == a["perf/update_tokens"]
 
-    # Checkpoints carry full tensors keyed by name: each world size loads the other's.
+    # DCP checkpoints reshard on load: each world size loads the other's.
     for k, v in out["loaded"].items():
         assert torch.equal(v, p1[k]), f"2 ranks loading the 1-rank checkpoint: {k} differs"
     fresh = ActorTrainer(cfg, model_dir, "cpu")
@@ -212,15 +212,23 @@ def test_grpo_run_on_two_cpu_ranks(tmp_path, gsm8k):
     diffs = c2.get_metric_history(r2.info.run_id, "training/rollout_probs_diff_max")
     assert len(diffs) == 3 and max(m.value for m in diffs) < 1e-4
 
-    # The 2-rank checkpoint holds full tensors, like the 1-rank one.
-    a = load_file(ck1 / "global_step_3" / "actor" / "model.safetensors")
-    b = load_file(ck2 / "global_step_3" / "actor" / "model.safetensors")
+    # Each rank wrote its own shards of the training state; the HF exports are whole either way.
+    assert len(list((ck2 / "global_step_3" / "actor").glob("*.distcp"))) == 2
+    a = load_file(ck1 / "global_step_3" / "huggingface" / "model.safetensors")
+    b = load_file(ck2 / "global_step_3" / "huggingface" / "model.safetensors")
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    # ... and one rank resumes them: a 4th step from the 2-rank run's step 3, in the same MLflow run.
+    run_grpo(tmp_path / "2", "trainer.n_gpus_per_node=1", "trainer.total_training_steps=4",
+             "reward.function=tests.toy_reward:letter_e_share")
+    assert "resumed from" in (tmp_path / "2" / "run.log").read_text()
+    client, run = mlflow_run(tmp_path / "2")
+    assert run.info.run_id == r2.info.run_id
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "actor/grad_norm")] == [1, 2, 3, 4]
 
 
 def test_export_in_shards_loads_in_hf(model_dir, tmp_path, monkeypatch):
-    """Past SHARD_BYTES the full tensors go to several files + the HF index; transformers loads
-    them in the compute dtype, equal to the trainer's weights rounded to it; load() reads them."""
+    """Past SHARD_BYTES the export goes to several files + the HF index; transformers loads them in
+    the compute dtype, equal to the trainer's weights rounded to it; load() restores the fp32 ones."""
     from transformers import AutoModelForCausalLM
 
     import engines.trainer as T
@@ -228,9 +236,8 @@ def test_export_in_shards_loads_in_hf(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(T, "SHARD_BYTES", 200_000)
     t = T.ActorTrainer(_cfg(1, ["model.dtype=bfloat16"]), model_dir, "cpu")
     t.save(str(tmp_path / "ck"))
-    for sub in ("actor", "huggingface"):
-        assert len(list((tmp_path / "ck" / sub).glob("model-*-of-*.safetensors"))) > 2
-        assert (tmp_path / "ck" / sub / "model.safetensors.index.json").exists()
+    assert len(list((tmp_path / "ck" / "huggingface").glob("model-*-of-*.safetensors"))) > 2
+    assert (tmp_path / "ck" / "huggingface" / "model.safetensors.index.json").exists()
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ck" / "huggingface")
     mine = _state(t)
     for k, v in hf.state_dict().items():

@@ -2,11 +2,18 @@
 generates, comes back for compute, and no number changes on the way.
 
 CUDA only (there is nothing to offload on CPU): run with GRPO_TEST_DEVICE=cuda on a GPU machine
-(benchmarks/gpu_suite.sh runs it).
+(benchmarks/gpu_suite.sh runs it, one case per process: one sleep-mode vLLM engine per process).
+The sharded case runs the trainer under FSDP2 in a one-rank process group, the code path of
+several GPUs (FSDP2 keeps its own handles on each shard: offload must go through it).
 """
+import functools
+import socket
+
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from tests.conftest import DEVICE
 from tests.test_parity import TOL, _prompts, _vllm_vs_trainer, _worker
@@ -19,10 +26,32 @@ def _where(worker) -> set[str]:
     return {p.device.type for m in (worker.trainer.model, worker.trainer.ref) for p in m.parameters()}
 
 
-def test_offload_frees_the_gpu_for_rollout_and_changes_no_number(tmp_path, gsm8k):
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return (t.to_local() if isinstance(t, DTensor) else t).detach().cpu().clone()
+
+
+@pytest.fixture
+def one_rank_fsdp2(monkeypatch):
+    """A one-rank process group and a trainer that shards with FSDP2 in it."""
+    import engines.trainer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("cpu:gloo,cuda:nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    monkeypatch.setattr(engines.trainer, "ActorTrainer", functools.partial(engines.trainer.ActorTrainer, shard=True))
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["unsharded", "fsdp2"])
+def test_offload_frees_the_gpu_for_rollout_and_changes_no_number(tmp_path, gsm8k, request, sharded):
+    if sharded:
+        request.getfixturevalue("one_rank_fsdp2")
     worker, _ = _worker(tmp_path, "actor.param_offload=true", "actor.optimizer_offload=true",
                         "actor.use_kl_loss=true")
     assert worker.trainer.ref is not None
+    assert worker.trainer.sharded == sharded
     assert _where(worker) == {"cpu"}, "the trainer's weights stayed on the GPU after start-up"
     prompts = _prompts(worker)
     sampling = dict(n=4, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=24, seeds=[1, 2])
@@ -42,9 +71,9 @@ def test_offload_frees_the_gpu_for_rollout_and_changes_no_number(tmp_path, gsm8k
     assert opt_devices == {"cuda"}, f"AdamW state on {opt_devices}"
 
     # Round trip: every weight, gradient and AdamW moment comes back bit for bit.
-    tensors = lambda: [t.detach().cpu().clone() for m in (worker.trainer.model, worker.trainer.ref)  # noqa: E731
+    tensors = lambda: [_local(t) for m in (worker.trainer.model, worker.trainer.ref)  # noqa: E731
                        for p in m.parameters() for t in ([p] + ([p.grad] if p.grad is not None else []))] + \
-        [v.cpu().clone() for st in worker.trainer.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+        [_local(v) for st in worker.trainer.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
     before = tensors()
     on_gpu = torch.cuda.memory_allocated()
     worker.offload.to_host()

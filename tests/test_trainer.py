@@ -98,7 +98,34 @@ def test_checkpoint_round_trip_restores_weights_and_optimizer(model_dir, tmp_pat
         assert torch.equal(v, saved[k])
     for a, b in zip(opt["state"].values(), t2.optimizer.state_dict()["state"].values(), strict=True):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+        assert float(a["step"]) == float(b["step"]) == 1.0
+    assert t2.scheduler.last_epoch == t.scheduler.last_epoch > 0
     assert (tmp_path / "ck" / "huggingface" / "config.json").exists()
+    # The next update is the one the first trainer would make.
+    t.update(batch, seed=1)
+    t2.update(batch, seed=1)
+    for k, v in _params(t2).items():
+        assert torch.equal(v, _params(t)[k]), k
+
+
+def test_lora_checkpoint_holds_the_adapter_and_refuses_a_full_model(model_dir, tmp_path):
+    t = _trainer(model_dir, "model.lora_rank=8")
+    t.update(_batch(t), seed=0)
+    t.save(str(tmp_path / "ck"))
+    assert (tmp_path / "ck" / "actor" / "lora_adapter" / "adapter_model.safetensors").exists()
+    t2 = _trainer(model_dir, "model.lora_rank=8")
+    t2.load(str(tmp_path / "ck"))
+    for k, v in _params(t2).items():
+        assert "lora_" in k and torch.equal(v, _params(t)[k]), k
+    with pytest.raises(ValueError, match="does not match model .*lora_rank=0"):
+        _trainer(model_dir).load(str(tmp_path / "ck"))  # the base weights are not in it
+
+
+def test_checkpoint_of_an_earlier_build_is_named_with_the_way_out(model_dir, tmp_path):
+    (tmp_path / "ck" / "actor").mkdir(parents=True)
+    (tmp_path / "ck" / "actor" / "optim.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"earlier builds wrote optim.pt.*model.path=.*resume_mode=disable"):
+        _trainer(model_dir).load(str(tmp_path / "ck"))
 
 
 def test_token_budget_micro_batches_by_hand():
