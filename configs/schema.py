@@ -59,6 +59,8 @@ class RolloutConfig(_Section):
     top_k: int = -1
     max_response_length: int = Field(1024, ge=1)
     tensor_model_parallel_size: int = Field(1, ge=1)
+    """GPUs per vLLM engine (tensor parallel, within a node); world_size / this many engines share
+    each rollout's prompts."""
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
     """Share of accelerator memory vLLM may hold (weights + KV cache). On CPU: share of RAM for KV."""
     enforce_eager: bool = False
@@ -117,6 +119,9 @@ class ActorConfig(_Section):
     param_offload: bool = False
     optimizer_offload: bool = False
     ulysses_sequence_parallel_size: int = Field(1, ge=1)
+    """Ulysses sequence parallelism: this many consecutive ranks split each sequence's columns
+    between them (activation memory / sp) and act as one data-parallel rank; ppo_mini_batch_size
+    is then split over world_size / sp ranks."""
     megatron_tensor_parallel_size: int = Field(1, ge=1)
 
 
@@ -188,6 +193,10 @@ class GRPOConfig(_Section):
     def _batch_arithmetic(self) -> "GRPOConfig":
         """The divisibility rules users know; broken ones fail before any work starts."""
         a, n, ws = self.actor, self.rollout.n, self.world_size
+        sp = a.ulysses_sequence_parallel_size
+        if ws % sp:
+            raise ValueError(f"actor.ulysses_sequence_parallel_size={sp} must divide the {ws} GPUs of the run")
+        ws //= sp  # data-parallel ranks
         if self.data.train_batch_size % a.ppo_mini_batch_size:
             raise ValueError(
                 f"data.train_batch_size={self.data.train_batch_size} must be a multiple of "
@@ -195,11 +204,12 @@ class GRPOConfig(_Section):
         if (a.ppo_mini_batch_size * n) % ws:
             raise ValueError(
                 f"actor.ppo_mini_batch_size*rollout.n={a.ppo_mini_batch_size * n} samples must split "
-                f"evenly over {ws} GPUs (trainer.n_gpus_per_node*trainer.nnodes)")
+                f"evenly over {ws} data-parallel ranks (trainer.n_gpus_per_node*trainer.nnodes"
+                f"/actor.ulysses_sequence_parallel_size)")
         per_gpu = a.ppo_mini_batch_size * n // ws
         if not a.use_dynamic_bsz and per_gpu % a.ppo_micro_batch_size_per_gpu:
             raise ValueError(
-                f"samples per GPU per mini-batch ({per_gpu} = ppo_mini_batch_size*n/world_size) must be "
+                f"samples per GPU per mini-batch ({per_gpu} = ppo_mini_batch_size*n/data-parallel ranks) must be "
                 f"a multiple of actor.ppo_micro_batch_size_per_gpu={a.ppo_micro_batch_size_per_gpu}")
         longest = self.data.max_prompt_length + self.rollout.max_response_length
         if a.use_dynamic_bsz and a.ppo_max_token_len_per_gpu < longest:
@@ -207,8 +217,9 @@ class GRPOConfig(_Section):
                 f"actor.ppo_max_token_len_per_gpu={a.ppo_max_token_len_per_gpu} must be at least "
                 f"data.max_prompt_length+rollout.max_response_length={longest} (one whole sample) "
                 f"with actor.use_dynamic_bsz")
-        if ws % self.rollout.tensor_model_parallel_size:
-            raise ValueError(
-                f"rollout.tensor_model_parallel_size={self.rollout.tensor_model_parallel_size} must "
-                f"divide the {ws} GPUs of the run")
+        tp, node = self.rollout.tensor_model_parallel_size, self.trainer.n_gpus_per_node
+        if self.world_size % tp or (node % tp if tp <= node else tp % node):
+            raise ValueError(  # an engine's all-reduces run every layer: within a node, or whole nodes
+                f"rollout.tensor_model_parallel_size={tp} must divide trainer.n_gpus_per_node={node} (or be a "
+                f"multiple of it, for engines over whole nodes) and the {self.world_size} GPUs of the run")
         return self

@@ -45,6 +45,12 @@ ARCH_PRESETS: dict[str, dict[str, Any]] = {
     "14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
                 num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False,
                 vocab_size=152064, **_QWEN25),
+    "32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False,
+                vocab_size=152064, **_QWEN25),
+    "72b": dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False,
+                vocab_size=152064, **_QWEN25),
 }
 
 # Copied from vllm/v1/attention/backends/cpu_attn.py (CPUAttentionBackend.get_supported_head_sizes,

@@ -220,11 +220,13 @@ def logits_elems(s: Shape, batch: int, resp: int) -> int:
 
 
 # ---- memory ------------------------------------------------------------------------------------
-def _memory(cfg: GRPOConfig, s: Shape, g: GPU, feats: dict, b: int) -> dict[str, Any]:
-    """Itemised per-GPU bytes for micro-batch b, the phase totals and the peak."""
+def _memory(cfg: GRPOConfig, s: Shape, g: GPU, feats: dict, b: int, fsdp: bool | None = None) -> dict[str, Any]:
+    """Itemised per-GPU bytes for micro-batch b, the phase totals and the peak. fsdp: the trainer
+    runs FSDP2 (default: when sharded over several GPUs; True also plans FSDP2 on one GPU)."""
     a, r, m = cfg.actor, cfg.rollout, cfg.model
     ws, tp = cfg.world_size, r.tensor_model_parallel_size
     shard = ws if (feats["fsdp_shard"] and a.strategy in ("fsdp", "fsdp2")) else 1
+    fsdp = shard > 1 if fsdp is None else fsdp
     lora = m.lora_rank > 0
     P, P_lin = s.n_params(), s.n_linear()
     P_lora = s.lora_params(m.lora_rank, m.target_modules)
@@ -257,7 +259,7 @@ def _memory(cfg: GRPOConfig, s: Shape, g: GPU, feats: dict, b: int) -> dict[str,
     tokens = b * seq
     ck = m.enable_gradient_checkpointing
     lm_cast = 2 * s.vocab * s.hidden
-    if shard > 1:  # FSDP2 all-gathers one unit (layer, or embedding/lm_head) at a time, prefetching one
+    if fsdp:  # FSDP2 all-gathers one unit (layer, or embedding/lm_head) at a time, prefetching one
         unit = max(P_lin // s.layers, s.vocab * s.hidden)
         cast_fwd = saved_cast = 2 * 2 * unit + 4 * unit
         cast_note = "FSDP all-gathered bf16 units + an unsharded fp32 grad"
@@ -267,11 +269,13 @@ def _memory(cfg: GRPOConfig, s: Shape, g: GPU, feats: dict, b: int) -> dict[str,
     else:  # autocast caches bf16 copies of every trainable Linear until the forward returns
         cast_fwd, saved_cast = 2 * P_lin, (lm_cast if ck else 2 * P_lin)
         cast_note = "autocast cache of every Linear during the forward"
-    act = activation_bytes(s, tokens, ck)
-    el = logits_elems(s, b, resp)
+    # Ulysses: a GPU holds 1/sp of every sequence's columns in the decoder, 1/sp of the rows' logits.
+    sp = a.ulysses_sequence_parallel_size
+    act = activation_bytes(s, tokens // sp, ck)
+    el = logits_elems(s, -(-b // sp), resp)
     add("bf16 weight copies", "train", cast_fwd, cast_note)
-    add(f"activations, checkpointing {'on' if ck else 'off'}", "train", act, f"micro-batch {b} x {seq} tokens")
-    add(f"(activations if checkpointing {'off' if ck else 'on'})", "-", activation_bytes(s, tokens, not ck),
+    add(f"activations, checkpointing {'on' if ck else 'off'}", "train", act, f"micro-batch {b} x {seq} tokens" + (f" / Ulysses {sp}" if sp > 1 else ""))
+    add(f"(activations if checkpointing {'off' if ck else 'on'})", "-", activation_bytes(s, tokens // sp, not ck),
         "for comparison only")
     mask = add("attention mask", "train", 3 * b * seq * seq, "[B,1,T,T] bool + bf16 SDPA bias (padded batch)")
     c, row = LOGIT_BYTES_TRAIN, ROW_BYTES * (resp + 1) * s.vocab
@@ -286,7 +290,7 @@ def _memory(cfg: GRPOConfig, s: Shape, g: GPU, feats: dict, b: int) -> dict[str,
     # forward end (weight casts + bf16 logits) vs logits stage (casts freed, fp32 logits and grads)
     upd = in_update - gr + mask + act + max(cast_fwd + 2 * el, saved_cast + lg + head_grad)
     nograd_cast = 0 if lora else cast_fwd  # trainable weights are cached under no_grad too
-    logp = resident + mask + max(nograd_cast + 2 * el + 4 * s.hidden * tokens, LOGIT_BYTES_NOGRAD * el + row)
+    logp = resident + mask + max(nograd_cast + 2 * el + 4 * s.hidden * tokens // sp, LOGIT_BYTES_NOGRAD * el + row)
     step = in_update + tmp
     trainer_peak = max(upd, logp, step)
 
@@ -374,7 +378,7 @@ def _timing(cfg: GRPOConfig, s: Shape, g: GPU, mem: dict, b: int) -> dict[str, A
 
 # ---- the plan ----------------------------------------------------------------------------------
 def plan(cfg: GRPOConfig, gpu: str | None = None, *, as_configured: bool = False,
-         micro_batch: int | None = None) -> dict[str, Any]:
+         micro_batch: int | None = None, fsdp: bool | None = None) -> dict[str, Any]:
     """Every number of the plan, as a dict (GiB, seconds, FLOPs): for tables and for benchmarks."""
     feats = {k: True for k in TRAINER_IMPLEMENTS} if as_configured else dict(TRAINER_IMPLEMENTS)
     s, shape_src = model_shape(cfg)
@@ -386,12 +390,14 @@ def plan(cfg: GRPOConfig, gpu: str | None = None, *, as_configured: bool = False
         # (engines/batching.py): at full-length samples, as planned here, that many rows (>= 1, the
         # config checks). Shorter prompts let more rows in, so the response logits (rows x R x vocab)
         # of a real micro-batch can exceed this plan's.
-        b = a.ppo_max_token_len_per_gpu // (cfg.data.max_prompt_length + cfg.rollout.max_response_length)
-    mem = _memory(cfg, s, g, feats, b)
+        b = (a.ppo_max_token_len_per_gpu * a.ulysses_sequence_parallel_size
+             // (cfg.data.max_prompt_length + cfg.rollout.max_response_length))
+    mem = _memory(cfg, s, g, feats, b, fsdp)
     return dict(recipe=cfg.recipe, mode="as-configured" if as_configured else "current trainer",
                 features=feats, gpu=asdict(g), gpu_source=gpu_src, shape=asdict(s), shape_source=shape_src,
                 world_size=cfg.world_size, tp=cfg.rollout.tensor_model_parallel_size, micro_batch=b,
-                samples_per_gpu_per_minibatch=a.ppo_mini_batch_size * cfg.rollout.n // cfg.world_size,
+                samples_per_gpu_per_minibatch=(a.ppo_mini_batch_size * cfg.rollout.n * a.ulysses_sequence_parallel_size
+                                               // cfg.world_size),
                 largest_micro_batch=largest_micro_batch(cfg, s, g, feats),
                 **mem, **_timing(cfg, s, g, mem, b))
 

@@ -19,7 +19,11 @@ from configs.schema import GRPOConfig
 
 
 class VLLMRollout:
-    def __init__(self, cfg: GRPOConfig, model_dir: str, device: str):
+    """One engine per rank (TP=1), or one shard of an engine spread over the tensor_model_parallel_size
+    consecutive ranks of a group (TP>1: vLLM's external launcher, in the trainer's process group).
+    The ranks of a group must make every call together, with the same arguments."""
+
+    def __init__(self, cfg: GRPOConfig, model_dir: str, device: str, rank: int = 0):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
@@ -41,14 +45,20 @@ class VLLMRollout:
             # Log-probs after temperature, so they match the trainer's logits / temperature.
             logprobs_mode="processed_logprobs", load_format=r.load_format,
         )
+        if r.tensor_model_parallel_size > 1:
+            # vLLM joins the process group the trainer made (ranks 0..tp-1 form the first engine,
+            # and so on) and reads this rank from the environment. Ray shows each actor one GPU,
+            # cuda:0. vLLM's custom all-reduce maps GPUs by CUDA_VISIBLE_DEVICES: NCCL instead.
+            os.environ.update(RANK=str(rank), LOCAL_RANK="0")
+            kwargs.update(distributed_executor_backend="external_launcher", disable_custom_all_reduce=True)
         if device == "cpu":
             # vLLM-CPU sizes its KV cache as a share of RAM minus this process's RSS, which the
             # colocated trainer already fills; an explicit size keeps the share meaningful. The
-            # node's engines (one per rank) split that share of the RAM they all live in.
+            # node's ranks (an engine or an engine's TP shard each) split that share of the RAM.
             import psutil
 
-            engines = max(1, cfg.trainer.n_gpus_per_node // r.tensor_model_parallel_size)
-            kwargs["kv_cache_memory_bytes"] = int(r.gpu_memory_utilization * psutil.virtual_memory().total / engines)
+            kwargs["kv_cache_memory_bytes"] = int(r.gpu_memory_utilization * psutil.virtual_memory().total
+                                                  / cfg.trainer.n_gpus_per_node)
         if r.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = r.max_num_batched_tokens
         if self.is_lora:

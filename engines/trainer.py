@@ -26,10 +26,11 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from configs.schema import GRPOConfig
-from engines import algos, batching
+from engines import algos, batching, ulysses
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Dense bf16 peak of the GPUs the recipes name (recipes.md), for perf/mfu/actor.
@@ -95,6 +96,9 @@ class ActorTrainer:
             raise RuntimeError(f"world_size={self.world} needs init_distributed() before the trainer")
         self.rank = dist.get_rank() if self.world > 1 else 0
         self.sharded = self.world > 1 if shard is None else shard
+        # Ulysses: groups of sp consecutive ranks take the same samples (one data-parallel rank).
+        self.sp = cfg.actor.ulysses_sequence_parallel_size
+        self.dp_rank, self.dp_size = self.rank // self.sp, self.world // self.sp
         self.compute_dtype = DTYPES[cfg.model.dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -104,6 +108,10 @@ class ActorTrainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         self.hf_config = model.config
+        if self.sp > 1:
+            ulysses.check_heads(model.config, self.sp)
+            ulysses.new_groups(self.sp)
+            ulysses.enable(model)
         # Tied output embedding: saved once, under the input embedding's name (as HF does).
         self.tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
         self.is_lora = cfg.model.lora_rank > 0
@@ -124,6 +132,8 @@ class ActorTrainer:
         if cfg.actor.use_kl_loss and not self.is_lora:
             # LoRA needs no copy: the reference is the base with the adapter disabled.
             ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.compute_dtype).to(self.device)
+            if self.sp > 1:
+                ulysses.enable(ref)
             self.ref = self._shard(ref.eval().requires_grad_(False))
         params = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapter only
         a = cfg.actor
@@ -184,21 +194,38 @@ class ActorTrainer:
         return nullcontext()
 
     def _forward(self, model, prompts, responses, with_entropy: bool):
-        """Per-token log-probs (and entropy) of each response under `model`: [B, R] tensors + mask."""
+        """Per-token log-probs (and entropy) of responses under `model`: [B, R] tensors, the mask,
+        and which of the given samples the rows are: all of them, or with Ulysses this rank's
+        share of the rows (the micro-batch padded to a multiple of sp with masked-out copies)."""
+        rows, n = list(range(len(prompts))), len(prompts)
+        if self.sp > 1:
+            rows += [0] * (-n % self.sp)
+            prompts, responses = _take(prompts, rows), _take(responses, rows)
         p = _pad(prompts, self.pad_id, left=True)
         r = _pad(responses, self.pad_id, left=False)
         p_mask = (_pad([[1] * len(x) for x in prompts], 0, left=True))
         r_mask = (_pad([[1] * len(x) for x in responses], 0, left=False))
+        r_mask[n:] = 0
+        if self.sp > 1:  # more left padding: sp equal column slices
+            extra = -(p.shape[1] + r.shape[1]) % self.sp
+            p, p_mask = F.pad(p, (extra, 0), value=self.pad_id), F.pad(p_mask, (extra, 0))
         ids = torch.cat([p, r], 1).to(self.device)
         attn = torch.cat([p_mask, r_mask], 1).to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         R = r.shape[1]
         with self._autocast():
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos,
-                           logits_to_keep=R + 1, use_cache=False).logits
+            if self.sp > 1:
+                k, cols, b = ulysses.rank(), ids.shape[1] // self.sp, len(rows) // self.sp
+                logits = model(input_ids=ids[:, k * cols:(k + 1) * cols], attention_mask=ulysses.full_mask(attn),
+                               position_ids=pos[:, k * cols:(k + 1) * cols], logits_to_keep=R + 1,
+                               use_cache=False).logits  # this rank's rows, whole (engines/ulysses.py)
+                ids, r_mask, rows = ids[k * b:(k + 1) * b], r_mask[k * b:(k + 1) * b], rows[k * b:(k + 1) * b]
+            else:
+                logits = model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                               logits_to_keep=R + 1, use_cache=False).logits
         logp, ent = algos.token_logprobs(logits[:, :-1], ids[:, -R:], max(self.cfg.rollout.temperature, 1e-6),
                                          with_entropy)
-        return logp, ent, r_mask.to(self.device, torch.float32)
+        return logp, ent, r_mask.to(self.device, torch.float32), rows
 
     def _micro_batches(self, prompts, responses) -> list[list[int]]:
         """Sample indices of each forward: ppo_micro_batch_size_per_gpu at a time, in order; or,
@@ -210,13 +237,14 @@ class ActorTrainer:
             return [list(range(i, min(i + a.ppo_micro_batch_size_per_gpu, n)))
                     for i in range(0, n, a.ppo_micro_batch_size_per_gpu)]
         shapes = [(len(p), len(r)) for p, r in zip(prompts, responses)]
-        need, minus_fewest = self._max([batching.count(shapes, a.ppo_max_token_len_per_gpu), -n])
+        budget = a.ppo_max_token_len_per_gpu * self.sp  # Ulysses: each GPU holds 1/sp of the columns
+        need, minus_fewest = self._max([batching.count(shapes, budget), -n])
         k, fewest = int(need), int(-minus_fewest)
         if k > fewest:  # the same verdict on every rank: all raise, none waits
             raise ValueError(f"use_dynamic_bsz: a rank needs {k} micro-batches within actor.ppo_max_token_len_per_gpu="
                              f"{a.ppo_max_token_len_per_gpu} but another has only {fewest} samples; "
                              "give every rank the same number of samples")
-        return batching.micro_batches(shapes, a.ppo_max_token_len_per_gpu, k)
+        return batching.micro_batches(shapes, budget, k)
 
     @torch.no_grad()
     def compute_log_prob(self, prompts, responses, ref: bool = False) -> list[np.ndarray]:
@@ -230,9 +258,11 @@ class ActorTrainer:
         model = self.ref if (ref and self.ref is not None) else self.model
         with ctx:
             for g in self._micro_batches(prompts, responses):
-                logp, _, mask = self._forward(model, _take(prompts, g), _take(responses, g), with_entropy=False)
-                for i, row, m in zip(g, logp.cpu().numpy(), mask.cpu().numpy()):
-                    out[i] = row[: int(m.sum())].astype(np.float32)
+                logp, _, mask, rows = self._forward(model, _take(prompts, g), _take(responses, g), with_entropy=False)
+                if self.sp > 1:  # every rank's rows, in order: the whole (padded) micro-batch
+                    logp, mask, rows = ulysses.gather_rows(logp), ulysses.gather_rows(mask), range(len(g))
+                for i, row, m in zip(rows, logp.cpu().numpy(), mask.cpu().numpy()):
+                    out[g[i]] = row[: int(m.sum())].astype(np.float32)
         return out
 
     # ---- update -----------------------------------------------------------------------------
@@ -270,13 +300,15 @@ class ActorTrainer:
         old = pick("old_log_probs")
         ref = pick("ref_log_probs") if batch.get("ref_log_probs") is not None else None
         adv = torch.tensor(np.asarray(batch["advantages"], np.float32)[idx], device=self.device)
-        n_tokens, n_seqs = self._sum([float(sum(len(r) for r in responses)), float(len(idx))])
+        # Global counts; the sp ranks of a Ulysses group hold the same samples.
+        n_tokens, n_seqs = (x / self.sp for x in self._sum([float(sum(len(r) for r in responses)), float(len(idx))]))
         glob = dict(global_tokens=n_tokens, global_seqs=n_seqs, norm_len=self.cfg.rollout.max_response_length)
         agg = dict(loss_agg_mode=a.loss_agg_mode, **glob)
         self.optimizer.zero_grad(set_to_none=True)
         acc: dict[str, float] = {}
         for g in self._micro_batches(prompts, responses):
-            logp, ent, mask = self._forward(self.model, _take(prompts, g), _take(responses, g), with_entropy=True)
+            logp, ent, mask, rows = self._forward(self.model, _take(prompts, g), _take(responses, g), with_entropy=True)
+            g = [g[i] for i in rows]  # the samples of this rank's rows
             old_t = _pad_float(_take(old, g), logp.shape[1], self.device)
             out = algos.policy_loss(logp, old_t, adv[g], mask, clip_ratio_low=a.clip_ratio_low,
                                     clip_ratio_high=a.clip_ratio_high, clip_ratio_c=a.clip_ratio_c, **agg)
@@ -290,8 +322,9 @@ class ActorTrainer:
                 kl_loss = algos.agg_loss(kl, mask, a.loss_agg_mode, **glob)
                 loss = loss + a.kl_loss_coef * kl_loss
                 share["actor/kl_loss"] = kl_loss
-            # Each rank's loss is its share of the global mean; FSDP averages gradients over
-            # ranks, so x world turns that average back into the sum of the shares.
+            # Each rank's loss is its share of the global mean (with Ulysses too: each row is on
+            # one rank); FSDP averages gradients over ranks, so x world turns that average back
+            # into the sum of the shares.
             (loss * self.world if self.world > 1 else loss).backward()
             for k, v in share.items():
                 acc[k] = acc.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
@@ -310,7 +343,8 @@ class ActorTrainer:
         return acc
 
     def _perf(self, tokens: int, elapsed: float, batch: dict) -> dict[str, float]:
-        out = {"perf/update_tokens": self._sum([float(tokens)])[0]}
+        """tokens: of this rank's samples; with Ulysses its group shares them, 1/sp each."""
+        out = {"perf/update_tokens": self._sum([float(tokens)])[0] / self.sp}
         if self.device.type != "cuda":
             return out
         out["perf/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -322,7 +356,7 @@ class ActorTrainer:
             seq2 = sum((len(p) + len(r)) ** 2 for p, r in zip(batch["prompts"], batch["responses"]))
             # This rank's tokens: 6 N T dense + 12 L h S^2 attention (fwd+bwd), per epoch;
             # +1 fwd for recomputation ignored.
-            flops = (6 * self.n_params * tokens + 12 * layers * hidden * seq2 * self.cfg.actor.ppo_epochs)
+            flops = (6 * self.n_params * tokens + 12 * layers * hidden * seq2 * self.cfg.actor.ppo_epochs) / self.sp
             out["perf/mfu/actor"] = flops / elapsed / (peak * 1e12)
         return out
 

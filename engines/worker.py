@@ -49,7 +49,7 @@ class GRPOWorker:
         self.offload = Offloader(self.trainer, a.param_offload, a.optimizer_offload)
         self.offload.to_host()  # before vLLM sizes its share of the GPU
         # vLLM first reserves its share of memory, then sleeps while the trainer works.
-        self.rollout = VLLMRollout(self.cfg, model_dir, device)
+        self.rollout = VLLMRollout(self.cfg, model_dir, device, rank)
         if not self.trainer.is_lora:  # full fine-tuning: the trainer holds every weight vLLM needs
             self.rollout.refill = self._state_for_rollout
         self.rollout.sleep()

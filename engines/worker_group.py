@@ -65,7 +65,7 @@ def check_resources(cfg: GRPOConfig) -> None:
 class WorkerGroup:
     def __init__(self, cfg: GRPOConfig, model_dir: str):
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, placement_group_table
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from engines.worker import GRPOWorker, master_address
@@ -78,8 +78,13 @@ class WorkerGroup:
         self.pg = placement_group([bundle] * self.world_size,
                                   strategy="PACK" if cfg.trainer.nnodes == 1 else "SPREAD")
         ray.get(self.pg.ready(), timeout=120)
+        # Ranks in node order: a node's ranks are consecutive, as are the ranks of a vLLM engine
+        # (tensor parallel) and of a Ulysses group, whatever order Ray spread the bundles in.
+        node_of = placement_group_table(self.pg)["bundles_to_node_id"]
+        nodes = list(dict.fromkeys(node_of[i] for i in range(self.world_size)))
+        bundles = sorted(range(self.world_size), key=lambda i: (nodes.index(node_of[i]), i))
         place = lambda rank: PlacementGroupSchedulingStrategy(  # noqa: E731
-            placement_group=self.pg, placement_group_bundle_index=rank)
+            placement_group=self.pg, placement_group_bundle_index=bundles[rank])
         # Rank 0's node and a free port there: every rank joins the process group at that address.
         master = (ray.get(ray.remote(master_address).options(num_cpus=0, scheduling_strategy=place(0)).remote())
                   if self.world_size > 1 else None)
@@ -106,34 +111,41 @@ class WorkerGroup:
     # ---- what the flow asks for ---------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: dict) -> list[dict]:
         """Data-parallel rollout: one share of prompts per engine, results in prompt order, each
-        row naming the engine that made it."""
-        engines = self.world_size // self.cfg.rollout.tensor_model_parallel_size
-        shares = split(list(range(len(prompts))), engines)
+        row naming the engine that made it. An engine of tensor_model_parallel_size ranks gets its
+        share on every one of its ranks (they generate together); its first rank's rows are kept."""
+        tp = self.cfg.rollout.tensor_model_parallel_size
+        shares = split(list(range(len(prompts))), self.world_size // tp)
         seeds = sampling["seeds"]
-        outs = self._scatter("generate", [([prompts[i] for i in s], {**sampling, "seeds": [seeds[i] for i in s]})
-                                          for s in shares])
+        outs = self._scatter("generate", [([prompts[i] for i in shares[rank // tp]],
+                                           {**sampling, "seeds": [seeds[i] for i in shares[rank // tp]]})
+                                          for rank in range(self.world_size)])
         merged = []
-        for engine, (share, out) in enumerate(zip(shares, outs)):
-            for row in out:
+        for engine, share in enumerate(shares):
+            for row in outs[engine * tp]:
                 merged.append({**row, "prompt_index": share[row["prompt_index"]], "engine": engine})
         return merged
 
     def compute_log_prob(self, prompts, responses, ref: bool = False) -> list[np.ndarray]:
-        if len(prompts) % self.world_size:  # sharded forwards are collectives: equal shares only
-            raise ValueError(f"{len(prompts)} samples do not split evenly over {self.world_size} ranks")
-        idx = split(list(range(len(prompts))), self.world_size)
-        outs = self._scatter("compute_log_prob",
-                             [([prompts[i] for i in s], [responses[i] for i in s]) for s in idx], ref=ref)
-        return [x for out in outs for x in out]
+        """One contiguous share per data-parallel rank (a Ulysses group of sp ranks shares one)."""
+        sp = self.cfg.actor.ulysses_sequence_parallel_size
+        dp = self.world_size // sp
+        if len(prompts) % dp:  # sharded forwards are collectives: equal shares only
+            raise ValueError(f"{len(prompts)} samples do not split evenly over {dp} data-parallel ranks")
+        idx = split(list(range(len(prompts))), dp)
+        outs = self._scatter("compute_log_prob", [([prompts[i] for i in idx[rank // sp]],
+                                                   [responses[i] for i in idx[rank // sp]])
+                                                  for rank in range(self.world_size)], ref=ref)
+        return [x for out in outs[::sp] for x in out]
 
     def update_actor(self, batch: dict, seed: int) -> dict[str, float]:
-        """Each rank gets the samples of its contiguous share of every mini-batch (the same
-        mini-batches as one rank would use) and the order to take them in."""
+        """Each data-parallel rank gets the samples of its contiguous share of every mini-batch (the
+        same mini-batches as one rank would use) and the order to take them in."""
         from engines.trainer import minibatch_schedule
 
+        sp = self.cfg.actor.ulysses_sequence_parallel_size
         n, shares = len(batch["prompts"]), []
         for rank in range(self.world_size):
-            steps = minibatch_schedule(n, self.cfg, seed, rank, self.world_size)
+            steps = minibatch_schedule(n, self.cfg, seed, rank // sp, self.world_size // sp)
             need = list(dict.fromkeys(int(i) for s in steps for i in s))  # first use order
             local = {g: j for j, g in enumerate(need)}
             shares.append(({k: (None if v is None else [v[i] for i in need]) for k, v in batch.items()},

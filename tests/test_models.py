@@ -102,10 +102,15 @@ def test_random_argument_errors(tmp_path):
 
 
 def test_presets_are_vllm_compatible():
-    assert set(ARCH_PRESETS) == {"tiny", "0.5b", "1.5b", "3b", "7b", "14b"}
+    from engines.plan import PUBLISHED_HUB_CONFIGS
+
+    assert set(ARCH_PRESETS) == {"tiny", "0.5b", "1.5b", "3b", "7b", "14b", "32b", "72b"}
     for name, p in ARCH_PRESETS.items():
         check_vllm_compatible(p)
         assert p["num_attention_heads"] % p["num_key_value_heads"] == 0, name
+        if name != "tiny":  # the shapes of the models the recipes name
+            hub = PUBLISHED_HUB_CONFIGS[f"Qwen/Qwen2.5-{name.upper()}-Instruct"]
+            assert {k: p[k] for k in hub if k in p} == {k: hub[k] for k in hub if k in p}, name
     assert ARCH_PRESETS["0.5b"]["vocab_size"] == 151936 and ARCH_PRESETS["0.5b"]["tie_word_embeddings"]
 
 

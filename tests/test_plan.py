@@ -111,13 +111,33 @@ def test_sharding_over_the_world_and_offload_as_configured():
     one = P.plan(_cfg("qwen2-14b-4xh800", **{"trainer.n_gpus_per_node": 1, "rollout.tensor_model_parallel_size": 1}))
     assert now["shard"] == 4 and one["shard"] == 1  # FSDP2 shards over the world
     assert now["trainer_resident_gib"] == pytest.approx(one["trainer_resident_gib"] / 4)
-    # Offload applies on one GPU; sharded, only as configured (not built for FSDP2 yet).
+    # Offload applies sharded too (through FSDP2's Module.to): the rollout phase holds less.
     kept = P.plan(_cfg("qwen2-14b-4xh800", **{"actor.param_offload": "false", "actor.optimizer_offload": "false"}))
-    assert now["rollout_phase_gib"] == kept["rollout_phase_gib"]
-    assert P.plan(_cfg("qwen2-14b-4xh800"), as_configured=True)["rollout_phase_gib"] < now["rollout_phase_gib"]
+    assert now["rollout_phase_gib"] < kept["rollout_phase_gib"]
+    assert P.plan(_cfg("qwen2-14b-4xh800"), as_configured=True)["rollout_phase_gib"] == now["rollout_phase_gib"]
     off1 = P.plan(_cfg("qwen2-7b-lora-1xh100"))
     kept1 = P.plan(_cfg("qwen2-7b-lora-1xh100", **{"actor.param_offload": "false", "actor.optimizer_offload": "false"}))
     assert off1["rollout_phase_gib"] < kept1["rollout_phase_gib"]
+
+
+def test_ulysses_splits_activations_and_logits_per_gpu():
+    one = {i["item"]: i["gib"] for i in P.plan(_cfg("qwen2-14b-lora-2xh100", **{"actor.ulysses_sequence_parallel_size": 1}))["items"]}
+    two = {i["item"]: i["gib"] for i in P.plan(_cfg("qwen2-14b-lora-2xh100"))["items"]}
+    act = "activations, checkpointing on"
+    assert two[act] == pytest.approx(one[act] / 2, rel=0.05)  # the kept layer inputs halve; one layer's too
+    logits = "logits (fwd+bwd) + one row's fp32"
+    assert two[logits] < 0.55 * one[logits]  # 29 of 58 rows (+ one row's fp32 temporaries, unchanged)
+
+
+def test_ulysses_heads_must_split():
+    from types import SimpleNamespace
+
+    from engines.ulysses import check_heads
+
+    check_heads(SimpleNamespace(num_attention_heads=40, num_key_value_heads=8), 2)
+    check_heads(SimpleNamespace(num_attention_heads=2, num_key_value_heads=1), 2)  # KV head copied
+    with pytest.raises(ValueError, match="ulysses_sequence_parallel_size=3 must divide the model's 40"):
+        check_heads(SimpleNamespace(num_attention_heads=40, num_key_value_heads=8), 3)
 
 
 # Measured on one H100 80GB (torch 2.11, transformers 5.17), engines/trainer.py ActorTrainer at 8dc6f9e

@@ -1,0 +1,97 @@
+"""Ulysses sequence parallelism (DeepSpeed-Ulysses, arXiv:2309.14509) for the trainer's forward.
+
+The sp ranks of a group take the same samples; each holds 1/sp of every sequence's columns
+through the decoder stack, so activations per GPU shrink by sp. Attention needs whole sequences:
+an all-to-all trades the column slice for 1/sp of the heads, attention runs over all columns, and
+a second all-to-all trades back. After the final norm a third one trades columns for rows: each
+rank then holds whole sequences of 1/sp of the micro-batch's rows, so the logits, the log-probs
+and the loss are computed exactly as without sequence parallelism, on fewer rows.
+All three all-to-alls have autograd (their backward is the reverse all-to-all).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.nn.functional import all_to_all_single
+
+NAME = "ulysses_sdpa"  # the attention implementation registered with transformers
+_GROUP: dist.ProcessGroup | None = None  # this process's sequence-parallel group
+
+
+def new_groups(sp: int) -> dist.ProcessGroup:
+    """Groups of sp consecutive ranks; this rank's. Every rank must call it (group creation is collective)."""
+    global _GROUP
+    world, rank = dist.get_world_size(), dist.get_rank()
+    for start in range(0, world, sp):
+        g = dist.new_group(list(range(start, start + sp)))
+        if start <= rank < start + sp:
+            _GROUP = g
+    return _GROUP
+
+
+def _swap(x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Cut x into sp chunks along scatter_dim, send chunk j to rank j, and join what arrives
+    (in rank order) along gather_dim."""
+    sp = dist.get_world_size(_GROUP)
+    send = torch.stack([c.contiguous() for c in x.chunk(sp, dim=scatter_dim)])
+    got = all_to_all_single(torch.empty_like(send), send, group=_GROUP)
+    return torch.cat(got.unbind(0), dim=gather_dim)
+
+
+def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface. query [B, H, T/sp, d], key/value [B, KV, T/sp, d] (rotary
+    applied, at the columns' true positions); attention_mask: the whole [B, 1, T, T] bool mask."""
+    sp = dist.get_world_size(_GROUP)
+    if key.shape[1] < sp:  # fewer KV heads than ranks: each rank gets a copy of its group's head
+        key, value = (t.repeat_interleave(sp // key.shape[1], dim=1) for t in (key, value))
+    q, k, v = (_swap(t, 1, 2) for t in (query, key, value))  # [B, heads/sp, T, d]
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scaling)
+    return _swap(out, 2, 1).transpose(1, 2).contiguous(), None  # [B, T/sp, H, d]
+
+
+def _rows_for_columns(module, args, output):
+    """Forward hook on the final norm: [B, T/sp, h] column slices -> [B/sp, T, h] whole rows."""
+    return _swap(output, 0, 1)
+
+
+def enable(hf_model: torch.nn.Module) -> None:
+    """Route hf_model's attention through `attention` and its final norm through the row swap."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, attention)
+    hf_model.set_attn_implementation(NAME)
+    hf_model.model.norm.register_forward_hook(_rows_for_columns)
+
+
+def check_heads(config, sp: int) -> None:
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    if heads % sp or (kv % sp and sp % kv):
+        raise ValueError(f"actor.ulysses_sequence_parallel_size={sp} must divide the model's {heads} attention "
+                         f"heads and divide (or be a multiple of) its {kv} key-value heads")
+
+
+def full_mask(attn: torch.Tensor) -> torch.Tensor:
+    """[B, T] 0/1 -> [B, 1, T, T] bool: causal, padded keys masked. A padded query keeps its own
+    column, so no row is empty (an empty row makes SDPA return NaN); its output is never used."""
+    T = attn.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attn.device).tril()
+    mask = causal & attn.bool()[:, None, None, :]
+    return mask | torch.eye(T, dtype=torch.bool, device=attn.device)
+
+
+def rank() -> int:
+    return dist.get_rank(_GROUP)
+
+
+def size() -> int:
+    return dist.get_world_size(_GROUP) if _GROUP is not None else 1
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, in rank order (no autograd; for log-probs the caller returns)."""
+    parts = [torch.empty_like(t) for _ in range(size())]
+    dist.all_gather(parts, t.contiguous(), group=_GROUP)
+    return torch.cat(parts)
