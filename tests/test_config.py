@@ -69,9 +69,10 @@ def test_overrides_parse_yaml_scalars_and_nest():
     (["actorlr"], "section.key=value"),
     (["trainer.n_gpus_per_node=2", "actor.ulysses_sequence_parallel_size=4"],
      "actor.ulysses_sequence_parallel_size=4 must divide the 2 GPUs"),
-    (["trainer.n_gpus_per_node=4", "rollout.tensor_model_parallel_size=3"],
+    (["trainer.n_gpus_per_node=4", "actor.ppo_micro_batch_size_per_gpu=1", "rollout.tensor_model_parallel_size=3"],
      "rollout.tensor_model_parallel_size=3 must divide trainer.n_gpus_per_node=4"),
-    (["trainer.n_gpus_per_node=4", "trainer.nnodes=2", "rollout.tensor_model_parallel_size=6"],
+    (["trainer.n_gpus_per_node=4", "trainer.nnodes=2", "actor.ppo_micro_batch_size_per_gpu=1",
+      "rollout.tensor_model_parallel_size=6"],
      "rollout.tensor_model_parallel_size=6 must divide trainer.n_gpus_per_node=4 (or be a multiple of it"),
 ])
 def test_bad_config_names_the_key(overrides, needle):
