@@ -11,6 +11,7 @@
 #     benchmarks/gpu_suite.sh p6   # 7B full: sync at both sleep levels + trainer; 0.5B sync levels
 #     benchmarks/gpu_suite.sh p7   # CUDA parity tests; trainer rows; trainer memory vs plan
 #     benchmarks/gpu_suite.sh p10  # CUDA offload + parity tests; update speed vs micro-batch size
+#     benchmarks/gpu_suite.sh p12  # offload + DCP under FSDP2 on one GPU; memory at the big LoRA widths
 # Each item runs under `timeout`, within DEADLINE (epoch seconds; default now + 570 s); items
 # that do not fit are skipped and named. Results (JSON + logs) go to $BENCH_OUT/<part>
 # (default /root/bench) and, packed, to $OUT/<part>.tgz when $OUT is set.
@@ -143,6 +144,15 @@ p10)
     run "micro-$mb" 130 90 python3 benchmarks/engine_bench.py --arch 0.5b --mode lora --parts train --models-dir "$M" \
       --gsm8k "$GSM8K_DIR" --samples 580 --micro $mb --train-reps 1 --out "$R/engine-0.5b-lora-micro$mb.json"
   done
+  ;;
+p12)
+  # one GPU, issue 3: offload and DCP checkpoints unsharded and under FSDP2 (one-rank process group),
+  # parity after the Module.to offload; trainer memory at the 14B/32B/72B LoRA widths, cut to a few
+  # layers, unsharded (control) and FSDP2, against the plan
+  run cuda-tests 300 150 bash -c "cd ${BENCH_SRC:-.} && for t in 'test_offload.py -k unsharded' 'test_offload.py -k fsdp2' 'test_parity.py -k full' 'test_parity.py -k lora'; do
+    GRPO_TEST_DEVICE=cuda python3 -m pytest -q -s -p no:cacheprovider tests/\$t || exit 1; done"
+  run mem-cut 120 60 env OUT="$R" CUT=1 python3 benchmarks/trainer_memory.py 0
+  run mem-cut-fsdp 240 90 env OUT="$R" CUT=1 FSDP=1 python3 benchmarks/trainer_memory.py 0 1 2 3
   ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac

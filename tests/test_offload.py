@@ -89,3 +89,16 @@ def test_offload_frees_the_gpu_for_rollout_and_changes_no_number(tmp_path, gsm8k
     worker.sync_weights()
     diff = _vllm_vs_trainer(worker, prompts)
     assert diff < TOL, f"after an offloaded update, vLLM and the trainer differ by {diff}"
+
+    # A checkpoint (DCP: CUDA shards when sharded) restores weights and AdamW state over a perturbed
+    # trainer, and the load pushes them into vLLM.
+    worker.save_checkpoint(str(tmp_path / "ck"))
+    saved = tensors()
+    with torch.no_grad():
+        for p in worker.trainer.model.parameters():
+            p.add_(1.0)
+    worker.offload.to_host()
+    worker.load_checkpoint(str(tmp_path / "ck"))
+    assert all(torch.equal(a, b) for a, b in zip(saved, tensors()))
+    diff = _vllm_vs_trainer(worker, prompts)
+    assert diff < TOL, f"after loading the checkpoint, vLLM and the trainer differ by {diff}"
