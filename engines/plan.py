@@ -196,11 +196,12 @@ def layer_act_bytes_per_token(s: Shape) -> int:
     return fp32_h * h + bf16_h * h + attn + mlp
 
 
-def activation_bytes(s: Shape, tokens: int, checkpointing: bool) -> int:
-    """Saved activations of the decoder stack for `tokens` (micro-batch x padded length)."""
+def activation_bytes(s: Shape, tokens: int, checkpointing: bool, input_bytes: int = 4) -> int:
+    """Saved activations of the decoder stack for `tokens` (micro-batch x padded length).
+    input_bytes: of each kept layer input, fp32 on autocast (4) or bf16 under FSDP2's bf16 params (2)."""
     per_layer = layer_act_bytes_per_token(s) * tokens
-    if checkpointing:  # fp32 layer inputs kept; one layer's tensors live while it is recomputed
-        return s.layers * 4 * s.hidden * tokens + per_layer
+    if checkpointing:  # layer inputs kept; one layer's tensors live while it is recomputed
+        return s.layers * input_bytes * s.hidden * tokens + per_layer
     return s.layers * per_layer
 
 
@@ -259,10 +260,9 @@ def _memory(cfg: GRPOConfig, s: Shape, g: GPU, feats: dict, b: int, fsdp: bool |
     tokens = b * seq
     ck = m.enable_gradient_checkpointing
     lm_cast = 2 * s.vocab * s.hidden
-    if fsdp:  # FSDP2 all-gathers one unit (layer, or embedding/lm_head) at a time, prefetching one
-        unit = max(P_lin // s.layers, s.vocab * s.hidden)
-        cast_fwd = saved_cast = 2 * 2 * unit + 4 * unit
-        cast_note = "FSDP all-gathered bf16 units + an unsharded fp32 grad"
+    if fsdp:  # one layer's bf16 unit gathered, one prefetched; the root's: its own item below
+        cast_fwd = saved_cast = 2 * 2 * (P_lin - s.vocab * s.hidden) // s.layers
+        cast_note = "FSDP2 all-gathered bf16 layer units (current + prefetched)"
     elif lora:  # frozen base weights are cast per op; saved for backward only without checkpointing
         cast_fwd = saved_cast = lm_cast if ck else 2 * P_lin
         cast_note = "frozen base cast per op" + ("; lm_head's kept for backward" if ck else ", all saved")
@@ -271,9 +271,12 @@ def _memory(cfg: GRPOConfig, s: Shape, g: GPU, feats: dict, b: int, fsdp: bool |
         cast_note = "autocast cache of every Linear during the forward"
     # Ulysses: a GPU holds 1/sp of every sequence's columns in the decoder, 1/sp of the rows' logits.
     sp = a.ulysses_sequence_parallel_size
-    act = activation_bytes(s, tokens // sp, ck)
+    act = activation_bytes(s, tokens // sp, ck, input_bytes=2 if fsdp else 4)  # FSDP2: bf16 residual stream
     el = logits_elems(s, -(-b // sp), resp)
     add("bf16 weight copies", "train", cast_fwd, cast_note)
+    # FSDP2 does not reshard the root after the forward: embedding + lm_head stay gathered (bf16).
+    root = add("FSDP2 root unit (bf16, gathered)", "train", 2 * s.vocab * s.hidden * (1 if s.tie else 2),
+               "embedding + lm_head, kept gathered after the forward") if fsdp else 0
     add(f"activations, checkpointing {'on' if ck else 'off'}", "train", act, f"micro-batch {b} x {seq} tokens" + (f" / Ulysses {sp}" if sp > 1 else ""))
     add(f"(activations if checkpointing {'off' if ck else 'on'})", "-", activation_bytes(s, tokens // sp, not ck),
         "for comparison only")
@@ -287,10 +290,19 @@ def _memory(cfg: GRPOConfig, s: Shape, g: GPU, feats: dict, b: int, fsdp: bool |
     in_update = resident - (ref if off_p else 0)  # offload between uses: the ref leaves during the update
     # zero_grad(set_to_none) opens each update: while the logits peak, only lm_head's grad exists.
     head_grad = 0 if lora else 4 * s.vocab * s.hidden / shard
-    # forward end (weight casts + bf16 logits) vs logits stage (casts freed, fp32 logits and grads)
-    upd = in_update - gr + mask + act + max(cast_fwd + 2 * el, saved_cast + lg + head_grad)
-    nograd_cast = 0 if lora else cast_fwd  # trainable weights are cached under no_grad too
-    logp = resident + mask + max(nograd_cast + 2 * el + 4 * s.hidden * tokens // sp, LOGIT_BYTES_NOGRAD * el + row)
+    if fsdp:
+        # Measured on one H200 under FSDP2 (benchmarks/BENCHMARKS.md, section 11): the logits stage
+        # is the peak, over the kept layer inputs and the final norm's bf16 output; one layer's
+        # recompute (with its gathered units) comes after the logits are freed.
+        per_layer = layer_act_bytes_per_token(s) * tokens // sp if ck else 0
+        hid = 2 * s.hidden * tokens // sp
+        upd = in_update - gr + root + mask + act - per_layer + hid + max(lg + head_grad, per_layer + cast_fwd)
+        logp = resident + root + mask + max(2 * el + hid, LOGIT_BYTES_NOGRAD * el + row)
+    else:
+        # forward end (weight casts + bf16 logits) vs logits stage (casts freed, fp32 logits and grads)
+        upd = in_update - gr + mask + act + max(cast_fwd + 2 * el, saved_cast + lg + head_grad)
+        nograd_cast = 0 if lora else cast_fwd  # trainable weights are cached under no_grad too
+        logp = resident + mask + max(nograd_cast + 2 * el + 4 * s.hidden * tokens // sp, LOGIT_BYTES_NOGRAD * el + row)
     step = in_update + tmp
     trainer_peak = max(upd, logp, step)
 

@@ -120,6 +120,33 @@ def test_sharding_over_the_world_and_offload_as_configured():
     assert off1["rollout_phase_gib"] < kept1["rollout_phase_gib"]
 
 
+# Measured on one H200 (torch 2.11, transformers 5.17, peft 0.21), ActorTrainer(shard=True): FSDP2 in a
+# one-rank process group, LoRA r32, prompt 512 + response 1024, checkpointing, the recipes' widths cut
+# to a few layers (benchmarks/trainer_memory.py with CUT=1 FSDP=1, 2026-11-24, results in
+# benchmarks/results/h200-2026-11-24/p12): peak max_memory_allocated over log-prob and a second update.
+# (arch, layers, micro-batch) -> GiB
+H200_FSDP2_MEASURED = [(("14b", 8, 8), 26.24), (("14b", 8, 29), 41.46), (("32b", 6, 23), 39.13),
+                       (("72b", 3, 11), 34.78)]
+
+
+@pytest.mark.parametrize("case,measured", H200_FSDP2_MEASURED)
+def test_fsdp2_trainer_peak_within_15pct_of_h200_measurement(tmp_path, case, measured):
+    import json
+
+    from engines.models import ARCH_PRESETS
+
+    arch, layers, b = case
+    (tmp_path / "config.json").write_text(json.dumps(dict(ARCH_PRESETS[arch], num_hidden_layers=layers,
+                                                          model_type="qwen2")))
+    cfg = _cfg("qwen2-0.5b-lora-1xh100", **{
+        "model.path": str(tmp_path), "model.source": "hf", "model.lora_rank": 32, "data.max_prompt_length": 512,
+        "rollout.max_response_length": 1024, "data.train_batch_size": b, "actor.ppo_mini_batch_size": b,
+        "actor.ppo_micro_batch_size_per_gpu": b, "rollout.n": 1, "rollout.max_model_len": "null",
+        "rollout.max_num_batched_tokens": "null"})
+    pred = P.plan(cfg, "H200", fsdp=True)["trainer_peak_gib"]
+    assert abs(pred / measured - 1) <= 0.15, (pred, measured)
+
+
 def test_ulysses_splits_activations_and_logits_per_gpu():
     one = {i["item"]: i["gib"] for i in P.plan(_cfg("qwen2-14b-lora-2xh100", **{"actor.ulysses_sequence_parallel_size": 1}))["items"]}
     two = {i["item"]: i["gib"] for i in P.plan(_cfg("qwen2-14b-lora-2xh100"))["items"]}
