@@ -126,8 +126,9 @@ def _rank_needs(cfg, world: int) -> list[list[int]]:
 
 # Ulysses: both ranks take every sample, each holds half of every sequence's columns (an odd
 # micro-batch of 1 is padded to 2 rows, one per rank); seq-mean-token-mean checks that each row's
-# tokens stay on one rank for the loss.
-ULYSSES = ["actor.ulysses_sequence_parallel_size=2", "actor.loss_agg_mode=seq-mean-token-mean"]
+# tokens stay on one rank for the loss; checkpointing (as the recipes) recomputes through the all-to-alls.
+ULYSSES = ["actor.ulysses_sequence_parallel_size=2", "actor.loss_agg_mode=seq-mean-token-mean",
+           "model.enable_gradient_checkpointing=true"]
 
 
 @pytest.mark.parametrize("extra", [[], ["model.lora_rank=8", "actor.loss_agg_mode=seq-mean-token-mean"], DYNAMIC,
