@@ -79,7 +79,9 @@ class RolloutConfig(_Section):
     enable_chunked_prefill: bool = True
     load_format: str = "auto"
     layered_summon: bool = False
-    """LoRA: collect the adapter layer by layer when syncing (bounded memory; FSDP only)."""
+    """The reference's switch to collect a sharded LoRA adapter layer by layer for the sync. Here
+    the adapter (and, for full fine-tuning, every weight) always goes over one tensor at a time,
+    so memory stays bounded either way; kept so the recipes read as in the reference."""
     val_temperature: float = Field(0.0, ge=0.0)
     """Eval sampling temperature; 0 is greedy (mean@1 as published)."""
 
