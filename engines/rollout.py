@@ -51,6 +51,8 @@ class VLLMRollout:
             # cuda:0. vLLM's custom all-reduce maps GPUs by CUDA_VISIBLE_DEVICES: NCCL instead.
             os.environ.update(RANK=str(rank), LOCAL_RANK="0")
             kwargs.update(distributed_executor_backend="external_launcher", disable_custom_all_reduce=True)
+            if device == "cpu":
+                _drop_stale_cpu_shm(rank, r.tensor_model_parallel_size)
         if device == "cpu":
             # vLLM-CPU sizes its KV cache as a share of RAM minus this process's RSS, which the
             # colocated trainer already fills; an explicit size keeps the share meaningful. The
@@ -148,6 +150,18 @@ class VLLMRollout:
 
         return LoRARequest(lora_name=f"policy_v{self.lora_version}", lora_int_id=self.lora_version,
                            lora_path=self._lora_path)
+
+
+def _drop_stale_cpu_shm(rank: int, tp: int) -> None:
+    """vLLM-CPU's TP all-reduce creates a /dev/shm segment per rank, named after the group's ranks
+    only (the external launcher leaves no run id in it) and never removed when Ray ends the actor:
+    the next run on the machine failed with "create shm in SHMManager failed. errno: 17". Each
+    rank removes its own leftover first. So one CPU run with rollout TP>1 per machine at a time."""
+    first = rank - rank % tp
+    mine = f"-[{'-'.join(str(r) for r in range(first, first + tp))}]-cpushm_{rank % tp}"
+    for name in os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []:
+        if name.endswith(mine):
+            os.unlink(os.path.join("/dev/shm", name))
 
 
 def _sampled_logprobs(lp, ids: list[int]) -> list[float]:
