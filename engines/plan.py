@@ -261,7 +261,7 @@ def _memory(cfg: GRPOConfig, s: Shape, g: GPU, feats: dict, b: int, fsdp: bool |
     ck = m.enable_gradient_checkpointing
     lm_cast = 2 * s.vocab * s.hidden
     if fsdp:  # one layer's bf16 unit gathered, one prefetched; the root's: its own item below
-        cast_fwd = saved_cast = 2 * 2 * (P_lin - s.vocab * s.hidden) // s.layers
+        cast_fwd = 2 * 2 * (P_lin - s.vocab * s.hidden) // s.layers
         cast_note = "FSDP2 all-gathered bf16 layer units (current + prefetched)"
     elif lora:  # frozen base weights are cast per op; saved for backward only without checkpointing
         cast_fwd = saved_cast = lm_cast if ck else 2 * P_lin

@@ -408,25 +408,19 @@ class ActorTrainer:
         if self.rank == 0:
             torch.save({"scheduler": self.scheduler.state_dict(), "bad_steps": self.bad_steps,
                         "torch_rng": torch.get_rng_state()}, actor / "extra_state.pt")
-        self.export_hf(str(Path(ckpt_dir) / "huggingface"))
+        self.export_hf(str(Path(ckpt_dir) / "huggingface"), adapter_dir=actor / "lora_adapter")
 
-    def export_hf(self, out_dir: str) -> None:
-        """A plain HF model dir in the compute dtype (LoRA merged into the base), loadable by
-        from_pretrained and vLLM. Every rank takes part; rank 0 writes."""
+    def export_hf(self, out_dir: str, adapter_dir: Path) -> None:
+        """A plain HF model dir in the compute dtype (LoRA: the peft adapter rank 0 wrote to
+        adapter_dir, merged into the base), loadable by from_pretrained and vLLM. Every rank takes
+        part; rank 0 writes."""
         if self.is_lora:
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
 
-            adapter = dict(self._full_state(lora_only=True))
             if self.rank == 0:
-                tmp = Path(out_dir).parent / "adapter_tmp"
-                self.model.save_pretrained(tmp, state_dict=adapter)
                 base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.compute_dtype)
-                merged = PeftModel.from_pretrained(base, tmp).merge_and_unload()
-                merged.save_pretrained(out_dir)
-                for f in tmp.iterdir():
-                    f.unlink()
-                tmp.rmdir()
+                PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(out_dir)
         else:
             _write_safetensors(Path(out_dir), self._full_state(self.compute_dtype, files=True),
                                write=self.rank == 0)

@@ -90,7 +90,8 @@ class GRPOWorker:
         return time.perf_counter() - t0
 
     def save_checkpoint(self, ckpt_dir: str) -> None:
-        """Every rank gathers; rank 0 writes (ckpt_dir must be on a filesystem it shares with the controller)."""
+        """Every rank writes its shards, rank 0 the rest (ckpt_dir must be on a filesystem every rank
+        shares with the controller)."""
         self.offload.to_gpu(optimizer=True)
         self.trainer.save(ckpt_dir)
 

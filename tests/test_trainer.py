@@ -119,6 +119,13 @@ def test_lora_checkpoint_holds_the_adapter_and_refuses_a_full_model(model_dir, t
         assert "lora_" in k and torch.equal(v, _params(t)[k]), k
     with pytest.raises(ValueError, match="does not match model .*lora_rank=0"):
         _trainer(model_dir).load(str(tmp_path / "ck"))  # the base weights are not in it
+    # The HF export is the base with the checkpoint's adapter merged in.
+    from safetensors.torch import load_file
+
+    q = t.model.get_base_model().model.layers[0].self_attn.q_proj
+    merged = (q.base_layer.weight + q.get_delta_weight("default")).detach()
+    exported = load_file(tmp_path / "ck" / "huggingface" / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    assert not torch.equal(merged, q.base_layer.weight) and torch.allclose(exported, merged, atol=1e-6)
 
 
 def test_checkpoint_of_an_earlier_build_is_named_with_the_way_out(model_dir, tmp_path):
