@@ -281,7 +281,7 @@ def policy_loss(
 
 # ------------------------------------------------------------ log-probs and entropy
 def _row_logprobs(logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool):
-    x = logits.float() / temperature
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # fp32 or wider
     lse = torch.logsumexp(x, dim=-1)
     logp = torch.gather(x, -1, labels.unsqueeze(-1).long()).squeeze(-1) - lse
     # entropy as logsumexp(l) - sum(softmax(l) * l): no log(0) for tiny probabilities
@@ -291,7 +291,9 @@ def _row_logprobs(logits: Tensor, labels: Tensor, temperature: float, with_entro
 
 def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0,
                    with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """``log softmax(logits / temperature)[label]`` (and the entropy) per token, in float32.
+    """``log softmax(logits / temperature)[label]`` (and the entropy) per token, in float32 (float64
+    for float64 logits). logits: [B, T, V]; labels: [B, T]; returns two [B, T] tensors (entropy
+    None unless asked).
 
     One batch row at a time, and under autograd each row is recomputed in backward
     (checkpointed): the float32 [B, T, V] copy, its softmax and their saved activations (V ~
@@ -309,7 +311,7 @@ def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0,
         args = (row, labels[i:i + 1], temperature, with_entropy)
         parts.append(checkpoint(_row_logprobs, *args, use_reentrant=False) if grad else _row_logprobs(*args))
     if not parts:
-        empty = logits.new_empty(logits.shape[:-1], dtype=torch.float32)
+        empty = logits.new_empty(logits.shape[:-1], dtype=torch.promote_types(logits.dtype, torch.float32))
         return empty, (empty if with_entropy else None)
     logp = torch.cat([lp for lp, _ in parts])
     return logp, (torch.cat([e for _, e in parts]) if with_entropy else None)

@@ -84,9 +84,16 @@ def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> torch.Tensor:
 class ActorTrainer:
     """Holds the policy, its optimizer and (for full fine-tuning) a frozen reference copy."""
 
-    def __init__(self, cfg: GRPOConfig, model_dir: str, device: str, shard: bool | None = None):
+    def __init__(self, cfg: GRPOConfig, model_dir: str, device: str, shard: bool | None = None,
+                 master_dtype: torch.dtype = torch.float32):
         """shard: FSDP2 even on one rank (to test the sharded path on one GPU, in a 1-rank process
-        group); by default exactly when cfg.world_size > 1."""
+        group); by default exactly when cfg.world_size > 1.
+
+        master_dtype: of the trained weights and the optimizer state (float32). torch.float64 (CPU
+        only) runs everything in float64 -- master weights, reference, forward, loss -- so that
+        tests comparing two summation orders (ranks, micro-batches, Ulysses) see float64 rounding
+        (unit roundoff 2^-53) instead of float32's (2^-24), whatever CPU kernels run them.
+        Raises ValueError for float64 on CUDA."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg, self.model_dir = cfg, model_dir
@@ -100,10 +107,14 @@ class ActorTrainer:
         self.sp = cfg.actor.ulysses_sequence_parallel_size
         self.dp_rank, self.dp_size = self.rank // self.sp, self.world // self.sp
         self.compute_dtype = DTYPES[cfg.model.dtype]
+        if master_dtype == torch.float64:
+            if self.device.type != "cpu":
+                raise ValueError("master_dtype=float64 is for CPU numerics checks only")
+            self.compute_dtype = torch.float64
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # fp32 master weights; forward passes autocast to the compute dtype on GPU.
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=master_dtype).to(self.device)
         if cfg.model.enable_gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -225,7 +236,7 @@ class ActorTrainer:
                                logits_to_keep=R + 1, use_cache=False).logits
         logp, ent = algos.token_logprobs(logits[:, :-1], ids[:, -R:], max(self.cfg.rollout.temperature, 1e-6),
                                          with_entropy)
-        return logp, ent, r_mask.to(self.device, torch.float32), rows
+        return logp, ent, r_mask.to(self.device, logp.dtype), rows
 
     def _micro_batches(self, prompts, responses) -> list[list[int]]:
         """Sample indices of each forward: ppo_micro_batch_size_per_gpu at a time, in order; or,

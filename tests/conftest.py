@@ -1,9 +1,11 @@
 """Shared pieces for the end-to-end tests: real GSM8K, cached tiny model and data, tmp outputs."""
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,6 +14,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = Path(os.environ.get("GSM8K_DIR", ROOT.parent / "shared" / "data" / "gsm8k"))
 DEVICE = os.environ.get("GRPO_TEST_DEVICE", "cpu")  # cuda: run the device-aware tests on a GPU
+
+# |vLLM - trainer| per-token log-prob (nats) on CPU, both float32, for the tiny model (hidden 128,
+# MLP 384, 2 layers, attention over <= ~300 positions, log-softmax over a ~1k vocabulary): a logit
+# ends a chain of ~4.5k multiply-adds that the two implementations order differently (paged vs
+# SDPA attention, fused ops). Rounding errors of n terms grow like sqrt(n) * u (Higham, Accuracy
+# and Stability of Numerical Algorithms, 2nd ed., s. 3.5): sqrt(4.5e3) * 2^-24 * |logit| (<= 10)
+# = 4e-5, so 1e-4 (measured ~1.5e-6). The worst-case n * u bound (2.7e-3) is never approached.
+# The mistake it guards against, a weight sync missed or applied to the wrong tensor, moves
+# log-probs by > 5e-4 (tests/test_parity.py asserts that before each sync).
+VLLM_LOGP_ATOL_CPU = 1e-4
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -23,12 +35,46 @@ def cached_inputs() -> list[str]:
             f"model.path={ROOT / 'models' / 'tiny-qwen2'}"]
 
 
+# Started once per test session and shared, rather than once per `grpo run`: a new SQLite MLflow
+# store runs MLflow's schema migrations (seconds), and a flow run without PREFECT_API_URL starts
+# Prefect's temporary server (seconds). Each test still gets its own store (a copy) and flow runs.
+_SESSION: dict = {}
+
+
+def mlflow_uri(directory: Path) -> str:
+    """The sqlite:/// URI of a fresh MLflow store `directory`/mlflow.db (a copy of one migrated once)."""
+    db = directory / "mlflow.db"
+    if not db.exists():
+        if "mlflow" not in _SESSION:
+            template = Path(tempfile.mkdtemp(prefix="grpo-test-mlflow-")) / "mlflow.db"
+            subprocess.run([sys.executable, "-c", "import sys, mlflow; mlflow.MlflowClient(sys.argv[1]).search_experiments()",
+                            f"sqlite:///{template}"], check=True, capture_output=True, timeout=300)
+            _SESSION["mlflow"] = template
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_SESSION["mlflow"], db)
+    return f"sqlite:///{db}"
+
+
+def flow_env() -> dict[str, str]:
+    """Environment for a flow subprocess: the repository on PYTHONPATH and the session's Prefect server."""
+    if "prefect" not in _SESSION:
+        home = Path(tempfile.mkdtemp(prefix="grpo-test-prefect-"))
+        server = prefect_server(home, home / "server.log")
+        _SESSION["prefect"] = (server, server.__enter__())
+    return dict(_SESSION["prefect"][1])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "prefect" in _SESSION:
+        _SESSION.pop("prefect")[0].__exit__(None, None, None)
+
+
 def run_grpo(tmp_path: Path, *overrides: str, config: str = "tiny-cpu", timeout: int = 1200):
     """`grpo run` in a subprocess with its own MLflow store and checkpoint dir under tmp_path."""
     args = [sys.executable, "-m", "flows.cli", "run", config, *cached_inputs(),
-            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"tracking.tracking_uri={mlflow_uri(tmp_path)}",
             f"trainer.default_local_dir={tmp_path / 'ckpt'}", *overrides]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = flow_env()
     res = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     (tmp_path / "run.log").write_text(res.stdout + res.stderr)
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]

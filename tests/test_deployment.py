@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cached_inputs, free_port, mlflow_run, stop, wait_http
+from tests.conftest import ROOT, cached_inputs, free_port, mlflow_run, mlflow_uri, stop, wait_http
 
 pytestmark = pytest.mark.slow
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -41,7 +41,7 @@ def test_prefect_deployment_run_reaches_completed(tmp_path, gsm8k):
         out = cli("--no-prompt", "deploy", "--all")
         assert "grpo/tiny-cpu" in out and "grpo/qwen2-14b-4xh800" in out
         start("worker", PREFECT, "worker", "start", "--pool", "grpo-process", "--limit", "1")
-        overrides = cached_inputs() + [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        overrides = cached_inputs() + [f"tracking.tracking_uri={mlflow_uri(tmp_path)}",
                                        f"trainer.default_local_dir={tmp_path / 'ckpt'}",
                                        "trainer.total_training_steps=2", "trainer.test_freq=2"]
         out = cli("deployment", "run", "grpo/tiny-cpu", "--params", json.dumps({"overrides": overrides}),

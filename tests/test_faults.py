@@ -8,17 +8,17 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, cached_inputs, mlflow_run
+from tests.conftest import cached_inputs, flow_env, mlflow_run, mlflow_uri
 
 pytestmark = pytest.mark.slow
 
 
 def test_killed_worker_is_rebuilt_from_the_last_checkpoint(tmp_path, gsm8k):
     args = [sys.executable, "-m", "flows.cli", "run", "tiny-cpu", *cached_inputs(), "trainer.save_freq=1",
-            "trainer.test_freq=-1", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "trainer.test_freq=-1", f"tracking.tracking_uri={mlflow_uri(tmp_path)}",
             f"trainer.default_local_dir={tmp_path / 'ckpt'}"]
     log = open(tmp_path / "run.log", "w+")
-    proc = subprocess.Popen(args, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    proc = subprocess.Popen(args, cwd=tmp_path, env=flow_env(),
                             stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 900
     # Kill once step 1's checkpoint is whole (a step's last act), so the retry has one to restore.

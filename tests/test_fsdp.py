@@ -27,19 +27,23 @@ CORPUS = [f"Tom has {i} apples and buys {i + 3} more. #### {2 * i + 3}" for i in
 # weight by ~1e-3 per step.
 OVERRIDES = ["rollout.n=2", "data.train_batch_size=4", "actor.ppo_mini_batch_size=2",
              "actor.ppo_micro_batch_size_per_gpu=1", "actor.lr=1e-3", "trainer.device=cpu"]
-# |2 ranks - 1 rank| per weight after 3 AdamW steps, fp32 CPU, both with one thread per process.
-# Sharding changes only the summation order (each rank sums its half of the gradient, then the
-# halves are reduced), a last-bit difference; Adam's g/sqrt(v) blows it up to ~lr for the few
-# weights whose gradient is near eps. Measured: max 2.5e-6 full / 4.5e-7 LoRA, mean 1.1e-9 / 7e-11.
-# (Merely changing the micro-batch size or thread count of one rank moves weights by 3e-5.)
-# A wrong normalisation moves most weights by ~lr=1e-3, and the grad norm by far more than 1e-5.
-ATOL, MEAN_ATOL = 1e-5, 1e-8
-# With use_dynamic_bsz one rank groups a step's 4 samples otherwise than two ranks group 2 each:
-# other batch shapes, other summation order, as other micro-batch sizes (1e-4 in test_trainer.py).
-DYNAMIC_ATOL = 1e-4
-# Ulysses attends through its own SDPA call (explicit [B,1,T,T] mask, heads split over ranks), not
-# transformers' path: last-bit differences again, Adam-amplified. Measured max 1.9e-5, mean 5.6e-9.
-ULYSSES_ATOL = 1e-4
+# Both sides train in float64 (ActorTrainer(master_dtype=torch.float64): weights, reference,
+# forward and loss), so the comparison does not depend on which CPU kernels ran it (AVX512, AVX2,
+# ATEN_CPU_CAPABILITY=default) or on the thread count. Sharding, dynamic micro-batches and Ulysses
+# change only the order of sums, so 2 ranks differ from 1 by rounding alone. The bound:
+# - in float32 the same comparisons (3 AdamW steps, lr 1e-3) moved weights by up to 1.9e-5
+#   (measured; the float32 bound was 1e-4): Adam's g / (sqrt(v) + eps) magnifies the rounding of
+#   the few gradients near eps = 1e-8 (no sum here has more than ~1e3 terms). The arithmetic is the
+#   same with unit roundoff 2^-53 instead of 2^-24, i.e. 2^29 = 5.4e8 times smaller: <= 1e-4 /
+#   5.4e8 = 2e-13. ATOL = 1e-10 leaves 500x for Adam's magnification not being linear in the
+#   rounding (measured: max 8e-15 on every case here).
+# - a wrong normalisation (per-rank instead of global token counts) moves most weights by ~lr =
+#   1e-3: 7 orders above ATOL (test_a_per_rank_normalisation_is_caught shows it).
+ATOL = 1e-10
+# Metrics are sums over <= ~100 tokens of terms up to ~100x the (cancelling) total: reordering
+# changes them by <= 100 * 2^-53 * 100 = 1.1e-12 relative at the first update, and later ones by
+# the weights' ~1e-14 difference (measured <= 1.5e-14). A wrong normalisation is off by >1e-2.
+METRIC_REL = 1e-10
 STEPS = 3
 
 
@@ -80,15 +84,19 @@ def _state(trainer) -> dict[str, torch.Tensor]:
     return {k: _full(v).clone() for k, v in trainer.model.state_dict().items()}
 
 
-def _rank_main(rank, world, port, model_dir, extra, tmp):
-    """One gloo rank: train, save a checkpoint, then load the one-rank run's checkpoint."""
+def _rank_main(rank, world, port, model_dir, extra, tmp, per_rank_counts=False):
+    """One gloo rank: train, save a checkpoint, then load the one-rank run's checkpoint.
+    per_rank_counts: the mistake the tolerances must catch, each rank normalising its loss by its
+    own token and sequence counts (the trainer's all-reduce of the counts skipped)."""
     from engines.trainer import ActorTrainer, init_distributed
 
     torch.set_num_threads(1)
     init_distributed(rank, world, ("127.0.0.1", port), "cpu")
     cfg = _cfg(world, extra)
     torch.manual_seed(0)
-    t = ActorTrainer(cfg, model_dir, "cpu")
+    t = ActorTrainer(cfg, model_dir, "cpu", master_dtype=torch.float64)
+    if per_rank_counts:
+        t._sum = lambda values, op=None: values
     metrics = _train(t, cfg)
     trained = _state(t)
     t.save(f"{tmp}/ck{world}")
@@ -131,52 +139,80 @@ ULYSSES = ["actor.ulysses_sequence_parallel_size=2", "actor.loss_agg_mode=seq-me
            "model.enable_gradient_checkpointing=true"]
 
 
-@pytest.mark.parametrize("extra", [[], ["model.lora_rank=8", "actor.loss_agg_mode=seq-mean-token-mean"], DYNAMIC,
-                                   ULYSSES, ULYSSES + ["model.lora_rank=8"]],
-                         ids=["full", "lora", "dynamic_bsz", "ulysses", "ulysses_lora"])
-def test_two_gloo_ranks_match_one_rank(model_dir, tmp_path, extra):
+METRICS = ("actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/ppo_kl", "actor/grad_norm")
+
+
+def _one_rank(model_dir, extra, tmp_path):
+    """The reference: one plain rank (no Ulysses), one thread as each rank, float64."""
     from engines.trainer import ActorTrainer
 
-    cfg = _cfg(1, [e for e in extra if "ulysses" not in e])  # the reference: one plain rank
-    if extra is DYNAMIC:  # the case under test: ranks that need different counts in one step
-        assert any(len(set(needs)) > 1 for needs in _rank_needs(_cfg(2, extra), 2))
+    cfg = _cfg(1, [e for e in extra if "ulysses" not in e])
     torch.manual_seed(0)
-    one = ActorTrainer(cfg, model_dir, "cpu")
+    one = ActorTrainer(cfg, model_dir, "cpu", master_dtype=torch.float64)
     before = _state(one)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank: the same summation order within a matmul
+    torch.set_num_threads(1)
     try:
-        m1 = _train(one, cfg)
+        metrics = _train(one, cfg)
     finally:
         torch.set_num_threads(threads)
-    p1 = _state(one)
     one.save(str(tmp_path / "ck1"))
+    return one, before, _state(one), metrics
 
-    mp.spawn(_rank_main, args=(2, _free_port(), model_dir, extra, str(tmp_path)), nprocs=2)
+
+def _two_ranks(model_dir, extra, tmp_path, per_rank_counts=False):
+    mp.spawn(_rank_main, args=(2, _free_port(), model_dir, extra, str(tmp_path), per_rank_counts), nprocs=2)
     out = torch.load(tmp_path / "out2.pt", weights_only=False)
-    p2, m2 = out["trained"], out["metrics"]
+    return out["trained"], out["metrics"], out
 
+
+def _weight_diff(p1, p2, before) -> torch.Tensor:
     assert p1.keys() == p2.keys()
     moved = max((p1[k] - before[k]).abs().max().item() for k in p1)
     assert moved > 1e-3, "training did not move the weights: the comparison would be empty"
     diff = torch.cat([(p1[k] - p2[k]).abs().flatten() for k in p1])
     print(f"|2 ranks - 1 rank|: max {diff.max():.2e} mean {diff.mean():.2e} (weights moved up to {moved:.2e})")
-    atol = DYNAMIC_ATOL if extra is DYNAMIC else ULYSSES_ATOL if "ulysses" in str(extra) else ATOL
-    assert diff.max() <= atol and diff.mean() <= MEAN_ATOL
+    return diff
+
+
+@pytest.mark.parametrize("extra", [[], ["model.lora_rank=8", "actor.loss_agg_mode=seq-mean-token-mean"], DYNAMIC,
+                                   ULYSSES, ULYSSES + ["model.lora_rank=8"]],
+                         ids=["full", "lora", "dynamic_bsz", "ulysses", "ulysses_lora"])
+def test_two_gloo_ranks_match_one_rank(model_dir, tmp_path, extra):
+    if extra is DYNAMIC:  # the case under test: ranks that need different counts in one step
+        assert any(len(set(needs)) > 1 for needs in _rank_needs(_cfg(2, extra), 2))
+    one, before, p1, m1 = _one_rank(model_dir, extra, tmp_path)
+    p2, m2, out = _two_ranks(model_dir, extra, tmp_path)
+
+    diff = _weight_diff(p1, p2, before)
+    assert diff.max() <= ATOL
     for a, b in zip(m1, m2, strict=True):  # metrics are global: the ranks' shares summed
-        for k in ("actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/ppo_kl", "actor/grad_norm"):
-            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+        for k in METRICS:
+            assert b[k] == pytest.approx(a[k], rel=METRIC_REL), k
         assert b["perf/update_tokens"] == a["perf/update_tokens"]
 
     # DCP checkpoints reshard on load: each world size loads the other's.
     for k, v in out["loaded"].items():
         assert torch.equal(v, p1[k]), f"2 ranks loading the 1-rank checkpoint: {k} differs"
-    fresh = ActorTrainer(cfg, model_dir, "cpu")
+    from engines.trainer import ActorTrainer
+
+    fresh = ActorTrainer(_cfg(1, [e for e in extra if "ulysses" not in e]), model_dir, "cpu",
+                         master_dtype=torch.float64)
     fresh.load(str(tmp_path / "ck2"))
     for k, v in _state(fresh).items():
         assert torch.equal(v, p2[k]), f"1 rank loading the 2-rank checkpoint: {k} differs"
     o1, o2 = one.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
     assert max((o1[i]["exp_avg"] - o2[i]["exp_avg"]).abs().max().item() for i in o1) < ATOL
+
+
+def test_a_per_rank_normalisation_is_caught(model_dir, tmp_path):
+    """The tolerances above still catch the mistake they guard against: ranks whose responses have
+    different lengths, each normalising by its own counts, end far outside ATOL and METRIC_REL."""
+    _, before, p1, m1 = _one_rank(model_dir, [], tmp_path)
+    p2, m2, _ = _two_ranks(model_dir, [], tmp_path, per_rank_counts=True)
+    assert _weight_diff(p1, p2, before).max() > 1e4 * ATOL
+    assert max(abs(b["actor/pg_loss"] - a["actor/pg_loss"]) / abs(a["actor/pg_loss"])
+               for a, b in zip(m1, m2)) > 1e4 * METRIC_REL
 
 
 @pytest.mark.slow
@@ -186,7 +222,7 @@ def test_grpo_run_on_two_cpu_ranks(tmp_path, gsm8k):
     import pandas as pd
     from safetensors.torch import load_file
 
-    from tests.conftest import mlflow_run, run_grpo
+    from tests.conftest import VLLM_LOGP_ATOL_CPU, mlflow_run, run_grpo
 
     runs = {}
     for world in (1, 2):
@@ -214,15 +250,19 @@ def test_grpo_run_on_two_cpu_ranks(tmp_path, gsm8k):
     assert two["prompt_index"].is_monotonic_increasing
     assert list(two["row"]) == list(one["row"])
     assert [list(x) for x in two["response_ids"]] == [list(x) for x in one["response_ids"]]
-    # Same samples, so the first update is the same; sharding changes only summation order.
+    # Same samples and weights, so the first update is the same; sharding changes only the order of
+    # float32 sums (the flow trains in float32: vLLM has no float64). A step-1 metric sums ~1e3
+    # token terms; rounding grows like sqrt(n) * u (conftest): sqrt(1e3) * 2^-24 = 2e-6 relative,
+    # times the cancellation of terms of both signs (<= ~30 here): rel 1e-4. KL is ~0 at step 1
+    # (policy = reference), hence abs 1e-6. Per-rank normalisation would be off by > 1e-2.
     first = lambda c, r, key: next(m.value for m in c.get_metric_history(r.info.run_id, key) if m.step == 1)  # noqa: E731
     assert first(c1, r1, "actor/grad_norm") > 0.01
     for key in ("critic/score/mean", "actor/pg_loss", "actor/entropy", "actor/grad_norm", "actor/kl_loss"):
         assert first(c2, r2, key) == pytest.approx(first(c1, r1, key), rel=1e-4, abs=1e-6), key
     # After each update both engines sample with the new weights: vLLM's log-probs of what it
-    # sampled match the trainer's (fp32 CPU, as tests/test_parity.py: ~1e-6; 1e-4 allowed).
+    # sampled match the trainer's (fp32 CPU, as tests/test_parity.py).
     diffs = c2.get_metric_history(r2.info.run_id, "training/rollout_probs_diff_max")
-    assert len(diffs) == 3 and max(m.value for m in diffs) < 1e-4
+    assert len(diffs) == 3 and max(m.value for m in diffs) < VLLM_LOGP_ATOL_CPU
 
     # Each rank wrote its own shards of the training state; the HF exports are whole either way.
     assert len(list((ck2 / "global_step_3" / "actor").glob("*.distcp"))) == 2
@@ -245,7 +285,7 @@ def test_grpo_run_with_one_engine_over_two_ranks(tmp_path, gsm8k):
     seeded per prompt), and after each update its log-probs match the trainer's."""
     import pandas as pd
 
-    from tests.conftest import mlflow_run, run_grpo
+    from tests.conftest import VLLM_LOGP_ATOL_CPU, mlflow_run, run_grpo
 
     run_grpo(tmp_path, "trainer.n_gpus_per_node=2", "rollout.tensor_model_parallel_size=2",
              "reward.function=tests.toy_reward:letter_e_share", "trainer.total_training_steps=2")
@@ -254,7 +294,7 @@ def test_grpo_run_with_one_engine_over_two_ranks(tmp_path, gsm8k):
     rows = pd.read_parquet(tmp_path / "ckpt" / "rollouts" / "step_000002.parquet")
     assert set(rows["engine"]) == {0} and rows["prompt_index"].is_monotonic_increasing
     diffs = client.get_metric_history(run.info.run_id, "training/rollout_probs_diff_max")
-    assert len(diffs) == 2 and max(m.value for m in diffs) < 1e-4
+    assert len(diffs) == 2 and max(m.value for m in diffs) < VLLM_LOGP_ATOL_CPU
     # One rank, one engine, the same seeds: the same first rollout, token for token.
     (tmp_path / "one").mkdir()
     run_grpo(tmp_path / "one", "reward.function=tests.toy_reward:letter_e_share", "trainer.total_training_steps=1")

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from flows.grpo import REQUIRED_STEP_METRICS
 from tasks.killpoints import STAGES
-from tests.conftest import GSM8K, ROOT, cached_inputs, free_port, mlflow_run, prefect_server, stop
+from tests.conftest import GSM8K, ROOT, cached_inputs, free_port, mlflow_run, mlflow_uri, prefect_server, stop
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -46,7 +46,7 @@ KILLED = re.compile(r"killpoint: SIGKILL in (\w+) at step (\d+), ([\d.]+) s in \
 
 def _grpo(rdir: Path, env: dict, log: Path, kill: str | None, data_dir: Path) -> int:
     args = [sys.executable, "-m", "flows.cli", "run", "tiny-cpu", *cached_inputs(), f"data.dir={data_dir}",
-            f"tracking.tracking_uri=sqlite:///{rdir / 'mlflow.db'}", f"trainer.default_local_dir={rdir / 'ckpt'}",
+            f"tracking.tracking_uri={mlflow_uri(rdir)}", f"trainer.default_local_dir={rdir / 'ckpt'}",
             *CONFIG]
     run_env = {**env, **({"GRPO_KILL_AT": kill} if kill else {})}
     with open(log, "w") as out:

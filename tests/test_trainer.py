@@ -19,11 +19,28 @@ def model_dir(tmp_path_factory):
     return materialize("random", str(tmp_path_factory.mktemp("m") / "tiny"), corpus=CORPUS)
 
 
-def _trainer(model_dir, *overrides):
+def _trainer(model_dir, *overrides, master_dtype=torch.float32):
     cfg = load_config("tiny-cpu", ["rollout.n=2", "actor.ppo_mini_batch_size=4", "actor.lr=1e-3",
                                    "trainer.device=cpu", *overrides])
     torch.manual_seed(0)
-    return ActorTrainer(cfg, model_dir, "cpu")
+    return ActorTrainer(cfg, model_dir, "cpu", master_dtype=master_dtype)
+
+
+# Micro-batching (fixed sizes or a token budget) changes only the order of sums. The comparisons
+# run in float64 (master_dtype), so they hold on any CPU kernel path and thread count:
+# - weights after one AdamW step (lr 1e-3): float32 moved them by up to 6e-5 (measured; Adam's
+#   g / (sqrt(v) + eps) magnifies the rounding of the ~20 gradients near eps = 1e-8); float64's
+#   unit roundoff is 2^29 = 5.4e8 times smaller, so <= 1e-4 / 5.4e8 = 2e-13; W_ATOL = 1e-10
+#   leaves 500x for the magnification not being linear (measured: see the printed max).
+# - losses and the grad norm: sums of <= ~100 token terms up to ~100x their cancelling total:
+#   <= 100 * 2^-53 * 100 = 1.1e-12 relative; METRIC_REL = 1e-10.
+# - log-probs: a row's log-softmax over V = ~400 logits, itself a 64-term dot product each:
+#   <= (400 + 64) * 2^-53 * |logit| (<= ~10) = 5e-13; LOGP_ATOL = 1e-10. (The returned arrays are
+#   float32, rounded from equal float64 values: equal unless a value sits within ~1e-13 of a
+#   float32 rounding boundary: about 1e-14 / 5e-7, one in 1e7.)
+# A normalisation per micro-batch instead of per mini-batch is off by up to 4x (2 against 8
+# samples): test_a_per_micro_batch_normalisation_is_caught shows these bounds catch it.
+W_ATOL, METRIC_REL, LOGP_ATOL = 1e-10, 1e-10, 1e-10
 
 
 def _batch(trainer, n=8):
@@ -42,20 +59,35 @@ def _params(trainer):
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_micro_batch_size_does_not_change_the_update(model_dir, mode):
+    (p8, m8), (p2, m2) = _micro_8_and_2(model_dir, mode)
+    assert m8["actor/grad_norm"] == pytest.approx(m2["actor/grad_norm"], rel=METRIC_REL)
+    assert m8["actor/pg_loss"] == pytest.approx(m2["actor/pg_loss"], rel=METRIC_REL)
+    diff = max((p8[k] - p2[k]).abs().max().item() for k in p8)
+    print(f"|micro 8 - micro 2|: max {diff:.2e} after one step")
+    assert diff <= W_ATOL
+
+
+def _micro_8_and_2(model_dir, mode):
     results = []
     for micro in (8, 2):
-        t = _trainer(model_dir, f"actor.ppo_micro_batch_size_per_gpu={micro}", f"actor.loss_agg_mode={mode}")
-        batch = _batch(t)
-        metrics = t.update(batch, seed=0)
+        t = _trainer(model_dir, f"actor.ppo_micro_batch_size_per_gpu={micro}", f"actor.loss_agg_mode={mode}",
+                     master_dtype=torch.float64)
+        metrics = t.update(_batch(t), seed=0)
         results.append((_params(t), metrics))
-    (p8, m8), (p2, m2) = results
-    # The gradient is the sharp check (a wrong per-micro-batch normalisation is off by 4x).
-    assert m8["actor/grad_norm"] == pytest.approx(m2["actor/grad_norm"], rel=1e-4)
-    assert m8["actor/pg_loss"] == pytest.approx(m2["actor/pg_loss"], abs=1e-6)
-    # One Adam step moves each weight by ~lr=1e-3; fp32 summation order (other padding, other
-    # batch shapes) shifts the few near-zero gradients that Adam normalises, hence 1e-4.
-    for k in p8:
-        torch.testing.assert_close(p8[k], p2[k], rtol=0, atol=1e-4)
+    return results
+
+
+def test_a_per_micro_batch_normalisation_is_caught(model_dir, monkeypatch):
+    """The mistake the bounds above are for: each micro-batch normalised by its own counts (the
+    global counts not passed to the loss) moves the update far outside them."""
+    import engines.algos as algos
+
+    for name in ("policy_loss", "agg_loss"):
+        real = getattr(algos, name)
+        monkeypatch.setattr(algos, name, lambda *a, _real=real, global_tokens=None, global_seqs=None, **k: _real(*a, **k))
+    (p8, m8), (p2, m2) = _micro_8_and_2(model_dir, "token-mean")
+    assert abs(m8["actor/grad_norm"] / m2["actor/grad_norm"] - 1) > 1e4 * METRIC_REL
+    assert max((p8[k] - p2[k]).abs().max().item() for k in p8) > 1e4 * W_ATOL
 
 
 def test_non_finite_grad_skips_the_step_and_counts_it(model_dir):
@@ -162,26 +194,25 @@ def test_dynamic_bsz_does_not_change_log_probs_or_the_update(model_dir, mode):
     """A token budget of 24 cuts the 8 samples into 5 micro-batches of 1, 1, 2, 2, 2 by length, out
     of order; the log-probs come back in order and the update equals one micro-batch of 8."""
     lengths = ["data.max_prompt_length=8", "rollout.max_response_length=6", f"actor.loss_agg_mode={mode}"]
-    plain = _trainer(model_dir, "actor.ppo_micro_batch_size_per_gpu=8", *lengths)
+    plain = _trainer(model_dir, "actor.ppo_micro_batch_size_per_gpu=8", *lengths, master_dtype=torch.float64)
     batch = _batch(plain)
-    dyn = _trainer(model_dir, "actor.use_dynamic_bsz=true", "actor.ppo_max_token_len_per_gpu=24", *lengths)
+    dyn = _trainer(model_dir, "actor.use_dynamic_bsz=true", "actor.ppo_max_token_len_per_gpu=24", *lengths,
+                   master_dtype=torch.float64)
     groups = dyn._micro_batches(batch["prompts"], batch["responses"])
     assert sorted(len(g) for g in groups) == [1, 1, 2, 2, 2] and sum(groups, []) != list(range(8))
     for ref in (False, True):
         got = dyn.compute_log_prob(batch["prompts"], batch["responses"], ref=ref)
         want = batch["ref_log_probs" if ref else "old_log_probs"]
         for a, b in zip(got, want, strict=True):
-            assert a.shape == b.shape and np.abs(a - b).max() < 1e-6
+            assert a.shape == b.shape and np.abs(a - b).max() <= LOGP_ATOL
     m_plain, m_dyn = plain.update(batch, seed=0), dyn.update(batch, seed=0)
-    assert m_dyn["actor/grad_norm"] == pytest.approx(m_plain["actor/grad_norm"], rel=1e-5)
-    assert m_dyn["actor/pg_loss"] == pytest.approx(m_plain["actor/pg_loss"], abs=1e-7)
-    # Adam's first moment is 0.1 x the gradient (largest ~4e-3): equal to fp32 summation order,
-    # measured <= 2e-9. Adam's g / sqrt(v) then magnifies that for the ~20 of 435k weights whose
-    # gradient is near zero: measured max 6e-6..6e-5 (as fixed micro-batches of 2 against 8, see
-    # above), mean 3e-10. A wrong normalisation or a lost sample moves most weights by ~lr = 1e-3.
+    assert m_dyn["actor/grad_norm"] == pytest.approx(m_plain["actor/grad_norm"], rel=METRIC_REL)
+    assert m_dyn["actor/pg_loss"] == pytest.approx(m_plain["actor/pg_loss"], rel=METRIC_REL)
+    # Adam's first moment is 0.1 x the gradient: equal to summation order, like the weights. A
+    # wrong normalisation or a lost sample moves most weights by ~lr = 1e-3.
     for a, b in zip(plain.optimizer.state.values(), dyn.optimizer.state.values(), strict=True):
-        assert (a["exp_avg"] - b["exp_avg"]).abs().max() < 1e-8
+        assert (a["exp_avg"] - b["exp_avg"]).abs().max() <= W_ATOL
     p_plain, p_dyn = _params(plain), _params(dyn)
-    diff = torch.cat([(p_plain[k] - p_dyn[k]).abs().flatten() for k in p_plain])
-    print(f"|dynamic - fixed micro-batches|: max {diff.max():.2e} mean {diff.mean():.2e} after one step")
-    assert diff.max() < 1e-4 and diff.mean() < 1e-8
+    diff = max((p_plain[k] - p_dyn[k]).abs().max().item() for k in p_plain)
+    print(f"|dynamic - fixed micro-batches|: max {diff:.2e} after one step")
+    assert diff <= W_ATOL
