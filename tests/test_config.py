@@ -212,3 +212,26 @@ def test_cli_bad_input_one_clear_line_nothing_written(tmp_path, case):
     assert list(work.iterdir()) == [], "a rejected run must write nothing"
     assert not (tmp_path / "data").exists(), "prep must not write parquet for rejected data"
     assert sorted(p.name for p in other_model.iterdir()) == ["global_step_2", "latest_checkpointed_iteration.txt"]
+
+
+def test_eval_of_a_lora_checkpoint_is_not_refused_by_the_training_resume_guard(tmp_path):
+    """issue 13 (10): `grpo eval checkpoints/<run>/global_step_N` of a LoRA run evaluates its merged
+    HF export (model.lora_rank=0); the run's checkpoint dir holds lora_rank 8, which the training
+    resume guard rightly refuses for a run, but an eval resumes nothing."""
+    import shutil
+
+    from engines.models import materialize
+    from flows.cli import _load, eval_target
+
+    model_dir = materialize("random", str(tmp_path / "m" / "tiny"),
+                            corpus=[f"Tom has {i} apples. #### {i}" for i in range(200)])
+    root = _foreign_checkpoint(tmp_path / "ckpt", **{"model.lora_rank": 8})  # a LoRA run's checkpoint
+    shutil.copytree(model_dir, root / "global_step_2" / "huggingface")
+    base = [f"trainer.default_local_dir={root}", f"data.source={GSM8K}", f"data.dir={tmp_path / 'data'}",
+            f"model.path={model_dir}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    with pytest.raises(ValueError, match="model.lora_rank: checkpoint 8 vs config 0"):
+        _load("tiny-cpu", base)  # training there with another LoRA rank: refused, as before
+    config, overrides = eval_target(str(root / "global_step_2"), "tiny-cpu", base)
+    cfg = _load(config, overrides)
+    assert cfg.model.path == str(root / "global_step_2" / "huggingface") and cfg.model.lora_rank == 0
+    assert eval_target("tiny-cpu", "ignored", base)[0] == "tiny-cpu"  # a recipe: its own model
