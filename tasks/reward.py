@@ -29,7 +29,8 @@ _NUMBER_RE = re.compile(r"(\-?[0-9\.\,]+)")
 GSM8K_SCORERS = ("reference", "lenient")
 """reference: the reference framework's GSM8K scorer, exactly (what published
 ``val-core/openai/gsm8k/reward/mean@1`` numbers use); lenient: ours, which also
-accepts ``72.`` / ``72.0`` / ``7,2`` for 72 (see ``extract_solution``)."""
+credits ``#### 72.`` / ``#### 72.0`` for 72 and ``1,234`` for 1234 in flexible mode
+(see ``extract_solution``)."""
 
 
 def _normalise(token: str) -> str | None:
