@@ -55,6 +55,8 @@ class RolloutConfig(_Section):
     n: int = Field(5, ge=1)
     """Responses sampled per prompt: the GRPO group size."""
     temperature: float = Field(1.0, ge=0.0)
+    """Training sampling temperature. Must be > 0: at 0 (greedy) every sample of a group is the
+    same response, so every GRPO advantage is 0 and nothing is learned. Eval: val_temperature."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = -1
     max_response_length: int = Field(1024, ge=1)
@@ -73,10 +75,15 @@ class RolloutConfig(_Section):
     of weight sync. The trainer recomputes old_log_prob, so this is a diagnostic only (its cost:
     benchmarks/BENCHMARKS.md, section 1)."""
     max_num_seqs: int = Field(256, ge=1)
-    max_model_len: int | None = None
-    """None: max_prompt_length + max_response_length."""
-    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = Field(None, ge=1)
+    """vLLM's context length (prompt + response tokens). None: data.max_prompt_length +
+    rollout.max_response_length; a set value must be at least that, or vLLM would cut responses
+    short or refuse prompts mid-run."""
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    """vLLM's token budget per scheduler step. Without chunked prefill (enable_chunked_prefill=false,
+    and always on CPU) a whole prompt is prefilled at once, so it must be >= max_model_len."""
     enable_chunked_prefill: bool = True
+    """Let vLLM split long prefills over scheduler steps (CUDA only: on CPU it is always off)."""
     load_format: str = "auto"
     layered_summon: bool = False
     """The reference's switch to collect a sharded LoRA adapter layer by layer for the sync. Here
@@ -109,6 +116,10 @@ class ActorConfig(_Section):
     clip_ratio_high: float = Field(0.2, ge=0.0)
     clip_ratio_c: float = Field(3.0, gt=1.0)
     """Dual-clip bound for negative advantages (Ye et al. 2020)."""
+    mask_truncated_completions: bool = False
+    """Leave responses cut by rollout.max_response_length (vLLM finish_reason "length") out of the
+    loss and of its token/sequence counts (TRL's GRPOConfig name; DAPO's overlong filtering): a cut
+    response's reward judges an unfinished answer. Their rewards still shape their group's advantages."""
     loss_agg_mode: Literal[
         "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
     ] = "token-mean"
@@ -138,7 +149,14 @@ class RewardConfig(_Section):
     function: str | None = None
     """Dotted path `pkg.module:fn` with signature fn(data_source, solution_str, ground_truth, extra_info)."""
     on_error: Literal["raise", "zero"] = "raise"
-    """A reward function that raises: stop naming the sample, or score it 0 and count it."""
+    """A reward function that raises or returns NaN/inf: stop naming the sample, or score it 0 and
+    count it (`reward/errors`)."""
+    gsm8k_scorer: Literal["reference", "lenient"] = "reference"
+    """The built-in GSM8K reward (reward.function unset). reference: the reference framework's
+    scorer exactly (`#### N` as text, commas removed: `72.0` or `72.` is wrong for 72), the one
+    published `val-core/openai/gsm8k/reward/mean@1` numbers use; lenient: also credits those
+    (numeric compare, trailing period and commas dropped) and adds the eval metric
+    `val-core/openai/gsm8k/reward_lenient/mean@1`; the mean@1 metric stays the reference's."""
 
 
 class TrainerConfig(_Section):
@@ -219,6 +237,29 @@ class GRPOConfig(_Section):
                 f"actor.ppo_max_token_len_per_gpu={a.ppo_max_token_len_per_gpu} must be at least "
                 f"data.max_prompt_length+rollout.max_response_length={longest} (one whole sample) "
                 f"with actor.use_dynamic_bsz")
+        r = self.rollout
+        if r.temperature == 0:
+            raise ValueError(
+                "rollout.temperature=0 samples greedily: every response of a group is the same, so every "
+                "GRPO advantage is 0 and nothing is learned; set rollout.temperature>0 for training "
+                "(rollout.val_temperature=0 gives greedy evaluation)")
+        if r.max_model_len is not None and r.max_model_len < longest:
+            raise ValueError(
+                f"rollout.max_model_len={r.max_model_len} is less than data.max_prompt_length+"
+                f"rollout.max_response_length={longest}: vLLM would cut responses or refuse prompts; raise "
+                f"rollout.max_model_len to {longest} (or null), or lower the other two")
+        max_len = r.max_model_len or longest
+        chunked = r.enable_chunked_prefill and self.trainer.device != "cpu"  # CPU: always off (engines/rollout.py)
+        if r.max_num_batched_tokens is not None and not chunked and r.max_num_batched_tokens < max_len:
+            raise ValueError(
+                f"rollout.max_num_batched_tokens={r.max_num_batched_tokens} is less than the context length "
+                f"{max_len} (rollout.max_model_len, or data.max_prompt_length+rollout.max_response_length) "
+                "without chunked prefill (rollout.enable_chunked_prefill=false, or trainer.device=cpu): "
+                f"vLLM refuses to start; raise it to {max_len} (or null)")
+        if r.max_num_batched_tokens is not None and r.max_num_batched_tokens < r.max_num_seqs:
+            raise ValueError(
+                f"rollout.max_num_batched_tokens={r.max_num_batched_tokens} is less than rollout.max_num_seqs="
+                f"{r.max_num_seqs}: vLLM refuses to start; raise the first or lower the second")
         tp, node = self.rollout.tensor_model_parallel_size, self.trainer.n_gpus_per_node
         if self.world_size % tp or (node % tp if tp <= node else tp % node):
             raise ValueError(  # an engine's all-reduces run every layer: within a node, or whole nodes

@@ -315,3 +315,22 @@ def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0,
         return empty, (empty if with_entropy else None)
     logp = torch.cat([lp for lp, _ in parts])
     return logp, (torch.cat([e for _, e in parts]) if with_entropy else None)
+
+
+def warmup_lambda(warmup_steps: int, warmup_ratio: float, total_steps: int | None, updates_per_step: int):
+    """LR multiplier of optimizer update i (0-based), for LambdaLR: linear warmup (i+1)/W, then 1.0.
+
+    W = warmup_steps (actor.lr_warmup_steps), or when that is -1, int(warmup_ratio x the run's
+    optimizer updates) = int(warmup_ratio x total_steps x updates_per_step), as in the reference
+    framework (total_steps: trainer.total_training_steps; updates per step: train_batch_size /
+    ppo_mini_batch_size x ppo_epochs). An epoch-based recipe leaves total_training_steps unset: the
+    flow fills it from trainer.total_epochs x steps per epoch (tasks.stages.total_steps) for the
+    workers. Raises ValueError if a ratio is given without total_steps.
+    """
+    warmup = warmup_steps
+    if warmup < 0 and warmup_ratio > 0:
+        if total_steps is None:
+            raise ValueError("actor.lr_warmup_steps_ratio needs the run's length: set trainer.total_training_steps "
+                             "(the flow sets it from trainer.total_epochs and the train set) or actor.lr_warmup_steps")
+        warmup = int(warmup_ratio * total_steps * updates_per_step)
+    return lambda i: min(1.0, (i + 1) / warmup) if warmup > 0 else 1.0

@@ -10,8 +10,10 @@ weights the next sync would overwrite anyway.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from typing import Iterable
+import weakref
+from typing import Callable, Iterable
 
 import torch
 
@@ -31,8 +33,7 @@ class VLLMRollout:
         self.cfg = cfg
         self.sleep_mode = device == "cuda" and r.free_cache_engine
         self.is_lora = cfg.model.lora_rank > 0
-        self.lora_version = 0
-        self._lora_dir = tempfile.mkdtemp(prefix="grpo-lora-")
+        self.adapters = AdapterDirs() if self.is_lora else None
         max_len = r.max_model_len or (cfg.data.max_prompt_length + r.max_response_length)
         kwargs = dict(
             model=model_dir, dtype=cfg.model.dtype, tensor_parallel_size=r.tensor_model_parallel_size,
@@ -136,20 +137,76 @@ class VLLMRollout:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         self.llm.reset_prefix_cache()
 
-    def load_adapter(self, save_adapter) -> None:
+    def load_adapter(self, save_adapter: Callable[[str], None]) -> None:
         """LoRA: only the adapter goes over; `save_adapter(dir)` writes it (peft format)."""
-        self.lora_version += 1
-        path = os.path.join(self._lora_dir, f"v{self.lora_version}")
-        save_adapter(path)
-        self._lora_path = path
+        self.adapters.write(save_adapter)
+
+    @property
+    def lora_version(self) -> int:
+        """How many adapters were pushed (0: generation uses the base model)."""
+        return self.adapters.version if self.adapters is not None else 0
 
     def _lora_request(self):
-        if not self.is_lora or self.lora_version == 0:
+        if self.lora_version == 0:
             return None
         from vllm.lora.request import LoRARequest
 
-        return LoRARequest(lora_name=f"policy_v{self.lora_version}", lora_int_id=self.lora_version,
-                           lora_path=self._lora_path)
+        v = self.adapters.version
+        return LoRARequest(lora_name=f"policy_v{v}", lora_int_id=v, lora_path=self.adapters.path)
+
+    def close(self) -> None:
+        """Remove what this engine left on disk (the LoRA adapter directory)."""
+        if self.adapters is not None:
+            self.adapters.close()
+
+
+class AdapterDirs:
+    """The LoRA adapter versions handed to vLLM: `<tmp>/grpo-lora-<pid>-*/v<k>` for the k-th sync.
+
+    Only the newest is kept: vLLM reads an adapter's files when the first request naming its id
+    arrives, generation is synchronous, and no request names an older id again, so the previous
+    version is dead once the new one is written (each is the adapter's size: ~70 MB at 0.5B,
+    ~1.7 GB at 72B, per rank). The directory goes at close() or when the process exits normally;
+    a process killed outright (ray.kill) leaves it, and the next AdapterDirs on the machine removes
+    the directories of processes that no longer run."""
+
+    PREFIX = "grpo-lora-"
+
+    def __init__(self, base: str | None = None):
+        base = base or tempfile.gettempdir()
+        _remove_orphans(base, self.PREFIX)
+        self.root = tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-", dir=base)
+        self.version = 0
+        self.path: str | None = None
+        self._remove = weakref.finalize(self, shutil.rmtree, self.root, ignore_errors=True)
+
+    def write(self, save: Callable[[str], None]) -> str:
+        """`save(dir)` writes version k+1; every older version is then removed. Returns its path."""
+        self.version += 1
+        path = os.path.join(self.root, f"v{self.version}")
+        save(path)
+        self.path = path
+        for name in os.listdir(self.root):
+            if name != f"v{self.version}":
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+        return path
+
+    def close(self) -> None:
+        self._remove()
+
+
+def _remove_orphans(base: str, prefix: str) -> None:
+    """Remove `<base>/<prefix><pid>-*` directories whose process is gone (killed before its close)."""
+    for name in os.listdir(base):
+        pid = name[len(prefix):].split("-", 1)[0]
+        if not (name.startswith(prefix) and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 def _drop_stale_cpu_shm(rank: int, tp: int) -> None:

@@ -191,12 +191,8 @@ class ActorTrainer:
     # ---- schedule -------------------------------------------------------------------------
     def _lr_lambda(self):
         a, c = self.cfg.actor, self.cfg
-        updates_per_step = (c.data.train_batch_size // a.ppo_mini_batch_size) * a.ppo_epochs
-        warmup = a.lr_warmup_steps
-        if warmup < 0:
-            total = (c.trainer.total_training_steps or 1) * updates_per_step
-            warmup = int(a.lr_warmup_steps_ratio * total)
-        return lambda i: min(1.0, (i + 1) / warmup) if warmup > 0 else 1.0
+        return algos.warmup_lambda(a.lr_warmup_steps, a.lr_warmup_steps_ratio, c.trainer.total_training_steps,
+                                   (c.data.train_batch_size // a.ppo_mini_batch_size) * a.ppo_epochs)
 
     # ---- forward ----------------------------------------------------------------------------
     def _autocast(self):
@@ -311,8 +307,15 @@ class ActorTrainer:
         old = pick("old_log_probs")
         ref = pick("ref_log_probs") if batch.get("ref_log_probs") is not None else None
         adv = torch.tensor(np.asarray(batch["advantages"], np.float32)[idx], device=self.device)
+        # actor.mask_truncated_completions: a response cut at max_response_length weighs 0 and is
+        # left out of the counts below, as if it were not in the mini-batch (TRL's completion mask).
+        keep = [1.0] * len(idx)
+        if a.mask_truncated_completions and batch.get("truncated") is not None:
+            keep = [0.0 if t else 1.0 for t in pick("truncated")]
+        keep_t = torch.tensor(keep, dtype=torch.float32, device=self.device)
         # Global counts; the sp ranks of a Ulysses group hold the same samples.
-        n_tokens, n_seqs = (x / self.sp for x in self._sum([float(sum(len(r) for r in responses)), float(len(idx))]))
+        n_tokens, n_seqs = (x / self.sp for x in self._sum([float(sum(len(r) * k for r, k in zip(responses, keep))),
+                                                           float(sum(keep))]))
         glob = dict(global_tokens=n_tokens, global_seqs=n_seqs, norm_len=self.cfg.rollout.max_response_length)
         agg = dict(loss_agg_mode=a.loss_agg_mode, **glob)
         self.optimizer.zero_grad(set_to_none=True)
@@ -320,6 +323,7 @@ class ActorTrainer:
         for g in self._micro_batches(prompts, responses):
             logp, ent, mask, rows = self._forward(self.model, _take(prompts, g), _take(responses, g), with_entropy=True)
             g = [g[i] for i in rows]  # the samples of this rank's rows
+            mask = mask * keep_t[g].unsqueeze(1)
             old_t = _pad_float(_take(old, g), logp.shape[1], self.device)
             out = algos.policy_loss(logp, old_t, adv[g], mask, clip_ratio_low=a.clip_ratio_low,
                                     clip_ratio_high=a.clip_ratio_high, clip_ratio_c=a.clip_ratio_c, **agg)

@@ -100,6 +100,10 @@ class GRPOWorker:
         self.trainer.load(ckpt_dir)
         self.sync_weights()
 
+    def close(self) -> None:
+        """Before the actor is killed: remove what the engine left on disk (LoRA adapters)."""
+        self.rollout.close()
+
     def memory_gb(self) -> float:
         """Peak accelerator memory (CUDA) or peak resident memory of this process (CPU)."""
         if self.cfg.trainer.device == "cuda":

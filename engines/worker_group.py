@@ -171,6 +171,10 @@ class WorkerGroup:
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        try:  # ray.kill skips exit handlers: each rank cleans up first (a dead one cannot)
+            ray.get([w.close.remote() for w in self.workers], timeout=60)
+        except ray.exceptions.RayError:
+            pass
         for w in self.workers:
             ray.kill(w)
         remove_placement_group(self.pg)

@@ -43,18 +43,24 @@ def cmd_prep(args) -> None:
     print(f"prepared {len(train)} train / {len(test)} test rows in {cfg.data.dir}")
 
 
-def cmd_eval(args) -> None:
-    """Evaluate a recipe's model, or a checkpoint's HF export (`.../global_step_N`)."""
+def eval_target(target: str, config: str, overrides: list[str]) -> tuple[str, list[str]]:
+    """(recipe, overrides) that evaluate `target`: a recipe's model, or a checkpoint's HF export
+    (`.../global_step_N`, a LoRA run's merged) under the settings of recipe `config`. An eval
+    resumes nothing, so the training resume guard (a checkpoint dir left by another model or LoRA
+    rank) is off: trainer.resume_mode=disable."""
     from pathlib import Path
 
-    overrides = list(args.overrides)
-    target = Path(args.target)
-    config = args.config
-    if target.is_dir() and (target / "huggingface").is_dir():
-        overrides += [f"model.path={target / 'huggingface'}", "model.source=hf", "model.lora_rank=0"]
+    overrides = list(overrides)
+    if Path(target).is_dir() and (Path(target) / "huggingface").is_dir():
+        overrides += [f"model.path={Path(target) / 'huggingface'}", "model.source=hf", "model.lora_rank=0"]
     else:
-        config = args.target
-    overrides += ["trainer.total_training_steps=1"]
+        config = target
+    return config, overrides + ["trainer.total_training_steps=1", "trainer.resume_mode=disable"]
+
+
+def cmd_eval(args) -> None:
+    """Evaluate a recipe's model, or a checkpoint's HF export (`.../global_step_N`)."""
+    config, overrides = eval_target(args.target, args.config, args.overrides)
     _load(config, overrides)
     from flows.evaluate import evaluate_model
 

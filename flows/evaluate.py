@@ -12,7 +12,7 @@ from tasks import stages
 def evaluate_model(config: str = "tiny-cpu", overrides: list[str] | None = None) -> float:
     from engines.worker_group import WorkerGroup
 
-    cfg = load_config(config, overrides or [])
+    cfg = load_config(config, [*(overrides or []), "trainer.resume_mode=disable"])  # no training resume guard
     preflight(cfg)
     model_dir, tokenizer, _, test = prep(cfg)
     if cfg.data.val_max_samples:

@@ -187,13 +187,12 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
     model_dir, tokenizer, train, test = prep(cfg)
     if cfg.data.val_max_samples:
         test = test.iloc[: cfg.data.val_max_samples]
-    per_epoch = len(train) // cfg.data.train_batch_size
-    total = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * per_epoch
+    total = stages.total_steps(cfg, len(train))
     root = Path(cfg.checkpoint_dir)
     tracker = Tracker(cfg, root, _tags(cfg))
     workers, status = None, "FAILED"
     try:
-        workers = WorkerGroup(cfg, model_dir)
+        workers = WorkerGroup(stages.with_total_steps(cfg, total), model_dir)  # the LR schedule's length
         start = 0
         ckpt = checkpoints.newest_valid(root) if cfg.trainer.resume_mode == "auto" else None
         if ckpt is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Callable, Literal, Optional, Sequence
@@ -25,31 +26,62 @@ _TAIL_CHARS = 300
 _STRICT_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 _NUMBER_RE = re.compile(r"(\-?[0-9\.\,]+)")
 
+GSM8K_SCORERS = ("reference", "lenient")
+"""reference: the reference framework's GSM8K scorer, exactly (what published
+``val-core/openai/gsm8k/reward/mean@1`` numbers use); lenient: ours, which also
+credits ``#### 72.`` / ``#### 72.0`` for 72 and ``1,234`` for 1234 in flexible mode
+(see ``extract_solution``)."""
+
 
 def _normalise(token: str) -> str | None:
-    """Drop thousands separators and a sentence-ending period; None if no digit is left."""
+    """Lenient: drop thousands separators and a sentence-ending period; None if no digit is left."""
     token = token.replace(",", "").rstrip(".")
     return token if any(ch.isdigit() for ch in token) else None
 
 
-def extract_solution(text: str, method: Literal["strict", "flexible"] = "strict") -> str | None:
+def _extract(text: str, method: str, scorer: str) -> tuple[str | None, bool]:
+    """(answer, whether the answer's text runs to the very end of ``text``)."""
+    if method not in ("strict", "flexible"):
+        raise ValueError(f"unknown extraction method {method!r}; use 'strict' or 'flexible'")
+    if scorer not in GSM8K_SCORERS:
+        raise ValueError(f"unknown GSM8K scorer {scorer!r}; use one of {GSM8K_SCORERS}")
+    tail = text[-_TAIL_CHARS:]
+    found = list((_STRICT_RE if method == "strict" else _NUMBER_RE).finditer(tail))
+    if not found:
+        return None, False
+    if scorer == "reference":
+        if method == "strict":  # the last match, commas removed, nothing else
+            m = found[-1]
+            return m.group(1).replace(",", ""), m.end() == len(tail)
+        # flexible: the last match that is not a lone "."; taken as is (commas and a trailing
+        # period stay). If every match is ".", the reference's loop leaves the first one.
+        m = next((m for m in reversed(found) if m.group(1) != "."), found[0])
+        return m.group(1), m.end() == len(tail)
+    if method == "strict":  # the last match; one without a digit counts as missing
+        m = found[-1]
+        return _normalise(m.group(1)), m.end() == len(tail)
+    for m in reversed(found):
+        answer = _normalise(m.group(1))
+        if answer is not None:
+            return answer, m.end() == len(tail)
+    return None, False
+
+
+def extract_solution(text: str, method: Literal["strict", "flexible"] = "strict",
+                     scorer: Literal["reference", "lenient"] = "reference") -> str | None:
     """Pull the final numeric answer out of the last 300 characters of a response.
 
-    strict: the last ``#### <number>``; if that last match holds no digit
-    (e.g. ``#### .``) the answer counts as missing rather than falling back to
-    an earlier one. flexible: the last token that contains a digit.
+    strict: the last ``#### <number>`` (regex ``#### (\\-?[0-9\\.\\,]+)``); flexible: the last
+    number-like token (``(\\-?[0-9\\.\\,]+)``).
+    scorer="reference" behaves as the reference framework's GSM8K scorer
+    (verl ``utils/reward_score/gsm8k.py``): strict removes commas and keeps everything else
+    (``#### 72.`` gives ``72.``, ``#### .`` gives ``.``); flexible skips lone ``.`` tokens and
+    keeps commas and periods (``42,``).
+    scorer="lenient": commas and a trailing period are dropped in both methods, and a token
+    without a digit counts as no answer (a strict ``#### .`` does not fall back to an earlier one).
+    Raises ValueError for an unknown method or scorer.
     """
-    tail = text[-_TAIL_CHARS:]
-    if method == "strict":
-        matches = _STRICT_RE.findall(tail)
-        return _normalise(matches[-1]) if matches else None
-    if method == "flexible":
-        for token in reversed(_NUMBER_RE.findall(tail)):
-            answer = _normalise(token)
-            if answer is not None:
-                return answer
-        return None
-    raise ValueError(f"unknown extraction method {method!r}; use 'strict' or 'flexible'")
+    return _extract(text, method, scorer)[0]
 
 
 def _same_number(a: str, b: str) -> bool:
@@ -68,44 +100,65 @@ def gsm8k_score(
     method: Literal["strict", "flexible"] = "strict",
     format_score: float = 0.0,
     score: float = 1.0,
+    scorer: Literal["reference", "lenient"] = "reference",
+    truncated: bool = False,
 ) -> float:
-    """GSM8K outcome reward: ``score`` if right, ``format_score`` if a wrong number was given, 0.0 if none.
+    """GSM8K outcome reward: ``score`` if right, ``format_score`` if a wrong answer was given, 0.0 if none.
 
-    The ground truth is normalised like the answer (commas removed), and
-    numerically equal decimals count as equal; this is slightly more lenient
-    than a pure string compare, which would reject "#### 72.0" for 72.
+    scorer="reference": the answer must equal ``ground_truth`` as text (the reference's rule:
+    ``72.0`` or ``72.`` is wrong for 72). scorer="lenient": the ground truth is normalised like the
+    answer (commas removed) and numerically equal decimals count as equal (Decimal, exact).
+    truncated: the response was cut by max_tokens (finish_reason "length"); an answer whose text
+    runs to the cut may be a prefix of a longer number (``#### 10`` of ``#### 100``) and scores 0.0.
+    This is the one departure from the reference, and it only touches responses cut exactly there.
     """
-    answer = extract_solution(solution_str, method)
-    if answer is None:
+    answer, at_end = _extract(solution_str, method, scorer)
+    if answer is None or (truncated and at_end):
         return 0.0
+    if scorer == "reference":
+        return score if answer == ground_truth else format_score
     truth = ground_truth.strip().replace(",", "")
     return score if _same_number(answer, truth) else format_score
 
 
-_BUILTIN: dict[str, RewardFn] = {
-    "openai/gsm8k": lambda _ds, solution, truth, _extra: gsm8k_score(solution, truth),
-}
+def _truncated(extra_info: dict | None) -> bool:
+    return bool(extra_info) and extra_info.get("finish_reason") == "length"
 
 
 def default_compute_score(
     data_source: str, solution_str: str, ground_truth: str, extra_info: dict | None = None
 ) -> float:
-    """Dispatch to the built-in reward for ``data_source``."""
-    fn = _BUILTIN.get(data_source)
-    if fn is None:
+    """The built-in reward for ``data_source`` (GSM8K: the reference scorer). ``extra_info`` is the
+    dataset row's extra_info plus the sample's ``finish_reason`` (see ``gsm8k_score(truncated=)``).
+    Raises ValueError for a data_source without a built-in reward."""
+    return _dispatch(data_source, solution_str, ground_truth, extra_info, "reference")
+
+
+def lenient_compute_score(
+    data_source: str, solution_str: str, ground_truth: str, extra_info: dict | None = None
+) -> float:
+    """As ``default_compute_score`` with the lenient GSM8K scorer (reward.gsm8k_scorer=lenient)."""
+    return _dispatch(data_source, solution_str, ground_truth, extra_info, "lenient")
+
+
+def _dispatch(data_source, solution_str, ground_truth, extra_info, scorer) -> float:
+    if data_source != "openai/gsm8k":
         raise ValueError(
-            f"no built-in reward for data_source {data_source!r} (built-in: {sorted(_BUILTIN)}); "
+            f"no built-in reward for data_source {data_source!r} (built-in: ['openai/gsm8k']); "
             "set reward.function to 'package.module:function' with the signature "
             "fn(data_source, solution_str, ground_truth, extra_info) -> float"
         )
-    return fn(data_source, solution_str, ground_truth, extra_info)
+    return gsm8k_score(solution_str, ground_truth, scorer=scorer, truncated=_truncated(extra_info))
 
 
-def load_reward_fn(dotted: str | None) -> RewardFn:
-    """Resolve ``reward.function``: empty means the built-in dispatcher, else
-    ``package.module:function`` or ``package.module.function``."""
+def load_reward_fn(dotted: str | None, gsm8k_scorer: str = "reference") -> RewardFn:
+    """Resolve ``reward.function``: empty means the built-in dispatcher (with the
+    ``reward.gsm8k_scorer`` GSM8K scorer), else ``package.module:function`` or
+    ``package.module.function``."""
     if dotted is None or not dotted.strip():
-        return default_compute_score
+        if gsm8k_scorer not in GSM8K_SCORERS:
+            raise ValueError(f"reward.gsm8k_scorer={gsm8k_scorer!r}: use one of {GSM8K_SCORERS}")
+        return default_compute_score if gsm8k_scorer == "reference" else lenient_compute_score
     path = dotted.strip()
     module_name, sep, attr = path.partition(":")
     if not sep:
@@ -144,8 +197,12 @@ def score_samples(
     extra_infos: Sequence[dict | None] | None,
     on_error: Literal["raise", "zero"] = "raise",
 ) -> tuple[list[float], int]:
-    """Score a batch; with on_error="zero" a failing sample scores 0.0 and is counted,
-    so one bad user reward does not kill a long run but stays visible."""
+    """Score a batch: ([N] scores, number of failed samples).
+
+    A sample fails when the function raises or returns something that is not a finite number
+    (NaN or inf would make its whole group's advantages NaN). on_error="raise": RuntimeError naming
+    the sample; on_error="zero": it scores 0.0 and is counted, so one bad user reward does not kill
+    a long run but stays visible (``reward/errors``)."""
     if on_error not in ("raise", "zero"):
         raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
     n = len(responses)
@@ -163,7 +220,10 @@ def score_samples(
         zip(data_sources, responses, ground_truths, extra_infos)
     ):
         try:
-            scores.append(float(fn(source, response, truth, extra)))
+            value = float(fn(source, response, truth, extra))
+            if not math.isfinite(value):
+                raise ValueError(f"the reward is {value}, not a finite number")
+            scores.append(value)
         except Exception as err:
             if on_error == "raise":
                 raise RuntimeError(

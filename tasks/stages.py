@@ -5,6 +5,7 @@ checkpoints are written atomically; the policy update mutates optimizer state, s
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -50,8 +51,76 @@ def step_rows(n_rows: int, cfg: GRPOConfig, step: int) -> np.ndarray:
     return order[pos * bs:(pos + 1) * bs]
 
 
+def total_steps(cfg: GRPOConfig, n_rows: int) -> int:
+    """The run's length in steps: trainer.total_training_steps, else trainer.total_epochs x the
+    full batches of the n_rows train rows per epoch (the leftover rows of an epoch are dropped)."""
+    return cfg.trainer.total_training_steps or cfg.trainer.total_epochs * (n_rows // cfg.data.train_batch_size)
+
+
+def with_total_steps(cfg: GRPOConfig, total: int) -> GRPOConfig:
+    """cfg with trainer.total_training_steps = total: what the workers get, so that the LR warmup
+    of an epoch-based run (actor.lr_warmup_steps_ratio) knows the run's length."""
+    return cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"total_training_steps": total})})
+
+
 def _seed(cfg: GRPOConfig, step: int, row: int) -> int:
     return (cfg.trainer.seed * 1_000_003 + step * 10_007 + int(row)) % (2**31 - 1)
+
+
+# ---- stages -------------------------------------------------------------------------------------
+FINGERPRINT_KEY = b"grpo.rollout_fingerprint"
+
+
+def rollout_fingerprint(cfg: GRPOConfig, tokenizer, prompts: list[list[int]], rows) -> dict:
+    """What a step's rollouts depend on besides the policy's weights (which the checkpoint
+    restores): model, tokenizer, sampling parameters, seed and the prompts (token ids, with the
+    train-set rows whose numbers seed each prompt). Stored in the step's parquet metadata."""
+    r = cfg.rollout
+    digest = lambda obj: hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]  # noqa: E731
+    return {"model.path": cfg.model.path, "model.source": cfg.model.source, "model.arch": cfg.model.arch,
+            "model.dtype": cfg.model.dtype, "model.lora_rank": cfg.model.lora_rank,
+            "tokenizer": digest([str(getattr(tokenizer, "name_or_path", "")), len(tokenizer),
+                                 getattr(tokenizer, "chat_template", None) or ""]),
+            "rollout.n": r.n, "rollout.temperature": r.temperature, "rollout.top_p": r.top_p,
+            "rollout.top_k": r.top_k, "rollout.max_response_length": r.max_response_length,
+            "trainer.seed": cfg.trainer.seed, "prompt_ids": digest([[int(i) for i in rows], prompts])}
+
+
+def write_rollouts(path: Path, samples: pd.DataFrame, fingerprint: dict) -> None:
+    """The step's samples as parquet (atomically), with their fingerprint in the file's metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(samples, preserve_index=False)
+    meta = {**(table.schema.metadata or {}), FINGERPRINT_KEY: json.dumps(fingerprint, sort_keys=True).encode()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: pq.write_table(table.replace_schema_metadata(meta), tmp))
+
+
+def reusable_rollouts(path: Path, fingerprint: dict, n_samples: int, log) -> pd.DataFrame | None:
+    """The persisted samples at `path` if they were made with this fingerprint, else None.
+
+    Samples made otherwise (another model, tokenizer, sampling parameter, n, seed or prompts; or
+    written before fingerprints existed) are moved to rollouts/superseded/ (nothing written is
+    lost) with a warning naming what changed, and the caller generates the step again."""
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        return None
+    saved = json.loads((pq.read_schema(path).metadata or {}).get(FINGERPRINT_KEY, b"{}"))
+    changed = [f"{k} ({saved[k]} -> {v})" if k in saved else f"{k} (unrecorded)"
+               for k, v in fingerprint.items() if saved.get(k) != v]
+    done = None if changed else pd.read_parquet(path)
+    if done is not None and len(done) != n_samples:
+        changed = [f"sample count ({len(done)} -> {n_samples})"]
+    if not changed:
+        return done
+    aside = path.parent / "superseded" / f"{path.stem}-{time.strftime('%Y%m%dT%H%M%S')}{path.suffix}"
+    aside.parent.mkdir(exist_ok=True)
+    path.rename(aside)
+    log.warning("%s was generated with another %s; generating the step again (the old file is now %s)",
+                path, ", ".join(changed), aside)
+    return None
 
 
 # ---- stages -------------------------------------------------------------------------------------
@@ -59,17 +128,20 @@ def _seed(cfg: GRPOConfig, step: int, row: int) -> int:
 def rollout(workers, tokenizer, batch: pd.DataFrame, cfg: GRPOConfig, step: int, out: Path) -> pd.DataFrame:
     """Sample rollout.n responses per prompt with vLLM; persist them as parquet.
 
-    A step's rollouts already on disk (written before a crash, for the same prompts and n) are
-    reused: the policy that made them is the one just restored, and generation is the dearest stage.
+    A step's rollouts already on disk (written before a crash) are reused if their fingerprint
+    (rollout_fingerprint) matches: the policy that made them is the one just restored, and
+    generation is the dearest stage. Otherwise they are set aside and generated again.
     """
     path = out / f"rollouts/step_{step:06d}.parquet"
-    if cfg.trainer.resume_mode == "auto" and path.exists():
-        done = pd.read_parquet(path)
-        if len(done) == len(batch) * cfg.rollout.n and set(done["row"]) == set(batch.index):
-            get_run_logger().info("step %d: reusing %d persisted rollouts from %s", step, len(done), path)
+    log = get_run_logger()
+    prompts = [chat_ids(tokenizer, m) for m in batch["prompt"]]
+    fingerprint = rollout_fingerprint(cfg, tokenizer, prompts, batch.index)
+    if cfg.trainer.resume_mode == "auto":
+        done = reusable_rollouts(path, fingerprint, len(batch) * cfg.rollout.n, log)
+        if done is not None:
+            log.info("step %d: reusing %d persisted rollouts from %s", step, len(done), path)
             return done
     r = cfg.rollout
-    prompts = [chat_ids(tokenizer, m) for m in batch["prompt"]]
     sampling = dict(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                     max_tokens=r.max_response_length, seeds=[_seed(cfg, step, i) for i in batch.index])
     samples = pd.DataFrame(workers.generate(prompts, sampling))
@@ -78,10 +150,18 @@ def rollout(workers, tokenizer, batch: pd.DataFrame, cfg: GRPOConfig, step: int,
     samples["prompt_ids"] = [prompts[i] for i in samples["prompt_index"]]
     samples["data_source"] = src["data_source"].to_numpy()[samples["prompt_index"]]
     samples["ground_truth"] = [src["reward_model"][i]["ground_truth"] for i in samples["prompt_index"]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: samples.to_parquet(tmp, index=False))
-    get_run_logger().info("step %d: generated %d rollouts into %s", step, len(samples), path)
+    if "extra_info" in src:
+        samples["extra_info"] = [src["extra_info"][i] for i in samples["prompt_index"]]
+    write_rollouts(path, samples, fingerprint)
+    log.info("step %d: generated %d rollouts into %s", step, len(samples), path)
     return samples
+
+
+def reward_extra_info(extra_infos, finish_reasons) -> list[dict]:
+    """What a reward function gets as extra_info: the dataset row's extra_info (as the reference
+    framework passes it) plus the sample's vLLM `finish_reason` ("stop" or "length")."""
+    extra_infos = [None] * len(finish_reasons) if extra_infos is None else list(extra_infos)
+    return [{**(e if isinstance(e, dict) else {}), "finish_reason": f} for e, f in zip(extra_infos, finish_reasons)]
 
 
 @task(name="reward", retries=1, retry_condition_fn=transient, cache_policy=NONE)
@@ -89,10 +169,11 @@ def score(samples: pd.DataFrame, cfg: GRPOConfig) -> pd.DataFrame:
     """Rule reward (or the configured function) per sample; then GRPO group-normalised advantages."""
     import torch
 
-    fn = rewards.load_reward_fn(cfg.reward.function)
+    fn = rewards.load_reward_fn(cfg.reward.function, cfg.reward.gsm8k_scorer)
+    extra = reward_extra_info(samples.get("extra_info"), samples["finish_reason"])
     scores, n_errors = rewards.score_samples(
         fn, list(samples["data_source"]), list(samples["response_text"]), list(samples["ground_truth"]),
-        [None] * len(samples), on_error=cfg.reward.on_error)
+        extra, on_error=cfg.reward.on_error)
     samples = samples.assign(score=scores)
     adv = algos.grpo_advantages(torch.tensor(scores, dtype=torch.float32), list(samples["prompt_index"]),
                                 norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo)
@@ -117,7 +198,8 @@ def update(workers, samples: pd.DataFrame, cfg: GRPOConfig, step: int) -> dict[s
         ref = workers.compute_log_prob(prompts, responses, ref=True)
         timing["timing_s/ref"] = time.perf_counter() - t
     batch = {"prompts": prompts, "responses": responses, "old_log_probs": old, "ref_log_probs": ref,
-             "advantages": samples["advantage"].to_numpy(np.float32).tolist()}
+             "advantages": samples["advantage"].to_numpy(np.float32).tolist(),
+             "truncated": (samples["finish_reason"] == "length").tolist()}  # actor.mask_truncated_completions
     t = time.perf_counter()
     metrics = workers.update_actor(batch, seed=cfg.trainer.seed + step)
     timing["timing_s/update_actor"] = time.perf_counter() - t
@@ -146,19 +228,28 @@ def save_checkpoint(workers, cfg: GRPOConfig, step: int, root: Path, state: dict
 
 @task(name="evaluate", retries=2, retry_condition_fn=transient, retry_delay_seconds=5, cache_policy=NONE)
 def evaluate(workers, tokenizer, test: pd.DataFrame, cfg: GRPOConfig, step: int) -> tuple[dict, dict]:
-    """GSM8K test accuracy, greedy mean@1, and a sample table shown as a Prefect artifact."""
+    """GSM8K test accuracy, greedy mean@1, and a sample table shown as a Prefect artifact.
+
+    `val-core/openai/gsm8k/reward/mean@1` is reward.function's mean, or with the built-in reward
+    the reference scorer's (comparable with published numbers); reward.gsm8k_scorer=lenient adds
+    `val-core/openai/gsm8k/reward_lenient/mean@1`."""
     prompts = [chat_ids(tokenizer, m) for m in test["prompt"]]
     sampling = dict(n=1, temperature=cfg.rollout.val_temperature, top_p=1.0, top_k=-1,
                     max_tokens=cfg.rollout.max_response_length, seeds=[_seed(cfg, 0, i) for i in test.index])
     out = sorted(workers.generate(prompts, sampling), key=lambda r: r["prompt_index"])
     texts = [o["response_text"] for o in out]
     truths = [rm["ground_truth"] for rm in test["reward_model"]]
-    fn = rewards.load_reward_fn(cfg.reward.function)
-    scores, _ = rewards.score_samples(fn, list(test["data_source"]), texts, truths, [None] * len(texts),
+    extra = reward_extra_info(test.get("extra_info"), [o["finish_reason"] for o in out])
+    args = (list(test["data_source"]), texts, truths, extra)
+    scores, _ = rewards.score_samples(rewards.load_reward_fn(cfg.reward.function), *args,
                                       on_error=cfg.reward.on_error)
     metrics = {"val-core/openai/gsm8k/reward/mean@1": float(np.mean(scores))}
     table = {"question": [m[0]["content"][:300] for m in test["prompt"]], "response": texts,
              "ground_truth": truths, "score": scores}
+    if cfg.reward.function is None and cfg.reward.gsm8k_scorer == "lenient":
+        table["score_lenient"], _ = rewards.score_samples(rewards.lenient_compute_score, *args,
+                                                          on_error=cfg.reward.on_error)
+        metrics["val-core/openai/gsm8k/reward_lenient/mean@1"] = float(np.mean(table["score_lenient"]))
     shown = [{k: table[k][i] for k in table} for i in range(min(10, len(texts)))]
     slug = re.sub(r"[^a-z0-9-]+", "-", cfg.tracking.run_name.lower()).strip("-")
     create_table_artifact(key=f"eval-{slug}-step-{step}",

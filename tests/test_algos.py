@@ -401,3 +401,31 @@ def test_token_logprobs_temperature_and_checkpointed_grad_match_the_plain_formul
     (plain_lp.sum() + plain_ent.sum()).backward()
     # Same float32 maths in another order on 3-term rows, gradients <= 1: a few ulps (2^-24 = 6e-8).
     assert torch.allclose(logits.grad, ref.grad, atol=1e-6)
+
+
+# ---- LR warmup (issue 13 (6)) --------------------------------------------------------------
+def test_warmup_of_an_epoch_based_run_counts_the_epochs():
+    """qwen2-0.5b-lora-1xh100 with actor.lr_warmup_steps_ratio=0.1: an epoch-based recipe (no
+    trainer.total_training_steps). GSM8K train has 7473 rows; 7473 // 116 = 64 steps in its one
+    epoch, 116 / 116 = 1 update per step, so W = int(0.1 * 64) = 6: update 0 runs at 1/6 of lr."""
+    from configs.load import load_config
+    from engines.algos import warmup_lambda
+    from tasks.stages import total_steps, with_total_steps
+
+    cfg = load_config("qwen2-0.5b-lora-1xh100", ["actor.lr_warmup_steps_ratio=0.1"])
+    assert cfg.trainer.total_training_steps is None and total_steps(cfg, 7473) == 64
+    wcfg = with_total_steps(cfg, total_steps(cfg, 7473))  # what the flow gives the workers
+    a, t = wcfg.actor, wcfg.trainer
+    f = warmup_lambda(a.lr_warmup_steps, a.lr_warmup_steps_ratio, t.total_training_steps, 1)
+    assert [f(i) for i in (0, 1, 4, 5, 63)] == [1 / 6, 2 / 6, 5 / 6, 1.0, 1.0]
+    with pytest.raises(ValueError, match="trainer.total_training_steps"):
+        warmup_lambda(-1, 0.1, None, 1)  # never silently 1.0
+
+
+def test_warmup_steps_and_updates_per_step():
+    from engines.algos import warmup_lambda
+
+    assert warmup_lambda(4, 0.5, None, 3)(0) == 1 / 4  # an explicit length wins over the ratio
+    # 10 steps x 4 updates = 40 updates; int(0.25 * 40) = 10
+    assert warmup_lambda(-1, 0.25, 10, 4)(0) == 1 / 10
+    assert warmup_lambda(-1, 0.0, None, 4)(0) == 1.0  # no warmup needs no length

@@ -74,11 +74,35 @@ def test_overrides_parse_yaml_scalars_and_nest():
     (["trainer.n_gpus_per_node=4", "trainer.nnodes=2", "actor.ppo_micro_batch_size_per_gpu=1",
       "rollout.tensor_model_parallel_size=6"],
      "rollout.tensor_model_parallel_size=6 must divide trainer.n_gpus_per_node=4 (or be a multiple of it"),
+    # issue 13 (4): vLLM's context must hold the longest prompt and response
+    (["rollout.max_model_len=64"], "rollout.max_model_len=64 is less than data.max_prompt_length+"
+                                   "rollout.max_response_length="),
+    (["rollout.max_num_batched_tokens=100"], "rollout.max_num_batched_tokens=100 is less than the context length"),
+    (["rollout.max_num_batched_tokens=1024", "rollout.max_num_seqs=2048"],
+     "rollout.max_num_batched_tokens=1024 is less than rollout.max_num_seqs=2048"),
+    # issue 13 (5): greedy sampling gives GRPO nothing to learn from
+    (["rollout.temperature=0"], "rollout.temperature=0 samples greedily"),
 ])
 def test_bad_config_names_the_key(overrides, needle):
     with pytest.raises(ConfigError, match=None) as e:
         load_config("tiny-cpu", overrides)
     assert needle in str(e.value)
+
+
+def test_context_length_of_a_lora_recipe():
+    """issue 13 (4): max_model_len 1536 < 1024 + 1024; the recipe as shipped (512 + 1024) is fine."""
+    cfg = load_config("qwen2-0.5b-lora-1xh100")
+    assert cfg.rollout.max_model_len == cfg.data.max_prompt_length + cfg.rollout.max_response_length == 1536
+    with pytest.raises(ConfigError) as e:
+        load_config("qwen2-0.5b-lora-1xh100", ["data.max_prompt_length=1024"])
+    assert ("rollout.max_model_len=1536 is less than data.max_prompt_length+rollout.max_response_length=2048"
+            in str(e.value)) and "\n" not in str(e.value)
+    # chunked prefill on (CUDA): a smaller token budget is vLLM's to chunk; off, it must hold a whole prompt
+    load_config("qwen2-0.5b-lora-1xh100", ["rollout.enable_chunked_prefill=true", "rollout.max_num_batched_tokens=512"])
+    with pytest.raises(ConfigError, match="rollout.max_num_batched_tokens=512 is less than the context length 1536"):
+        load_config("qwen2-0.5b-lora-1xh100", ["rollout.max_num_batched_tokens=512"])
+    # greedy evaluation stays allowed
+    assert load_config("tiny-cpu", ["rollout.val_temperature=0"]).rollout.val_temperature == 0
 
 
 def test_malformed_yaml_and_unknown_recipe(tmp_path):
@@ -188,3 +212,26 @@ def test_cli_bad_input_one_clear_line_nothing_written(tmp_path, case):
     assert list(work.iterdir()) == [], "a rejected run must write nothing"
     assert not (tmp_path / "data").exists(), "prep must not write parquet for rejected data"
     assert sorted(p.name for p in other_model.iterdir()) == ["global_step_2", "latest_checkpointed_iteration.txt"]
+
+
+def test_eval_of_a_lora_checkpoint_is_not_refused_by_the_training_resume_guard(tmp_path):
+    """issue 13 (10): `grpo eval checkpoints/<run>/global_step_N` of a LoRA run evaluates its merged
+    HF export (model.lora_rank=0); the run's checkpoint dir holds lora_rank 8, which the training
+    resume guard rightly refuses for a run, but an eval resumes nothing."""
+    import shutil
+
+    from engines.models import materialize
+    from flows.cli import _load, eval_target
+
+    model_dir = materialize("random", str(tmp_path / "m" / "tiny"),
+                            corpus=[f"Tom has {i} apples. #### {i}" for i in range(200)])
+    root = _foreign_checkpoint(tmp_path / "ckpt", **{"model.lora_rank": 8})  # a LoRA run's checkpoint
+    shutil.copytree(model_dir, root / "global_step_2" / "huggingface")
+    base = [f"trainer.default_local_dir={root}", f"data.source={GSM8K}", f"data.dir={tmp_path / 'data'}",
+            f"model.path={model_dir}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    with pytest.raises(ValueError, match="model.lora_rank: checkpoint 8 vs config 0"):
+        _load("tiny-cpu", base)  # training there with another LoRA rank: refused, as before
+    config, overrides = eval_target(str(root / "global_step_2"), "tiny-cpu", base)
+    cfg = _load(config, overrides)
+    assert cfg.model.path == str(root / "global_step_2" / "huggingface") and cfg.model.lora_rank == 0
+    assert eval_target("tiny-cpu", "ignored", base)[0] == "tiny-cpu"  # a recipe: its own model

@@ -4,6 +4,7 @@ from tasks.reward import (
     default_compute_score,
     extract_solution,
     gsm8k_score,
+    lenient_compute_score,
     load_reward_fn,
     score_samples,
 )
@@ -53,13 +54,45 @@ PAD = "x" * 300  # pushes anything before it out of the 300-character window
         ("no idea", "flexible", None),
     ],
 )
-def test_extract_solution(text, method, expected):
+def test_extract_solution_lenient(text, method, expected):
+    assert extract_solution(text, method, scorer="lenient") == expected
+
+
+# The reference framework's GSM8K scorer, worked by hand from its two regexes: strict takes the
+# last "#### " match and removes commas only; flexible takes the last match that is not a lone
+# "." and keeps it as it is.
+@pytest.mark.parametrize(
+    "text, method, expected",
+    [
+        ("so the answer is #### 72", "strict", "72"),
+        ("#### 1,234", "strict", "1234"),
+        ("#### 72.", "strict", "72."),  # the sentence's period stays: "72." != "72"
+        ("#### 72.0", "strict", "72.0"),
+        ("#### 1,234.50.", "strict", "1234.50."),
+        ("#### .", "strict", "."),  # an answer (a wrong one), not a missing one
+        ("first #### 1 then #### 2", "strict", "2"),
+        ("#### 72" + PAD, "strict", None),
+        ("#### 72" + "a" * 293, "strict", "72"),
+        ("####72", "strict", None),  # the space after #### is part of the pattern
+        ("#### $72", "strict", None),
+        ("3 apples and 5 pears, so 8.", "flexible", "8."),
+        ("Total: 1,234.50 dollars", "flexible", "1,234.50"),  # flexible keeps commas
+        ("it is 42, .", "flexible", "42,"),  # "." skipped, "42," kept whole
+        ("lost -7 degrees", "flexible", "-7"),
+        ("no idea", "flexible", None),
+        (". .", "flexible", "."),
+    ],
+)
+def test_extract_solution_reference(text, method, expected):
     assert extract_solution(text, method) == expected
+    assert extract_solution(text, method, scorer="reference") == expected
 
 
-def test_extract_solution_rejects_unknown_method():
-    with pytest.raises(ValueError, match="lenient"):
-        extract_solution("#### 1", "lenient")
+def test_extract_solution_rejects_unknown_method_and_scorer():
+    with pytest.raises(ValueError, match="flexible"):
+        extract_solution("#### 1", "loose")
+    with pytest.raises(ValueError, match="reference"):
+        extract_solution("#### 1", "strict", scorer="exact")
 
 
 @pytest.mark.parametrize(
@@ -80,8 +113,46 @@ def test_extract_solution_rejects_unknown_method():
         ("#### 72" + PAD, "72", {"format_score": 0.1}, 0.0),
     ],
 )
-def test_gsm8k_score(response, truth, kwargs, expected):
+def test_gsm8k_score_lenient(response, truth, kwargs, expected):
+    assert gsm8k_score(response, truth, scorer="lenient", **kwargs) == expected
+
+
+@pytest.mark.parametrize(
+    "response, truth, kwargs, expected",
+    [
+        ("#### 72", "72", {}, 1.0),
+        ("#### 1,234", "1234", {}, 1.0),  # commas of the answer go
+        ("#### 1234", "1,234", {}, 0.0),  # the ground truth is taken as it is (prep removes commas)
+        ("#### 72.0", "72", {}, 0.0),  # text compare, as the reference: published numbers count it wrong
+        ("#### 72.", "72", {}, 0.0),
+        ("#### 72.", "72", {"format_score": 0.1}, 0.1),
+        ("#### .", "72", {"format_score": 0.1}, 0.1),
+        ("#### 71", "72", {}, 0.0),
+        ("the answer is 72", "72", {"method": "flexible"}, 1.0),
+        ("the answer is 72.", "72", {"method": "flexible"}, 0.0),
+        ("the answer is 1,234", "1234", {"method": "flexible"}, 0.0),  # flexible keeps the comma
+        ("#### 72", "72", {"score": 2.0}, 2.0),
+    ],
+)
+def test_gsm8k_score_reference(response, truth, kwargs, expected):
     assert gsm8k_score(response, truth, **kwargs) == expected
+
+
+# Issue 13 (3): a response cut by max_tokens right after "#### 10" (it was writing "#### 100").
+@pytest.mark.parametrize("scorer", ["reference", "lenient"])
+@pytest.mark.parametrize("method", ["strict", "flexible"])
+def test_an_answer_ending_at_the_cut_is_not_trusted(scorer, method):
+    cut = "so 60 + 40 = 100 and the answer is #### 10"
+    assert gsm8k_score(cut, "10", method, scorer=scorer) == 1.0  # finished there: trusted
+    assert gsm8k_score(cut, "10", method, scorer=scorer, truncated=True) == 0.0
+    # cut later: the number was finished (a newline or a word came after it)
+    assert gsm8k_score("#### 10\n", "10", method, scorer=scorer, truncated=True) == 1.0
+    assert gsm8k_score("#### 10 and then", "10", "strict", scorer=scorer, truncated=True) == 1.0
+    # through the reward hook: finish_reason comes with extra_info
+    fn = load_reward_fn(None, scorer)
+    assert fn("openai/gsm8k", "#### 10", "10", {"index": 3, "finish_reason": "length"}) == 0.0
+    assert fn("openai/gsm8k", "#### 10", "10", {"index": 3, "finish_reason": "stop"}) == 1.0
+    assert fn("openai/gsm8k", "#### 10", "10", None) == 1.0
 
 
 def test_default_compute_score_dispatches_gsm8k():
@@ -97,6 +168,11 @@ def test_default_compute_score_unknown_source_names_it_and_the_fix():
 @pytest.mark.parametrize("dotted", [None, "", "  "])
 def test_load_reward_fn_default(dotted):
     assert load_reward_fn(dotted) is default_compute_score
+    assert load_reward_fn(dotted, "lenient") is lenient_compute_score
+    assert lenient_compute_score("openai/gsm8k", "#### 72.0", "72") == 1.0
+    assert default_compute_score("openai/gsm8k", "#### 72.0", "72") == 0.0
+    with pytest.raises(ValueError, match="reward.gsm8k_scorer"):
+        load_reward_fn(dotted, "exact")
 
 
 @pytest.mark.parametrize("dotted", ["tests.test_reward:fn", "tests.test_reward.fn"])
@@ -160,3 +236,29 @@ def test_score_samples_rejects_mismatched_lengths_and_bad_mode():
         score_samples(fn, ["a"], ["x", "y"], ["1", "2"], None)
     with pytest.raises(ValueError, match="on_error"):
         score_samples(fn, ["a"], ["x"], ["1"], None, on_error="ignore")
+
+
+def returns(value):
+    return lambda data_source, solution_str, ground_truth, extra_info: value
+
+
+# Issue 13 (2): a non-finite reward must never reach the advantages.
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_reward_is_a_reward_error(bad):
+    assert score_samples(returns(bad), ["a"], ["r"], ["1"], None, on_error="zero") == ([0.0], 1)
+    with pytest.raises(RuntimeError, match=r"sample 0 .*not a finite number"):
+        score_samples(returns(bad), ["a"], ["r"], ["1"], None, on_error="raise")
+
+
+def test_non_finite_reward_gives_finite_advantages():
+    import torch
+
+    from engines.algos import grpo_advantages
+
+    fn = lambda ds, s, gt, extra: float(s)  # noqa: E731
+    scores, errors = score_samples(fn, ["a"] * 3, ["nan", "1", "0"], ["1"] * 3, None, on_error="zero")
+    assert (scores, errors) == ([0.0, 1.0, 0.0], 1)
+    adv = grpo_advantages(torch.tensor(scores), [0, 0, 0])
+    # group [0, 1, 0]: mean 1/3, unbiased std sqrt(1/3); (r - mean) / (std + 1e-6)
+    std = (1 / 3) ** 0.5
+    assert torch.allclose(adv, torch.tensor([-1 / 3, 2 / 3, -1 / 3]) / (std + 1e-6))
