@@ -10,6 +10,8 @@ import os
 import resource
 import socket
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,6 +55,8 @@ class GRPOWorker:
         if not self.trainer.is_lora:  # full fine-tuning: the trainer holds every weight vLLM needs
             self.rollout.refill = self._state_for_rollout
         self.rollout.sleep()
+        self._gpu_peak = 0.0
+        host_peak_gb(reset=True)
 
     def ready(self) -> dict:
         import ray
@@ -61,16 +65,19 @@ class GRPOWorker:
                 "node": ray.get_runtime_context().get_node_id()}
 
     def generate(self, prompts: list[list[int]], sampling: dict) -> list[dict]:
-        self.offload.to_host()  # the trainer's idle state makes room for the KV cache
-        return self.rollout.generate(prompts, **sampling)
+        with self._gpu_stage():
+            self.offload.to_host()  # the trainer's idle state makes room for the KV cache
+            return self.rollout.generate(prompts, **sampling)
 
     def compute_log_prob(self, prompts, responses, ref: bool = False) -> list[np.ndarray]:
-        self.offload.to_gpu()
-        return self.trainer.compute_log_prob(prompts, responses, ref=ref)
+        with self._gpu_stage():
+            self.offload.to_gpu()
+            return self.trainer.compute_log_prob(prompts, responses, ref=ref)
 
     def update_actor(self, batch: dict, seed: int, steps: list | None = None) -> dict[str, float]:
-        self.offload.to_gpu(optimizer=True)
-        return self.trainer.update(batch, seed, steps)
+        with self._gpu_stage():
+            self.offload.to_gpu(optimizer=True)
+            return self.trainer.update(batch, seed, steps)
 
     def _state_for_rollout(self):
         """The trainer's weights for vLLM, one tensor at a time, fetched to the GPU if offloaded."""
@@ -80,28 +87,72 @@ class GRPOWorker:
     def sync_weights(self) -> float:
         """Push the trainer's new weights (or LoRA adapter) into vLLM; returns seconds taken."""
         t0 = time.perf_counter()
-        if self.trainer.is_lora:
-            self.offload.to_gpu()
-            self.rollout.load_adapter(self.trainer.save_adapter)
-        else:
-            self.rollout.load_weights(self._state_for_rollout())
-        if self.cfg.trainer.device == "cuda":
-            torch.cuda.synchronize()
+        with self._gpu_stage():
+            if self.trainer.is_lora:
+                self.offload.to_gpu()
+                self.rollout.load_adapter(self.trainer.save_adapter)
+            else:
+                self.rollout.load_weights(self._state_for_rollout())
+            if self.cfg.trainer.device == "cuda":
+                torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    def save_checkpoint(self, ckpt_dir: str) -> None:
+    def save_checkpoint(self, ckpt_dir: str, export_hf: bool = True) -> dict[str, dict]:
         """Every rank writes its shards, rank 0 the rest (ckpt_dir must be on a filesystem every rank
-        shares with the controller)."""
-        self.offload.to_gpu(optimizer=True)
-        self.trainer.save(ckpt_dir)
+        shares with the controller); each then fsyncs and checksums the files it wrote, in parallel
+        with the others. Returns tasks/checkpoints.describe() of them: {path under ckpt_dir: {size,
+        digest}}."""
+        from tasks.checkpoints import describe
+
+        with self._gpu_stage():
+            self.offload.to_gpu(optimizer=True)
+            files = self.trainer.save(ckpt_dir, export_hf=export_hf)
+        return describe(files, Path(ckpt_dir))
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
-        self.offload.to_gpu(optimizer=True)
-        self.trainer.load(ckpt_dir)
+        with self._gpu_stage():
+            self.offload.to_gpu(optimizer=True)
+            self.trainer.load(ckpt_dir)
         self.sync_weights()
 
-    def memory_gb(self) -> float:
-        """Peak accelerator memory (CUDA) or peak resident memory of this process (CPU)."""
-        if self.cfg.trainer.device == "cuda":
-            return torch.cuda.max_memory_allocated() / 2**30
+    @contextmanager
+    def _gpu_stage(self):
+        """Track this GPU's peak over a stage: the device's used memory (torch.cuda.mem_get_info: every
+        process and allocator on it, vLLM's CuMem pool and the CUDA context included) at the start plus
+        the growth of torch's reserved memory during the stage, capped at the device's capacity; and
+        the used memory at the end. torch's own counters are not used alone: they keep counting vLLM's
+        pool while vLLM sleeps (167 GB read on a 141 GB H200, issue 12)."""
+        if self.cfg.trainer.device != "cuda":
+            yield
+            return
+        free, total = torch.cuda.mem_get_info()
+        reserved = torch.cuda.memory_reserved()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            yield
+        finally:
+            grown = torch.cuda.max_memory_reserved() - reserved
+            free_end, _ = torch.cuda.mem_get_info()
+            self._gpu_peak = max(self._gpu_peak, min(total, total - free + grown), total - free_end)
+
+    def memory(self) -> dict[str, float]:
+        """This rank's peaks since the previous call (then reset), in GiB: `gpu`, the device peak of
+        _gpu_stage (on CPU the device is the host: the host peak), and `host`, this process's peak
+        resident memory (trainer and in-process vLLM)."""
+        host = host_peak_gb(reset=True)
+        gpu, self._gpu_peak = self._gpu_peak / 2**30, 0.0
+        return {"gpu": gpu if self.cfg.trainer.device == "cuda" else host, "host": host}
+
+
+def host_peak_gb(reset: bool = False) -> float:
+    """Peak resident memory of this process in GiB: Linux's VmHWM since the last reset (reset writes
+    5 to /proc/self/clear_refs, proc(5)); where /proc lacks either, the lifetime peak (getrusage)."""
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        return hwm / 2**30
+    except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

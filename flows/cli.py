@@ -47,11 +47,13 @@ def cmd_eval(args) -> None:
     """Evaluate a recipe's model, or a checkpoint's HF export (`.../global_step_N`)."""
     from pathlib import Path
 
+    from flows.evaluate import checkpoint_export
+
     overrides = list(args.overrides)
-    target = Path(args.target)
     config = args.config
-    if target.is_dir() and (target / "huggingface").is_dir():
-        overrides += [f"model.path={target / 'huggingface'}", "model.source=hf", "model.lora_rank=0"]
+    hf = checkpoint_export(Path(args.target))  # ValueError: a checkpoint without its export
+    if hf is not None:
+        overrides += [f"model.path={hf}", "model.source=hf", "model.lora_rank=0"]
     else:
         config = args.target
     overrides += ["trainer.total_training_steps=1"]
