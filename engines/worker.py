@@ -6,6 +6,7 @@ group calls it on every rank at once (the sharded trainer's methods are collecti
 """
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import socket
@@ -26,6 +27,17 @@ def master_address() -> tuple[str, int]:
     with socket.socket() as s:
         s.bind(("", 0))
         return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+def gpu_stage(method):
+    """Run a GRPOWorker method inside its _gpu_stage (the GPU peak tracking); nested calls count once."""
+    @functools.wraps(method)
+    def tracked(self, *args, **kwargs):
+        if self._in_stage:
+            return method(self, *args, **kwargs)
+        with self._gpu_stage():
+            return method(self, *args, **kwargs)
+    return tracked
 
 
 class GRPOWorker:
@@ -55,7 +67,7 @@ class GRPOWorker:
         if not self.trainer.is_lora:  # full fine-tuning: the trainer holds every weight vLLM needs
             self.rollout.refill = self._state_for_rollout
         self.rollout.sleep()
-        self._gpu_peak = 0.0
+        self._gpu_peak, self._in_stage = 0.0, False
         host_peak_gb(reset=True)
 
     def ready(self) -> dict:
@@ -64,37 +76,37 @@ class GRPOWorker:
         return {"rank": self.rank, "n_params": self.trainer.n_params, "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id()}
 
+    @gpu_stage
     def generate(self, prompts: list[list[int]], sampling: dict) -> list[dict]:
-        with self._gpu_stage():
-            self.offload.to_host()  # the trainer's idle state makes room for the KV cache
-            return self.rollout.generate(prompts, **sampling)
+        self.offload.to_host()  # the trainer's idle state makes room for the KV cache
+        return self.rollout.generate(prompts, **sampling)
 
+    @gpu_stage
     def compute_log_prob(self, prompts, responses, ref: bool = False) -> list[np.ndarray]:
-        with self._gpu_stage():
-            self.offload.to_gpu()
-            return self.trainer.compute_log_prob(prompts, responses, ref=ref)
+        self.offload.to_gpu()
+        return self.trainer.compute_log_prob(prompts, responses, ref=ref)
 
+    @gpu_stage
     def update_actor(self, batch: dict, seed: int, steps: list | None = None) -> dict[str, float]:
-        with self._gpu_stage():
-            self.offload.to_gpu(optimizer=True)
-            return self.trainer.update(batch, seed, steps)
+        self.offload.to_gpu(optimizer=True)
+        return self.trainer.update(batch, seed, steps)
 
     def _state_for_rollout(self):
         """The trainer's weights for vLLM, one tensor at a time, fetched to the GPU if offloaded."""
         with self.offload.borrowed():
             yield from self.trainer.full_state_for_rollout()
 
+    @gpu_stage
     def sync_weights(self) -> float:
         """Push the trainer's new weights (or LoRA adapter) into vLLM; returns seconds taken."""
         t0 = time.perf_counter()
-        with self._gpu_stage():
-            if self.trainer.is_lora:
-                self.offload.to_gpu()
-                self.rollout.load_adapter(self.trainer.save_adapter)
-            else:
-                self.rollout.load_weights(self._state_for_rollout())
-            if self.cfg.trainer.device == "cuda":
-                torch.cuda.synchronize()
+        if self.trainer.is_lora:
+            self.offload.to_gpu()
+            self.rollout.load_adapter(self.trainer.save_adapter)
+        else:
+            self.rollout.load_weights(self._state_for_rollout())
+        if self.cfg.trainer.device == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     def save_checkpoint(self, ckpt_dir: str, export_hf: bool = True) -> dict[str, dict]:
@@ -109,10 +121,10 @@ class GRPOWorker:
             files = self.trainer.save(ckpt_dir, export_hf=export_hf)
         return describe(files, Path(ckpt_dir))
 
+    @gpu_stage
     def load_checkpoint(self, ckpt_dir: str) -> None:
-        with self._gpu_stage():
-            self.offload.to_gpu(optimizer=True)
-            self.trainer.load(ckpt_dir)
+        self.offload.to_gpu(optimizer=True)
+        self.trainer.load(ckpt_dir)
         self.sync_weights()
 
     @contextmanager
@@ -128,9 +140,11 @@ class GRPOWorker:
         free, total = torch.cuda.mem_get_info()
         reserved = torch.cuda.memory_reserved()
         torch.cuda.reset_peak_memory_stats()
+        self._in_stage = True
         try:
             yield
         finally:
+            self._in_stage = False
             grown = torch.cuda.max_memory_reserved() - reserved
             free_end, _ = torch.cuda.mem_get_info()
             self._gpu_peak = max(self._gpu_peak, min(total, total - free + grown), total - free_end)

@@ -2,6 +2,7 @@
 without the HF export whose ranks checksum their own files, `grpo eval` of a checkpoint without
 an export, and the per-step host memory peak."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def _trainer(model_dir, *overrides):
 
 
 def _base_weight(model_dir) -> torch.Tensor:
-    files = sorted(__import__("pathlib").Path(model_dir).glob("*.safetensors"))
+    files = sorted(Path(model_dir).glob("*.safetensors"))
     return next(load_file(f)[Q] for f in files if Q in load_file(f)).to(torch.float64)
 
 
@@ -114,3 +115,29 @@ def test_host_peak_is_the_peak_since_the_last_reading():
     host_peak_gb(reset=True)
     after = host_peak_gb()
     assert peak - before > 0.45 and peak - after > 0.45, (before, peak, after)
+
+
+def _save_on_rank(rank, port, tmp, model_dir):
+    from engines.trainer import init_distributed
+
+    init_distributed(rank, 2, ("127.0.0.1", port), "cpu")
+    t = _trainer(model_dir, "trainer.n_gpus_per_node=2", "actor.ppo_micro_batch_size_per_gpu=2")
+    entries = ck.describe(t.save(f"{tmp}/ck"), Path(f"{tmp}/ck"))
+    Path(f"{tmp}/rank{rank}.json").write_text(json.dumps(entries))
+
+
+@pytest.mark.slow  # two processes, each loading torch and a model: ~45 s on 2 cores
+def test_two_ranks_each_digest_exactly_the_files_they_wrote(model_dir, tmp_path):
+    """Two gloo ranks save: rank 1 reports its DCP shard only, rank 0 the rest; together every file."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_save_on_rank, args=(port, str(tmp_path), model_dir), nprocs=2)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert set(r1) == {"actor/__1_0.distcp"} and not set(r0) & set(r1)
+    on_disk = {str(p.relative_to(tmp_path / "ck")) for p in (tmp_path / "ck").rglob("*") if p.is_file()}
+    assert set(r0) | set(r1) == on_disk and "huggingface/model.safetensors" in r0
