@@ -176,6 +176,13 @@ class TrainerConfig(_Section):
     device: Literal["cpu", "cuda"] = "cuda"
     resume_mode: Literal["auto", "disable"] = "auto"
     max_actor_ckpt_to_keep: int | None = Field(None, ge=1)
+    """Keep this many newest checkpoints of the run (None: all). Rotation never deletes the one just
+    written, nor steps above it left by an earlier run in the same folder."""
+    export_hf: Literal["every_save", "last", "never"] = "last"
+    """Which checkpoints also get global_step_<N>/huggingface/, a plain HF model dir in model.dtype
+    (LoRA: the adapter merged into the base in fp32, then cast) for from_pretrained, vLLM and
+    `grpo eval CHECKPOINT`: every_save, last (the final step's checkpoint only), never. Resuming
+    never needs it; each export writes the whole model again (about 28 GB at 14B in bf16)."""
     max_bad_steps: int = Field(5, ge=0)
     """Stop after this many steps skipped for a non-finite grad norm (0: never stop)."""
 

@@ -15,13 +15,11 @@ the whole model at once.
 from __future__ import annotations
 
 import copy
-import itertools
-import json
 import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -31,6 +29,7 @@ from torch.distributed.tensor import DTensor
 
 from configs.schema import GRPOConfig
 from engines import algos, batching, ulysses
+from engines.ckpt_files import RecordingWriter, write_safetensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Dense bf16 peak of the GPUs the recipes name (recipes.md), for perf/mfu/actor.
@@ -362,7 +361,6 @@ class ActorTrainer:
         out = {"perf/update_tokens": self._sum([float(tokens)])[0] / self.sp}
         if self.device.type != "cuda":
             return out
-        out["perf/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
         if peak and elapsed > 0:
@@ -404,18 +402,21 @@ class ActorTrainer:
                                       options=StateDictOptions(ignore_frozen_params=self.is_lora))
         return {"model": model, "optim": optim}
 
-    def save(self, ckpt_dir: str) -> None:
-        """Training state in ckpt_dir/actor, HF export in ckpt_dir/huggingface.
+    def save(self, ckpt_dir: str, export_hf: bool = True) -> list[Path]:
+        """Training state in ckpt_dir/actor, and with export_hf the HF export in ckpt_dir/huggingface.
 
         actor/ is a torch.distributed.checkpoint: every rank writes its own shards in parallel, so
         nothing is gathered (a 72B optimizer state does not fit one host), and a load at another
         world size reshards from its metadata. Rank 0 adds the scheduler, RNG and skip count
         (extra_state.pt) and, for LoRA, the adapter in peft format (actor/lora_adapter).
+        Returns the files this rank wrote, for their checksums (tasks/checkpoints.describe).
         """
         import torch.distributed.checkpoint as dcp
 
-        actor = Path(ckpt_dir) / "actor"
-        dcp.save(self._train_state(), checkpoint_id=actor, no_dist=not dist.is_initialized())
+        root, actor = Path(ckpt_dir), Path(ckpt_dir) / "actor"
+        writer = RecordingWriter(actor)
+        dcp.save(self._train_state(), storage_writer=writer, no_dist=not dist.is_initialized())
+        written = [actor / f for f in writer.written]
         if self.is_lora:
             adapter = dict(self._full_state(lora_only=True))
             if self.rank == 0:
@@ -423,22 +424,31 @@ class ActorTrainer:
         if self.rank == 0:
             torch.save({"scheduler": self.scheduler.state_dict(), "bad_steps": self.bad_steps,
                         "torch_rng": torch.get_rng_state()}, actor / "extra_state.pt")
-        self.export_hf(str(Path(ckpt_dir) / "huggingface"), adapter_dir=actor / "lora_adapter")
+        if export_hf:
+            self.export_hf(str(root / "huggingface"), adapter_dir=actor / "lora_adapter")
+        if self.rank == 0:  # everything but the DCP shards is rank 0's
+            written += [actor / ".metadata", actor / "extra_state.pt"] + sorted(
+                p for d in (actor / "lora_adapter", root / "huggingface") if d.is_dir()
+                for p in d.rglob("*") if p.is_file())
+        return written
 
     def export_hf(self, out_dir: str, adapter_dir: Path) -> None:
-        """A plain HF model dir in the compute dtype (LoRA: the peft adapter rank 0 wrote to
-        adapter_dir, merged into the base), loadable by from_pretrained and vLLM. Every rank takes
-        part; rank 0 writes."""
+        """A plain HF model dir in the compute dtype, loadable by from_pretrained and vLLM. LoRA: the
+        peft adapter rank 0 wrote to adapter_dir, merged into the base in fp32 and then cast (a bf16
+        merge rounds the base first: small early deltas were lost twice; any delta under half a
+        compute-dtype ulp of its weight is still lost by a bf16 export, the adapter keeps it).
+        Rank 0 holds the fp32 base on the host meanwhile. Every rank takes part; rank 0 writes."""
         if self.is_lora:
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
 
             if self.rank == 0:
-                base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.compute_dtype)
-                PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(out_dir)
+                base = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+                merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+                merged.to(self.compute_dtype).save_pretrained(out_dir)
         else:
-            _write_safetensors(Path(out_dir), self._full_state(self.compute_dtype, files=True),
-                               write=self.rank == 0)
+            write_safetensors(Path(out_dir), self._full_state(self.compute_dtype, files=True),
+                              write=self.rank == 0, shard_bytes=SHARD_BYTES)
             if self.rank == 0:
                 conf = copy.deepcopy(self.hf_config)
                 conf.dtype, conf.use_cache = self.compute_dtype, True
@@ -471,35 +481,6 @@ class ActorTrainer:
         self.scheduler.load_state_dict(extra["scheduler"])
         self.bad_steps = extra["bad_steps"]
         torch.set_rng_state(extra["torch_rng"])
-
-
-def _write_safetensors(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], write: bool) -> None:
-    """Stream tensors to model.safetensors, or to SHARD_BYTES-sized files + the HF index: host
-    memory holds one file's worth, never the whole model. write=False only drains the stream
-    (the other ranks' side of each gather)."""
-    from safetensors.torch import save_file
-
-    if not write:
-        for _ in tensors:
-            pass
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[list[str]] = []
-    part: dict[str, torch.Tensor] = {}
-    for name, t in itertools.chain(tensors, [(None, None)]):
-        if part and (name is None or sum(x.nbytes for x in part.values()) + t.nbytes > SHARD_BYTES):
-            save_file(part, str(out / f"part-{len(written)}"), metadata={"format": "pt"})
-            written.append(list(part))
-            part = {}
-        if name is not None:
-            part[name] = t.to("cpu").contiguous()
-    n = len(written)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for i, f in enumerate(names):
-        (out / f"part-{i}").rename(out / f)
-    if n > 1:
-        index = {"metadata": {}, "weight_map": {k: f for f, keys in zip(names, written) for k in keys}}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
 def _pad_float(rows: list[np.ndarray], width: int, device) -> torch.Tensor:

@@ -6,10 +6,13 @@ group calls it on every rank at once (the sharded trainer's methods are collecti
 """
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import socket
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +27,17 @@ def master_address() -> tuple[str, int]:
     with socket.socket() as s:
         s.bind(("", 0))
         return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+def gpu_stage(method):
+    """Run a GRPOWorker method inside its _gpu_stage (the GPU peak tracking); nested calls count once."""
+    @functools.wraps(method)
+    def tracked(self, *args, **kwargs):
+        if self._in_stage:
+            return method(self, *args, **kwargs)
+        with self._gpu_stage():
+            return method(self, *args, **kwargs)
+    return tracked
 
 
 class GRPOWorker:
@@ -53,6 +67,8 @@ class GRPOWorker:
         if not self.trainer.is_lora:  # full fine-tuning: the trainer holds every weight vLLM needs
             self.rollout.refill = self._state_for_rollout
         self.rollout.sleep()
+        self._gpu_peak, self._in_stage = 0.0, False
+        host_peak_gb(reset=True)
 
     def ready(self) -> dict:
         import ray
@@ -60,14 +76,17 @@ class GRPOWorker:
         return {"rank": self.rank, "n_params": self.trainer.n_params, "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id()}
 
+    @gpu_stage
     def generate(self, prompts: list[list[int]], sampling: dict) -> list[dict]:
         self.offload.to_host()  # the trainer's idle state makes room for the KV cache
         return self.rollout.generate(prompts, **sampling)
 
+    @gpu_stage
     def compute_log_prob(self, prompts, responses, ref: bool = False) -> list[np.ndarray]:
         self.offload.to_gpu()
         return self.trainer.compute_log_prob(prompts, responses, ref=ref)
 
+    @gpu_stage
     def update_actor(self, batch: dict, seed: int, steps: list | None = None) -> dict[str, float]:
         self.offload.to_gpu(optimizer=True)
         return self.trainer.update(batch, seed, steps)
@@ -77,6 +96,7 @@ class GRPOWorker:
         with self.offload.borrowed():
             yield from self.trainer.full_state_for_rollout()
 
+    @gpu_stage
     def sync_weights(self) -> float:
         """Push the trainer's new weights (or LoRA adapter) into vLLM; returns seconds taken."""
         t0 = time.perf_counter()
@@ -89,12 +109,19 @@ class GRPOWorker:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    def save_checkpoint(self, ckpt_dir: str) -> None:
+    def save_checkpoint(self, ckpt_dir: str, export_hf: bool = True) -> dict[str, dict]:
         """Every rank writes its shards, rank 0 the rest (ckpt_dir must be on a filesystem every rank
-        shares with the controller)."""
-        self.offload.to_gpu(optimizer=True)
-        self.trainer.save(ckpt_dir)
+        shares with the controller); each then fsyncs and checksums the files it wrote, in parallel
+        with the others. Returns tasks/checkpoints.describe() of them: {path under ckpt_dir: {size,
+        digest}}."""
+        from tasks.checkpoints import describe
 
+        with self._gpu_stage():
+            self.offload.to_gpu(optimizer=True)
+            files = self.trainer.save(ckpt_dir, export_hf=export_hf)
+        return describe(files, Path(ckpt_dir))
+
+    @gpu_stage
     def load_checkpoint(self, ckpt_dir: str) -> None:
         self.offload.to_gpu(optimizer=True)
         self.trainer.load(ckpt_dir)
@@ -104,8 +131,46 @@ class GRPOWorker:
         """Before the actor is killed: remove what the engine left on disk (LoRA adapters)."""
         self.rollout.close()
 
-    def memory_gb(self) -> float:
-        """Peak accelerator memory (CUDA) or peak resident memory of this process (CPU)."""
-        if self.cfg.trainer.device == "cuda":
-            return torch.cuda.max_memory_allocated() / 2**30
+    @contextmanager
+    def _gpu_stage(self):
+        """Track this GPU's peak over a stage: the device's used memory (torch.cuda.mem_get_info: every
+        process and allocator on it, vLLM's CuMem pool and the CUDA context included) at the start plus
+        the growth of torch's reserved memory during the stage, capped at the device's capacity; and
+        the used memory at the end. torch's own counters are not used alone: they keep counting vLLM's
+        pool while vLLM sleeps (167 GB read on a 141 GB H200, issue 12)."""
+        if self.cfg.trainer.device != "cuda":
+            yield
+            return
+        free, total = torch.cuda.mem_get_info()
+        reserved = torch.cuda.memory_reserved()
+        torch.cuda.reset_peak_memory_stats()
+        self._in_stage = True
+        try:
+            yield
+        finally:
+            self._in_stage = False
+            grown = torch.cuda.max_memory_reserved() - reserved
+            free_end, _ = torch.cuda.mem_get_info()
+            self._gpu_peak = max(self._gpu_peak, min(total, total - free + grown), total - free_end)
+
+    def memory(self) -> dict[str, float]:
+        """This rank's peaks since the previous call (then reset), in GiB: `gpu`, the device peak of
+        _gpu_stage (on CPU the device is the host: the host peak), and `host`, this process's peak
+        resident memory (trainer and in-process vLLM)."""
+        host = host_peak_gb(reset=True)
+        gpu, self._gpu_peak = self._gpu_peak / 2**30, 0.0
+        return {"gpu": gpu if self.cfg.trainer.device == "cuda" else host, "host": host}
+
+
+def host_peak_gb(reset: bool = False) -> float:
+    """Peak resident memory of this process in GiB: Linux's VmHWM since the last reset (reset writes
+    5 to /proc/self/clear_refs, proc(5)); where /proc lacks either, the lifetime peak (getrusage)."""
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        return hwm / 2**30
+    except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

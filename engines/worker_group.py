@@ -158,14 +158,19 @@ class WorkerGroup:
     def sync_weights(self) -> float:
         return max(self._all("sync_weights"))
 
-    def save_checkpoint(self, ckpt_dir: str) -> None:
-        self._all("save_checkpoint", ckpt_dir)
+    def save_checkpoint(self, ckpt_dir: str, export_hf: bool = True) -> dict[str, dict]:
+        """Every rank saves (and checksums) its files; their {path: {size, digest}}, merged."""
+        return {k: v for files in self._all("save_checkpoint", ckpt_dir, export_hf) for k, v in files.items()}
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
         self._all("load_checkpoint", ckpt_dir)
 
-    def memory_gb(self) -> float:
-        return max(self._all("memory_gb"))
+    def memory(self) -> dict[str, float]:
+        """Peaks since the last call over every rank, GiB (GRPOWorker.memory): the largest GPU's and the
+        largest worker process's resident memory."""
+        peaks = self._all("memory")
+        return {"perf/max_memory_allocated_gb": max(p["gpu"] for p in peaks),
+                "perf/cpu_memory_used_gb": max(p["host"] for p in peaks)}
 
     def shutdown(self) -> None:
         import ray

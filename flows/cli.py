@@ -50,9 +50,12 @@ def eval_target(target: str, config: str, overrides: list[str]) -> tuple[str, li
     rank) is off: trainer.resume_mode=disable."""
     from pathlib import Path
 
+    from flows.evaluate import checkpoint_export
+
     overrides = list(overrides)
-    if Path(target).is_dir() and (Path(target) / "huggingface").is_dir():
-        overrides += [f"model.path={Path(target) / 'huggingface'}", "model.source=hf", "model.lora_rank=0"]
+    hf = checkpoint_export(Path(target))  # ValueError: a checkpoint without its export
+    if hf is not None:
+        overrides += [f"model.path={hf}", "model.source=hf", "model.lora_rank=0"]
     else:
         config = target
     return config, overrides + ["trainer.total_training_steps=1", "trainer.resume_mode=disable"]

@@ -1,6 +1,9 @@
 """Flow `grpo-eval`: GSM8K test accuracy (greedy mean@1) of a model, outside training."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from prefect import flow
 
 from configs.load import load_config
@@ -23,3 +26,16 @@ def evaluate_model(config: str = "tiny-cpu", overrides: list[str] | None = None)
     finally:
         workers.shutdown()
     return metrics[VAL_METRIC]
+
+
+def checkpoint_export(target: Path) -> Path | None:
+    """The HF export of a checkpoint directory (global_step_<N>/huggingface); None if target is not
+    a checkpoint. Raises ValueError naming trainer.export_hf when the checkpoint has no export."""
+    hf = target / "huggingface"
+    if hf.is_dir():
+        return hf
+    if not target.is_dir() or not (re.fullmatch(r"global_step_\d+", target.name) or (target / "actor").is_dir()):
+        return None
+    raise ValueError(f"{target} has no HF export (huggingface/): checkpoints get one as trainer.export_hf says "
+                     "(default last: the final step's only); evaluate that one, or train with "
+                     "trainer.export_hf=every_save")

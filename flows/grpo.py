@@ -232,8 +232,7 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
             tokens = int(samples["response_ids"].map(len).sum() + samples["prompt_ids"].map(len).sum())
             last = {**step_metrics(samples), **metrics, **timing,
                     "perf/throughput": tokens / timing["timing_s/step"] / cfg.world_size,
-                    "perf/total_num_tokens": tokens,
-                    "perf/max_memory_allocated_gb": workers.memory_gb()}
+                    "perf/total_num_tokens": tokens, **workers.memory()}
             if step not in logged:
                 with kill_point("logging", step):
                     tracker.log(last, step)
@@ -244,7 +243,7 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
                 t = time.perf_counter()
                 with kill_point("checkpoint", step):
                     stages.save_checkpoint(workers, cfg, step, root, {"mlflow_run_id": tracker.run_id,
-                                                                      "model": model_signature(cfg)})
+                                                                      "model": model_signature(cfg)}, last_step)
                 tracker.log({"timing_s/save_checkpoint": time.perf_counter() - t}, step)
         status = "FINISHED"
         return last

@@ -217,11 +217,15 @@ def update(workers, samples: pd.DataFrame, cfg: GRPOConfig, step: int) -> dict[s
 
 
 @task(name="checkpoint", retries=2, retry_condition_fn=transient, retry_delay_seconds=5, cache_policy=NONE)
-def save_checkpoint(workers, cfg: GRPOConfig, step: int, root: Path, state: dict) -> Path:
-    """global_step_<N>: model/adapter, optimizer, scheduler, RNG (workers) + trainer state (here)."""
-    def fill(tmp: Path) -> None:
-        workers.save_checkpoint(str(tmp))
-        (tmp / "trainer_state.json").write_text(json.dumps({**state, "global_step": step}))
+def save_checkpoint(workers, cfg: GRPOConfig, step: int, root: Path, state: dict, last_step: bool = False) -> Path:
+    """global_step_<N>: model/adapter, optimizer, scheduler, RNG (workers) + trainer state (here);
+    the HF export as trainer.export_hf says. The workers checksum what they wrote."""
+    export = cfg.trainer.export_hf == "every_save" or (cfg.trainer.export_hf == "last" and last_step)
+
+    def fill(tmp: Path) -> dict:
+        files = workers.save_checkpoint(str(tmp), export_hf=export)
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "global_step": step, "export_hf": export}))
+        return files
 
     return checkpoints.write(root, step, fill, keep=cfg.trainer.max_actor_ckpt_to_keep)
 

@@ -22,9 +22,13 @@ def test_tiny_cpu_end_to_end(tmp_path, gsm8k):
     client, run = mlflow_run(tmp_path)
     assert run.info.status == "FINISHED"
     for key in REQUIRED_STEP_METRICS + ("actor/ppo_kl", "timing_s/reward", "timing_s/update_weights",
-                                        "perf/max_memory_allocated_gb"):
+                                        "perf/max_memory_allocated_gb", "perf/cpu_memory_used_gb"):
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
         assert steps == [1, 2, 3], f"{key} logged at steps {steps}"
+    # CPU: the device is the host, so both memory metrics are the largest worker's peak RSS of the step.
+    host = [m.value for m in client.get_metric_history(run.info.run_id, "perf/cpu_memory_used_gb")]
+    dev = [m.value for m in client.get_metric_history(run.info.run_id, "perf/max_memory_allocated_gb")]
+    assert host == dev and all(0.1 < v < 24 for v in host), host
     val = client.get_metric_history(run.info.run_id, VAL_KEY)
     assert [m.step for m in val] == [3] and 0.0 <= val[0].value <= 1.0
     assert [m.step for m in client.get_metric_history(run.info.run_id, "timing_s/save_checkpoint")] == [3]
@@ -43,6 +47,7 @@ def test_tiny_cpu_end_to_end(tmp_path, gsm8k):
     step3 = ckpt / "global_step_3"
     assert {p.name for p in (step3 / "actor").iterdir()} >= {".metadata", "__0_0.distcp", "extra_state.pt"}  # DCP, one rank
     assert json.loads((step3 / "trainer_state.json").read_text())["global_step"] == 3
+    assert json.loads((step3 / "manifest.json").read_text())["algorithm"] == "blake3"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(step3 / "huggingface")
