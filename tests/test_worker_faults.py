@@ -1,0 +1,124 @@
+"""Faults of a rank, seen from the controller, with real Ray actors and a real gloo process group:
+a rank hung before a collective (GRPO_HANG_AT) makes the stage fail within
+trainer.collective_timeout_s naming the stage and the ranks; a worker killed by Ray's memory
+monitor becomes one WorkerOOMError line, not retried. The actors here run the project's
+init_distributed, hang_point and gather; they are not GRPOWorkers (no model, no vLLM), which keeps
+the test to seconds."""
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from engines.worker_group import CollectiveTimeout, WorkerOOMError, gather
+from tests.conftest import ROOT, free_port
+
+TIMEOUT_S = 3.0  # trainer.collective_timeout_s for the test: short, yet far above gloo's set-up time
+HANG_S = 60.0  # the hung rank sleeps far longer than the test may take
+
+
+class Rank:
+    def __init__(self, rank: int, master: tuple[str, int]):
+        from engines.trainer import init_distributed
+
+        self.rank = rank
+        init_distributed(rank, 2, master, "cpu", timeout_s=TIMEOUT_S)
+
+    def ready(self) -> int:
+        return self.rank
+
+    def update_actor(self, collective: bool = True) -> int:
+        import torch
+        import torch.distributed as dist
+
+        from tasks.killpoints import hang_point
+
+        hang_point("update_actor", self.rank)
+        if collective:
+            t = torch.ones(1)
+            dist.all_reduce(t)
+            return int(t.item())
+        return self.rank
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    """Two ranks in one gloo process group; rank 1 hangs in update_actor (GRPO_HANG_AT)."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    master = ("127.0.0.1", free_port())
+    env = {"env_vars": {"GRPO_HANG_AT": f"update_actor:1:{HANG_S}", "PYTHONPATH": str(ROOT)}}
+    actors = [ray.remote(Rank).options(num_cpus=1, runtime_env=env).remote(r, master) for r in range(2)]
+    assert ray.get([a.ready.remote() for a in actors], timeout=120) == [0, 1]  # started, group made
+    yield actors
+    ray.shutdown()
+
+
+def test_a_hung_rank_fails_the_stage_within_the_collective_timeout(ranks):
+    t0 = time.monotonic()
+    with pytest.raises(CollectiveTimeout) as e:
+        gather([a.update_actor.remote() for a in ranks], "update_actor", TIMEOUT_S)
+    took = time.monotonic() - t0
+    msg = str(e.value)
+    print(f"failed after {took:.1f} s: {msg}")
+    # rank 0 waits in all_reduce for rank 1, which sleeps: gloo gives up after TIMEOUT_S
+    assert msg.startswith("update_actor: rank 0 failed in a collective") and "rank(s) [1] had not answered" in msg
+    assert "\n" not in msg
+    assert TIMEOUT_S <= took < TIMEOUT_S + 10, f"{took:.1f} s for a {TIMEOUT_S} s collective timeout"
+
+
+def test_a_rank_that_never_answers_is_named_after_the_timeout(ranks):
+    # No collective: rank 0 answers at once, rank 1 is still asleep (its earlier call queued this one).
+    t0 = time.monotonic()
+    with pytest.raises(CollectiveTimeout, match=r"update_actor: rank\(s\) \[1\] did not answer within 3 s"):
+        gather([a.update_actor.remote(collective=False) for a in ranks], "update_actor", TIMEOUT_S)
+    assert time.monotonic() - t0 < TIMEOUT_S + 5
+
+
+OOM_SCRIPT = textwrap.dedent("""
+    import os, time
+    # Ray's memory monitor, set before Ray starts: kill workers once the node uses more than 2% of
+    # its memory, checked every 100 ms. Any machine is past that, so the first running worker dies.
+    os.environ["RAY_memory_usage_threshold"] = "0.02"
+    os.environ["RAY_memory_monitor_refresh_ms"] = "100"
+    import ray
+    from engines.worker_group import gather
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+
+    @ray.remote(max_restarts=0)
+    class Hog:
+        def update_actor(self):
+            x = bytearray(200 << 20)  # 200 MB, touched
+            time.sleep(30)
+            return len(x)
+
+    try:
+        gather([Hog.remote().update_actor.remote()], "update_actor", 60.0, plan_gib=42.0)
+    except Exception as e:
+        print("RAISED", type(e).__name__, "|", str(e))
+""")
+
+
+@pytest.mark.slow  # its own Ray instance: ~20 s
+def test_a_worker_killed_by_rays_memory_monitor_is_one_line_and_not_transient(tmp_path):
+    res = subprocess.run([sys.executable, "-c", OOM_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    line = next((x for x in res.stdout.splitlines() if x.startswith("RAISED")), None)
+    assert line, res.stdout[-2000:] + res.stderr[-3000:]
+    kind, msg = line.removeprefix("RAISED ").split(" | ", 1)
+    print(msg)
+    assert kind == WorkerOOMError.__name__
+    assert msg.startswith("update_actor: rank 0 was killed by Ray's memory monitor (node memory ")
+    assert " GB used; the plan needs 42.0 GiB per node" in msg and "not retried" in msg
+    assert "Top 10 memory users" not in msg  # Ray's dump stays out
+
+    # and the tasks' retry condition does not retry it (nor a hung stage), but does a dead actor
+    from prefect.states import Failed
+
+    from tasks.stages import transient
+
+    assert not transient(None, None, Failed(data=WorkerOOMError(msg)))
+    assert not transient(None, None, Failed(data=CollectiveTimeout("update_actor: ...")))
+    assert transient(None, None, Failed(data=RuntimeError("update_actor: rank 1 failed: ActorDiedError")))
