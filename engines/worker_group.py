@@ -182,7 +182,7 @@ def gather(refs: list, stage: str, wait_s: float, plan_gib: float | None = None)
 class WorkerGroup:
     def __init__(self, cfg: GRPOConfig, model_dir: str):
         import ray
-        from ray.util.placement_group import placement_group, placement_group_table
+        from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from engines.worker import GRPOWorker, master_address
@@ -203,21 +203,11 @@ class WorkerGroup:
         place = lambda rank: PlacementGroupSchedulingStrategy(  # noqa: E731
             placement_group=self.pg, placement_group_bundle_index=bundles[rank])
         # Rank 0's node and a free port there: every rank joins the process group at that address.
-        # Host RAM: each node's ranks against the plan (engines/plan_host.py), before any model loads.
-        self.host_plan_gib = None
-        for node in nodes:
-            ranks = [r for r in range(self.world_size) if node_of[bundles[r]] == node]
-            plan = host_plan(cfg, model_dir, len(ranks))
-            if plan is None:
-                continue
-            self.host_plan_gib = max(self.host_plan_gib or 0.0, plan["host_node_gib"])
-            if cfg.trainer.node_ram_gb is not None:
-                have, source = cfg.trainer.node_ram_gb, "trainer.node_ram_gb"
-            else:
-                have = ray.get(ray.remote(node_memory_gib).options(num_cpus=0, scheduling_strategy=place(ranks[0]))
-                               .remote())
-                source = "its total RAM"
-            check_host_memory(cfg, plan, node, have, source)
+        try:
+            self._check_host(model_dir, nodes, [node_of[bundles[r]] for r in range(self.world_size)], place)
+        except BaseException:
+            remove_placement_group(self.pg)
+            raise
         master = (ray.get(ray.remote(master_address).options(num_cpus=0, scheduling_strategy=place(0)).remote())
                   if self.world_size > 1 else None)
         actor_cls = ray.remote(GRPOWorker)
@@ -231,6 +221,27 @@ class WorkerGroup:
             print(f"worker group: rank {r['rank']} on node {r['node'][:8]} (pid {r['pid']})")
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _check_host(self, model_dir: str, nodes: list, node_of_rank: list, place) -> None:
+        """Each node's ranks against the host plan (engines/plan_host.py), before any model loads:
+        trainer.node_ram_gb, else the node's total RAM read there. Sets host_plan_gib (the largest
+        node figure, for OOM messages)."""
+        import ray
+
+        self.host_plan_gib = None
+        for node in nodes:
+            ranks = [r for r, n in enumerate(node_of_rank) if n == node]
+            plan = host_plan(self.cfg, model_dir, len(ranks))
+            if plan is None:
+                continue
+            self.host_plan_gib = max(self.host_plan_gib or 0.0, plan["host_node_gib"])
+            if self.cfg.trainer.node_ram_gb is not None:
+                have, source = self.cfg.trainer.node_ram_gb, "trainer.node_ram_gb"
+            else:
+                have = ray.get(ray.remote(node_memory_gib).options(num_cpus=0, scheduling_strategy=place(ranks[0]))
+                               .remote())
+                source = "its total RAM"
+            check_host_memory(self.cfg, plan, node, have, source)
+
     @property
     def _wait_s(self) -> float:
         return self.cfg.trainer.collective_timeout_s

@@ -47,7 +47,7 @@ class Rank:
 def ranks():
     """Two ranks in one gloo process group; rank 1 hangs in update_actor (GRPO_HANG_AT)."""
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # 2 ranks + a group
     master = ("127.0.0.1", free_port())
     env = {"env_vars": {"GRPO_HANG_AT": f"update_actor:1:{HANG_S}", "PYTHONPATH": str(ROOT)}}
     actors = [ray.remote(Rank).options(num_cpus=1, runtime_env=env).remote(r, master) for r in range(2)]
@@ -75,6 +75,28 @@ def test_a_rank_that_never_answers_is_named_after_the_timeout(ranks):
     with pytest.raises(CollectiveTimeout, match=r"update_actor: rank\(s\) \[1\] did not answer within 3 s"):
         gather([a.update_actor.remote(collective=False) for a in ranks], "update_actor", TIMEOUT_S)
     assert time.monotonic() - t0 < TIMEOUT_S + 5
+
+
+def test_a_node_with_less_ram_than_planned_is_refused_in_one_line(ranks, tmp_path):
+    """The worker group weighs each Ray node's RAM against the host plan before any worker starts;
+    trainer.node_ram_gb stands in for what the node reports."""
+    import psutil
+    import ray
+
+    from configs.load import load_config
+    from engines.worker_group import WorkerGroup, host_plan, node_memory_gib
+
+    cfg = load_config("tiny-cpu", ["trainer.node_ram_gb=1", "model.path=/nonexistent/tiny"])
+    plan = host_plan(cfg, str(tmp_path), 1)  # no config.json there: the tiny preset's shape
+    assert plan["host_node_gib"] > 0.95 * 1  # tiny-cpu: > 3 GiB (process, Ray, KV cache share)
+    with pytest.raises(ValueError) as e:
+        WorkerGroup(cfg, str(tmp_path))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("host memory: node ") and f"needs {plan['host_node_gib']:.1f} GiB" in msg
+    assert "has 1.0 GiB (trainer.node_ram_gb" in msg and "fewer ranks per node" in msg
+    # Without the override the node's own total is used: psutil, read on the node.
+    assert ray.get(ray.remote(node_memory_gib).remote()) == pytest.approx(psutil.virtual_memory().total / 2**30)
 
 
 OOM_SCRIPT = textwrap.dedent("""
