@@ -63,5 +63,5 @@ def hang_point(method: str, rank: int) -> None:
         return
     where, who, seconds = spec.split(":")
     if (where, int(who)) == (method, rank):
-        print(f"hangpoint: rank {rank} sleeps {seconds} s in {method}", file=sys.stderr, flush=True)
+        print(f"hangpoint: rank {rank} (pid {os.getpid()}) sleeps {seconds} s in {method}", file=sys.stderr, flush=True)
         time.sleep(float(seconds))
