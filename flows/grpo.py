@@ -187,7 +187,9 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
 
     run_id = str(runtime.flow_run.id)
     if run_id in _FINAL:
-        raise _FINAL.pop(run_id)
+        err = _FINAL.pop(run_id)
+        print(f"flow run not retried (a retry cannot mend it): {err}")
+        raise err
     cfg = load_config(config, overrides or [])
     preflight(cfg)
     log = get_run_logger()

@@ -75,3 +75,19 @@ def test_one_rank_killed_mid_update_recovers_from_the_checkpoint(tmp_path, gsm8k
     assert run.info.status == "FINISHED"
     for key in ("critic/score/mean", "timing_s/step", "actor/pg_loss"):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2], key
+
+
+def test_too_little_host_ram_is_one_error_line_and_not_retried(tmp_path, gsm8k):
+    """The worker group refuses a node with less RAM than planned (trainer.node_ram_gb=1 stands in
+    for a small node); the flow's retry re-raises it at once instead of rebuilding the workers."""
+    args = [sys.executable, "-m", "flows.cli", "run", "tiny-cpu", *cached_inputs(), "trainer.node_ram_gb=1",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"trainer.default_local_dir={tmp_path / 'ckpt'}"]
+    res = subprocess.run(args, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 2, (res.stdout + res.stderr)[-4000:]
+    out = res.stdout + res.stderr
+    errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]  # Prefect's own lines may follow
+    assert len(errors) == 1, out[-4000:]
+    assert errors[0].startswith("error: host memory: node ") and "has 1.0 GiB (trainer.node_ram_gb" in errors[0]
+    assert out.count("flow run not retried (a retry cannot mend it): host memory") == 1, out[-4000:]
+    assert "worker group: rank" not in out  # no worker started
