@@ -169,8 +169,8 @@ class TrainerConfig(_Section):
     collective_timeout_s: float = Field(300.0, gt=0)
     """Seconds a rank may wait in one torch.distributed collective before it fails
     (`init_process_group(timeout=...)`; NCCL's own default is 10 min or more): a rank hung or dead
-    mid-step makes the others fail within this time. The controller waits this long again for the
-    remaining ranks once one has answered, then fails naming the stage and the ranks."""
+    mid-step makes the others fail within this time, and the controller then fails the stage at
+    once, naming it, the failed rank and the ranks that had not answered."""
 
 
 class TrackingConfig(_Section):

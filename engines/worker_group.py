@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +71,8 @@ class WorkerOOMError(RuntimeError):
 
 
 class CollectiveTimeout(RuntimeError):
-    """A stage did not finish on every rank: a rank hung (or died) while the others waited for it in
-    a collective. Not retried in place: the process group is broken; the flow rebuilds the group."""
+    """A rank failed in a collective (timed out waiting for a hung rank, or its peer's connection
+    closed). Not retried in place: the process group is broken; the flow's retry rebuilds it."""
 
 
 def node_memory_gib() -> float:
@@ -147,23 +146,20 @@ def classify(e: BaseException, stage: str, rank: int, plan_gib: float | None) ->
     return RuntimeError(f"{stage}: rank {rank} failed: {text}")
 
 
-def gather(refs: list, stage: str, wait_s: float, plan_gib: float | None = None) -> list[Any]:
-    """ray.get of one call per rank, in rank order, failing as one error that names the stage and
-    the rank (see `classify`). Once one rank has answered, the others get wait_s more
-    (trainer.collective_timeout_s: a rank waiting in a collective for a hung one fails by then), else
-    CollectiveTimeout names the ranks that never answered."""
+def gather(refs: list, stage: str, plan_gib: float | None = None) -> list[Any]:
+    """ray.get of one call per rank, in rank order; the first rank to fail ends it at once as one
+    error naming the stage, that rank and the ranks that had not answered (see `classify`).
+
+    A rank that hangs leaves the others waiting in a collective, which fails after
+    trainer.collective_timeout_s (gloo raises, NCCL's watchdog ends the process): that failure ends
+    the stage. No deadline runs once a rank has answered: rank 0 may legitimately work alone (the
+    HF export) for longer than any collective timeout."""
     import ray
 
     pending = {ref: rank for rank, ref in enumerate(refs)}
     out: list[Any] = [None] * len(refs)
-    first = None
     while pending:
-        left = None if first is None else max(0.0, first + wait_s - time.monotonic())
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
-        if not ready:
-            raise CollectiveTimeout(
-                f"{stage}: rank(s) {sorted(pending.values())} did not answer within {wait_s:.0f} s of the others "
-                f"(trainer.collective_timeout_s={wait_s:g}): hung or stuck in a collective")
+        ready, _ = ray.wait(list(pending), num_returns=1)
         rank = pending.pop(ready[0])
         try:
             out[rank] = ray.get(ready[0])
@@ -174,8 +170,6 @@ def gather(refs: list, stage: str, wait_s: float, plan_gib: float | None = None)
             if pending and not isinstance(err, WorkerOOMError):
                 err = type(err)(f"{err}; rank(s) {sorted(pending.values())} had not answered")
             raise err from None
-        if first is None:
-            first = time.monotonic()
     return out
 
 
@@ -217,7 +211,7 @@ class WorkerGroup:
             for rank in range(self.world_size)
         ]
         # a failed start surfaces here
-        for r in gather([w.ready.remote() for w in self.workers], "start", self._wait_s, self.host_plan_gib):
+        for r in gather([w.ready.remote() for w in self.workers], "start", self.host_plan_gib):
             print(f"worker group: rank {r['rank']} on node {r['node'][:8]} (pid {r['pid']})")
 
     # ---- helpers ----------------------------------------------------------------------------
@@ -242,17 +236,12 @@ class WorkerGroup:
                 source = "its total RAM"
             check_host_memory(self.cfg, plan, node, have, source)
 
-    @property
-    def _wait_s(self) -> float:
-        return self.cfg.trainer.collective_timeout_s
-
     def _all(self, method: str, *args, **kwargs) -> list[Any]:
-        return gather([getattr(w, method).remote(*args, **kwargs) for w in self.workers], method, self._wait_s,
-                      self.host_plan_gib)
+        return gather([getattr(w, method).remote(*args, **kwargs) for w in self.workers], method, self.host_plan_gib)
 
     def _scatter(self, method: str, shares: list[tuple], **kwargs) -> list[Any]:
         return gather([getattr(w, method).remote(*args, **kwargs) for w, args in zip(self.workers, shares)], method,
-                      self._wait_s, self.host_plan_gib)
+                      self.host_plan_gib)
 
     # ---- what the flow asks for ---------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: dict) -> list[dict]:

@@ -29,17 +29,19 @@ class Rank:
     def ready(self) -> int:
         return self.rank
 
-    def update_actor(self, collective: bool = True) -> int:
+    def update_actor(self) -> int:
         import torch
         import torch.distributed as dist
 
         from tasks.killpoints import hang_point
 
         hang_point("update_actor", self.rank)
-        if collective:
-            t = torch.ones(1)
-            dist.all_reduce(t)
-            return int(t.item())
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        return int(t.item())
+
+    def save_checkpoint(self, work_s: float) -> int:
+        time.sleep(work_s)
         return self.rank
 
 
@@ -56,10 +58,20 @@ def ranks():
     ray.shutdown()
 
 
+def test_a_rank_working_alone_after_the_others_answered_is_not_cut_short(ranks):
+    # rank 0 returns at once; rank 1 works 2 collective timeouts longer (as rank 0 writes the HF
+    # export alone): no deadline applies once a rank has answered. Runs before the hang test, which
+    # keeps rank 1 asleep.
+    t0 = time.monotonic()
+    assert gather([a.save_checkpoint.remote(2 * TIMEOUT_S if r == 1 else 0) for r, a in enumerate(ranks)],
+                  "save_checkpoint") == [0, 1]
+    assert time.monotonic() - t0 >= 2 * TIMEOUT_S
+
+
 def test_a_hung_rank_fails_the_stage_within_the_collective_timeout(ranks):
     t0 = time.monotonic()
     with pytest.raises(CollectiveTimeout) as e:
-        gather([a.update_actor.remote() for a in ranks], "update_actor", TIMEOUT_S)
+        gather([a.update_actor.remote() for a in ranks], "update_actor")
     took = time.monotonic() - t0
     msg = str(e.value)
     print(f"failed after {took:.1f} s: {msg}")
@@ -67,14 +79,6 @@ def test_a_hung_rank_fails_the_stage_within_the_collective_timeout(ranks):
     assert msg.startswith("update_actor: rank 0 failed in a collective") and "rank(s) [1] had not answered" in msg
     assert "\n" not in msg
     assert TIMEOUT_S <= took < TIMEOUT_S + 10, f"{took:.1f} s for a {TIMEOUT_S} s collective timeout"
-
-
-def test_a_rank_that_never_answers_is_named_after_the_timeout(ranks):
-    # No collective: rank 0 answers at once, rank 1 is still asleep (its earlier call queued this one).
-    t0 = time.monotonic()
-    with pytest.raises(CollectiveTimeout, match=r"update_actor: rank\(s\) \[1\] did not answer within 3 s"):
-        gather([a.update_actor.remote(collective=False) for a in ranks], "update_actor", TIMEOUT_S)
-    assert time.monotonic() - t0 < TIMEOUT_S + 5
 
 
 def test_a_node_with_less_ram_than_planned_is_refused_in_one_line(ranks, tmp_path):
@@ -117,7 +121,7 @@ OOM_SCRIPT = textwrap.dedent("""
             return len(x)
 
     try:
-        gather([Hog.remote().update_actor.remote()], "update_actor", 60.0, plan_gib=42.0)
+        gather([Hog.remote().update_actor.remote()], "update_actor", plan_gib=42.0)
     except Exception as e:
         print("RAISED", type(e).__name__, "|", str(e))
 """)
