@@ -165,12 +165,34 @@ def gather(refs: list, stage: str, plan_gib: float | None = None) -> list[Any]:
             out[rank] = ray.get(ready[0])
         except Exception as e:  # noqa: BLE001 - re-raised as one named error
             err = classify(e, stage, rank, plan_gib)
+            if not isinstance(err, WorkerOOMError):  # a peer's OOM kill is the cause to report
+                err = _oom_among(pending, stage, plan_gib) or err
             if err is e:
                 raise
             if pending and not isinstance(err, WorkerOOMError):
                 err = type(err)(f"{err}; rank(s) {sorted(pending.values())} had not answered")
             raise err from None
     return out
+
+
+OOM_GRACE_S = 5.0
+"""After a rank fails, how long to look for a peer killed by Ray's memory monitor: the OOM kill of
+one rank drops the others' connections at once, and their error may arrive first."""
+
+
+def _oom_among(pending: dict, stage: str, plan_gib: float | None) -> WorkerOOMError | None:
+    import ray
+
+    if not pending:
+        return None
+    ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=OOM_GRACE_S)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except Exception as e:  # noqa: BLE001
+            if is_oom(e):
+                return classify(e, stage, pending[ref], plan_gib)
+    return None
 
 
 class WorkerGroup:
@@ -196,12 +218,12 @@ class WorkerGroup:
         bundles = sorted(range(self.world_size), key=lambda i: (nodes.index(node_of[i]), i))
         place = lambda rank: PlacementGroupSchedulingStrategy(  # noqa: E731
             placement_group=self.pg, placement_group_bundle_index=bundles[rank])
-        # Rank 0's node and a free port there: every rank joins the process group at that address.
         try:
             self._check_host(model_dir, nodes, [node_of[bundles[r]] for r in range(self.world_size)], place)
         except BaseException:
             remove_placement_group(self.pg)
             raise
+        # Rank 0's node and a free port there: every rank joins the process group at that address.
         master = (ray.get(ray.remote(master_address).options(num_cpus=0, scheduling_strategy=place(0)).remote())
                   if self.world_size > 1 else None)
         actor_cls = ray.remote(GRPOWorker)
