@@ -185,6 +185,17 @@ class TrainerConfig(_Section):
     never needs it; each export writes the whole model again (about 28 GB at 14B in bf16)."""
     max_bad_steps: int = Field(5, ge=0)
     """Stop after this many steps skipped for a non-finite grad norm (0: never stop)."""
+    node_ram_gb: float | None = Field(None, gt=0)
+    """RAM of each node in GiB (2^30 bytes), against which `grpo plan` and the start-up check weigh
+    the planned host memory (engines/plan_host.py). None: each Ray node's own total (psutil, read
+    on the node) at start-up, and for `grpo plan` an assumed 125.9 GiB per GPU (CPU recipes: this
+    machine). Set it where the OS reports less than the node can give: on the lent GPU machines
+    MemTotal starts small and grows as memory is used."""
+    collective_timeout_s: float = Field(300.0, gt=0)
+    """Seconds a rank may wait in one torch.distributed collective before it fails
+    (`init_process_group(timeout=...)`; NCCL's own default is 10 min or more): a rank hung or dead
+    mid-step makes the others fail within this time, and the controller then fails the stage at
+    once, naming it, the failed rank and the ranks that had not answered."""
 
 
 class TrackingConfig(_Section):

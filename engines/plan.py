@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.schema import GRPOConfig
+from engines.plan_host import RAY_MEMORY_THRESHOLD, format_host, host_memory
 
 GIB = 2**30
 
@@ -405,7 +406,10 @@ def plan(cfg: GRPOConfig, gpu: str | None = None, *, as_configured: bool = False
         b = (a.ppo_max_token_len_per_gpu * a.ulysses_sequence_parallel_size
              // (cfg.data.max_prompt_length + cfg.rollout.max_response_length))
     mem = _memory(cfg, s, g, feats, b, fsdp)
-    return dict(recipe=cfg.recipe, mode="as-configured" if as_configured else "current trainer",
+    host = host_memory(cfg, s, mem["shard"])
+    gpu_fits = mem.pop("fits")
+    return dict(gpu_fits=gpu_fits, fits=gpu_fits and host["host_fits"], **host,
+                recipe=cfg.recipe, mode="as-configured" if as_configured else "current trainer",
                 features=feats, gpu=asdict(g), gpu_source=gpu_src, shape=asdict(s), shape_source=shape_src,
                 world_size=cfg.world_size, tp=cfg.rollout.tensor_model_parallel_size, micro_batch=b,
                 samples_per_gpu_per_minibatch=(a.ppo_mini_batch_size * cfg.rollout.n * a.ulysses_sequence_parallel_size
@@ -438,10 +442,17 @@ def format_plan(p: dict[str, Any], other: dict[str, Any] | None = None) -> str:
               f"{'training phase':53s} {p['train_phase_gib']:9.2f}",
               f"{'PEAK per GPU':53s} {p['peak_gib']:9.2f}  of {g['mem_gib']:.1f} GiB; "
               f"torch.cuda.max_memory_allocated would read ~{p['torch_max_allocated_gib']:.2f}"]
+    lines += format_host(p)
     verdict = "FITS" if p["fits"] else "DOES NOT FIT"
     why = [] if p["vllm_kv_ok"] else ["vLLM weights + activations exceed its budget: no KV cache"]
     if not p["vllm_init_ok"]:
         why.append("vLLM's budget is more than the memory left after the trainer loads")
+    if not p["gpu_fits"] and p["vllm_kv_ok"] and p["vllm_init_ok"]:
+        why.append("GPU peak over the GPU's memory")
+    if not p["host_fits"]:
+        why.append(f"host: {p['host_node_gib']:.1f} GiB per node over {p['node_ram_gib']:.1f} GiB x "
+                   f"{RAY_MEMORY_THRESHOLD:.0%}: turn actor.param_offload/optimizer_offload off where the GPU "
+                   "has room, fewer ranks per node, or a node with more RAM (trainer.node_ram_gb)")
     lines.append(f"verdict: {verdict}" + (f" ({'; '.join(why)})" if why else "") +
                  f"; largest ppo_micro_batch_size_per_gpu that fits: {p['largest_micro_batch']}")
     if other is not None:

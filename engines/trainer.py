@@ -39,16 +39,21 @@ PEAK_TFLOPS = {"H100": 989.0, "H800": 989.0, "H200": 989.0, "H20": 148.0, "A100"
 SHARD_BYTES = 4 << 30  # largest safetensors file written by a checkpoint or export
 
 
-def init_distributed(rank: int, world_size: int, master: tuple[str, int], device: str) -> None:
+def init_distributed(rank: int, world_size: int, master: tuple[str, int], device: str,
+                     timeout_s: float = 300.0) -> None:
     """The trainer's process group: gloo on CPU; on CUDA nccl, with gloo for CPU-side counts.
 
     Made before vLLM starts, so each colocated engine sees it as an external data-parallel rank.
+    timeout_s (trainer.collective_timeout_s): how long a collective waits for a missing rank before
+    it fails (gloo raises; NCCL's watchdog ends the process), instead of NCCL's 10 min or more.
     """
+    from datetime import timedelta
+
     backend = "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
     if device == "cuda":
         torch.cuda.set_device(0)  # Ray shows each actor only its own GPU
     dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
 
 
 def minibatch_schedule(n: int, cfg: GRPOConfig, seed: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:

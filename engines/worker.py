@@ -56,7 +56,7 @@ class GRPOWorker:
         from engines.trainer import ActorTrainer, init_distributed
 
         if world_size > 1:  # before vLLM, which then runs as one external data-parallel rank
-            init_distributed(rank, world_size, master, device)
+            init_distributed(rank, world_size, master, device, self.cfg.trainer.collective_timeout_s)
         torch.manual_seed(self.cfg.trainer.seed)  # the same on every rank: LoRA inits must agree
         self.trainer = ActorTrainer(self.cfg, model_dir, "cuda" if device == "cuda" else "cpu")
         a = self.cfg.actor
@@ -88,6 +88,9 @@ class GRPOWorker:
 
     @gpu_stage
     def update_actor(self, batch: dict, seed: int, steps: list | None = None) -> dict[str, float]:
+        from tasks.killpoints import hang_point
+
+        hang_point("update_actor", self.rank)  # fault injection (GRPO_HANG_AT), a no-op unless set
         self.offload.to_gpu(optimizer=True)
         return self.trainer.update(batch, seed, steps)
 

@@ -5,7 +5,10 @@ equal shares (one per rank, or per rollout engine), sent out, and gathered back 
 """
 from __future__ import annotations
 
+import json
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,10 +65,140 @@ def check_resources(cfg: GRPOConfig) -> None:
             f"(RAY_ADDRESS) or lower trainer.n_gpus_per_node")
 
 
+class WorkerOOMError(RuntimeError):
+    """A rank's worker was killed by Ray's memory monitor (host RAM). Never retried: the same step
+    would need the same memory again."""
+
+
+class CollectiveTimeout(RuntimeError):
+    """A rank failed in a collective (timed out waiting for a hung rank, or its peer's connection
+    closed). Not retried in place: the process group is broken; the flow's retry rebuilds it."""
+
+
+def node_memory_gib() -> float:
+    """Total RAM of the node this runs on (psutil), GiB."""
+    import psutil
+
+    return psutil.virtual_memory().total / 2**30
+
+
+def host_plan(cfg: GRPOConfig, model_dir: str, ranks_on_node: int) -> dict | None:
+    """engines/plan_host.py's figures for a node with this many ranks (None: shape unknown)."""
+    from engines.plan import model_shape, shape_from_hf
+    from engines.plan_host import host_memory
+
+    conf = Path(model_dir) / "config.json"
+    try:
+        s = shape_from_hf(json.loads(conf.read_text())) if conf.is_file() else model_shape(cfg)[0]
+    except ValueError:
+        return None
+    shard = cfg.world_size if cfg.world_size > 1 and cfg.actor.strategy in ("fsdp", "fsdp2") else 1
+    return host_memory(cfg, s, shard, ranks_on_node)
+
+
+def check_host_memory(cfg: GRPOConfig, plan: dict, node: str, have_gib: float, source: str) -> None:
+    """One line naming both numbers and the fixes when the node has less RAM than planned."""
+    from engines.plan_host import RAY_MEMORY_THRESHOLD
+
+    need = plan["host_node_gib"]
+    if need > RAY_MEMORY_THRESHOLD * have_gib:
+        raise ValueError(
+            f"host memory: node {node[:8]} needs {need:.1f} GiB ({plan['host_ranks_per_node']} rank(s) x "
+            f"{plan['host_per_rank_gib']:.1f} GiB + Ray; `grpo plan {cfg.recipe}` itemises it) but has {have_gib:.1f} GiB "
+            f"({source}; Ray kills workers past {RAY_MEMORY_THRESHOLD:.0%}); turn actor.param_offload/optimizer_offload "
+            f"off where the GPU has room, run fewer ranks per node (trainer.n_gpus_per_node), or use a node with "
+            f"more RAM; if the OS reports less than the node can give, set trainer.node_ram_gb")
+
+
+def _first_line(e: BaseException) -> str:
+    cause = getattr(e, "cause", None) or e
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"[:400]
+
+
+def is_oom(e: BaseException) -> bool:
+    """Ray's memory monitor killed the worker: OutOfMemoryError for the call that was running, an
+    actor death with the monitor's cause for calls made after."""
+    from ray.exceptions import OutOfMemoryError, RayActorError
+
+    if isinstance(e, OutOfMemoryError):
+        return True
+    return isinstance(e, RayActorError) and bool(re.search(r"OUT_OF_MEMORY|low on memory|memory monitor", str(e)))
+
+
+def classify(e: BaseException, stage: str, rank: int, plan_gib: float | None) -> BaseException:
+    """The error a failed rank becomes: an OOM kill one line (rank, stage, node RAM, plan); bad input
+    (ValueError) as raised; anything else named by stage and rank, its cause kept."""
+    if is_oom(e):
+        used = re.search(r"was ([\d.]+)GB used / ([\d.]+)GB limit", str(e))
+        ram = f"node memory {used.group(1)} of {used.group(2)} GB used" if used else "node memory exhausted"
+        plan = (f"the plan needs {plan_gib:.1f} GiB per node" if plan_gib is not None else
+                "the plan has no figure for this model")
+        return WorkerOOMError(
+            f"{stage}: rank {rank} was killed by Ray's memory monitor ({ram}; {plan}; `grpo plan` itemises it); "
+            "not retried: turn actor.param_offload/optimizer_offload off where the GPU has room, run fewer ranks "
+            "per node, or use a node with more RAM")
+    if isinstance(e, ValueError):
+        return e
+    text = _first_line(e)
+    if re.search(r"[Tt]imed? ?out|DistBackendError|Connection closed by peer|Connection reset", text):
+        return CollectiveTimeout(f"{stage}: rank {rank} failed in a collective: {text}")
+    return RuntimeError(f"{stage}: rank {rank} failed: {text}")
+
+
+def gather(refs: list, stage: str, plan_gib: float | None = None) -> list[Any]:
+    """ray.get of one call per rank, in rank order; the first rank to fail ends it at once as one
+    error naming the stage, that rank and the ranks that had not answered (see `classify`).
+
+    A rank that hangs leaves the others waiting in a collective, which fails after
+    trainer.collective_timeout_s (gloo raises, NCCL's watchdog ends the process): that failure ends
+    the stage. No deadline runs once a rank has answered: rank 0 may legitimately work alone (the
+    HF export) for longer than any collective timeout."""
+    import ray
+
+    pending = {ref: rank for rank, ref in enumerate(refs)}
+    out: list[Any] = [None] * len(refs)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        rank = pending.pop(ready[0])
+        try:
+            out[rank] = ray.get(ready[0])
+        except Exception as e:  # noqa: BLE001 - re-raised as one named error
+            err = classify(e, stage, rank, plan_gib)
+            if not isinstance(err, WorkerOOMError):  # a peer's OOM kill is the cause to report
+                err = _oom_among(pending, stage, plan_gib) or err
+            if err is e:
+                raise
+            if pending and not isinstance(err, WorkerOOMError):
+                err = type(err)(f"{err}; rank(s) {sorted(pending.values())} had not answered")
+            raise err from None
+    return out
+
+
+OOM_GRACE_S = 5.0
+"""After a rank fails, how long to look for a peer killed by Ray's memory monitor: the OOM kill of
+one rank drops the others' connections at once, and their error may arrive first."""
+
+
+def _oom_among(pending: dict, stage: str, plan_gib: float | None) -> WorkerOOMError | None:
+    import ray
+
+    if not pending:
+        return None
+    ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=OOM_GRACE_S)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except Exception as e:  # noqa: BLE001
+            if is_oom(e):
+                return classify(e, stage, pending[ref], plan_gib)
+    return None
+
+
 class WorkerGroup:
     def __init__(self, cfg: GRPOConfig, model_dir: str):
         import ray
-        from ray.util.placement_group import placement_group, placement_group_table
+        from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from engines.worker import GRPOWorker, master_address
@@ -85,6 +218,11 @@ class WorkerGroup:
         bundles = sorted(range(self.world_size), key=lambda i: (nodes.index(node_of[i]), i))
         place = lambda rank: PlacementGroupSchedulingStrategy(  # noqa: E731
             placement_group=self.pg, placement_group_bundle_index=bundles[rank])
+        try:
+            self._check_host(model_dir, nodes, [node_of[bundles[r]] for r in range(self.world_size)], place)
+        except BaseException:
+            remove_placement_group(self.pg)
+            raise
         # Rank 0's node and a free port there: every rank joins the process group at that address.
         master = (ray.get(ray.remote(master_address).options(num_cpus=0, scheduling_strategy=place(0)).remote())
                   if self.world_size > 1 else None)
@@ -94,19 +232,38 @@ class WorkerGroup:
             .remote(cfg.model_dump_json(), model_dir, rank, self.world_size, master)
             for rank in range(self.world_size)
         ]
-        for r in ray.get([w.ready.remote() for w in self.workers]):  # a failed start surfaces here
+        # a failed start surfaces here
+        for r in gather([w.ready.remote() for w in self.workers], "start", self.host_plan_gib):
             print(f"worker group: rank {r['rank']} on node {r['node'][:8]} (pid {r['pid']})")
 
     # ---- helpers ----------------------------------------------------------------------------
-    def _all(self, method: str, *args, **kwargs) -> list[Any]:
+    def _check_host(self, model_dir: str, nodes: list, node_of_rank: list, place) -> None:
+        """Each node's ranks against the host plan (engines/plan_host.py), before any model loads:
+        trainer.node_ram_gb, else the node's total RAM read there. Sets host_plan_gib (the largest
+        node figure, for OOM messages)."""
         import ray
 
-        return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
+        self.host_plan_gib = None
+        for node in nodes:
+            ranks = [r for r, n in enumerate(node_of_rank) if n == node]
+            plan = host_plan(self.cfg, model_dir, len(ranks))
+            if plan is None:
+                continue
+            self.host_plan_gib = max(self.host_plan_gib or 0.0, plan["host_node_gib"])
+            if self.cfg.trainer.node_ram_gb is not None:
+                have, source = self.cfg.trainer.node_ram_gb, "trainer.node_ram_gb"
+            else:
+                have = ray.get(ray.remote(node_memory_gib).options(num_cpus=0, scheduling_strategy=place(ranks[0]))
+                               .remote())
+                source = "its total RAM"
+            check_host_memory(self.cfg, plan, node, have, source)
+
+    def _all(self, method: str, *args, **kwargs) -> list[Any]:
+        return gather([getattr(w, method).remote(*args, **kwargs) for w in self.workers], method, self.host_plan_gib)
 
     def _scatter(self, method: str, shares: list[tuple], **kwargs) -> list[Any]:
-        import ray
-
-        return ray.get([getattr(w, method).remote(*args, **kwargs) for w, args in zip(self.workers, shares)])
+        return gather([getattr(w, method).remote(*args, **kwargs) for w, args in zip(self.workers, shares)], method,
+                      self.host_plan_gib)
 
     # ---- what the flow asks for ---------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: dict) -> list[dict]:

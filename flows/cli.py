@@ -127,9 +127,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # `grpo prep` runs a bare task
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    from engines.worker_group import CollectiveTimeout, WorkerOOMError
+
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, WorkerOOMError, CollectiveTimeout) as e:
         _fail(str(e))
 
 

@@ -174,13 +174,22 @@ def _tags(cfg: GRPOConfig) -> dict[str, str]:
 
 
 # ---- the flow ----------------------------------------------------------------------------------
+# Failures a retry of the flow run cannot mend (bad input, a worker killed for host memory): the
+# retry, which Prefect runs in this process, raises the same error at once instead of rebuilding
+# the workers to fail the same way.
+_FINAL: dict[str, BaseException] = {}
 # A failed run (a worker killed, a node lost) is retried once in place: the retry restores the
 # newest valid checkpoint and reuses every persisted rollout, so it costs at most the lost step.
 @flow(name="grpo", log_prints=True, retries=1, retry_delay_seconds=5)
 def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[str, float]:
     """Train a policy with GRPO. `config`: recipe name or YAML path; `overrides`: ["key=value", ...]."""
-    from engines.worker_group import WorkerGroup
+    from engines.worker_group import WorkerGroup, WorkerOOMError
 
+    run_id = str(runtime.flow_run.id)
+    if run_id in _FINAL:
+        err = _FINAL.pop(run_id)
+        print(f"flow run not retried (a retry cannot mend it): {err}")
+        raise err
     cfg = load_config(config, overrides or [])
     preflight(cfg)
     log = get_run_logger()
@@ -247,6 +256,9 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
                 tracker.log({"timing_s/save_checkpoint": time.perf_counter() - t}, step)
         status = "FINISHED"
         return last
+    except (ValueError, WorkerOOMError) as e:
+        _FINAL[run_id] = e
+        raise
     finally:  # a retry of this flow run, in this process, starts clean
         if workers is not None:
             workers.shutdown()

@@ -6,6 +6,11 @@ kills the process <seconds> after it enters <stage> at <step> (prep is step 0), 
 the stage if it finishes sooner, so the kill always lands inside the stage. Unset (the normal
 case), `kill_point` does nothing. Nothing is cleaned up: this is what a node loss or an OOM
 killer does to the flow process, and what resume must survive.
+
+    GRPO_HANG_AT="<worker method>:<rank>:<seconds>"   e.g.  update_actor:1:60
+
+makes that rank's worker sleep <seconds> on entering that method (every call), the others going on
+into their collectives: a hung rank, for the collective-timeout test (`hang_point`).
 """
 from __future__ import annotations
 
@@ -49,3 +54,14 @@ def kill_point(stage: str, step: int = 0):
         yield
     finally:
         die("stage end")
+
+
+def hang_point(method: str, rank: int) -> None:
+    """Sleep here if GRPO_HANG_AT names this worker method and rank (see the module docstring)."""
+    spec = os.environ.get("GRPO_HANG_AT")
+    if not spec:
+        return
+    where, who, seconds = spec.split(":")
+    if (where, int(who)) == (method, rank):
+        print(f"hangpoint: rank {rank} (pid {os.getpid()}) sleeps {seconds} s in {method}", file=sys.stderr, flush=True)
+        time.sleep(float(seconds))

@@ -25,10 +25,14 @@ from tasks.atomic import atomic_write
 
 
 def transient(task, task_run, state) -> bool:
-    """Retry infrastructure hiccups (a dead actor, a timeout), never bad input (ValueError)."""
+    """Retry infrastructure hiccups (a dead actor, a timeout), never bad input (ValueError), a
+    worker killed for host memory (the retry needs the same memory) or a stage a rank hung in (the
+    process group is broken: the flow's retry rebuilds it)."""
+    from engines.worker_group import CollectiveTimeout, WorkerOOMError
+
     try:
         state.result()
-    except ValueError:
+    except (ValueError, WorkerOOMError, CollectiveTimeout):
         return False
     except Exception:
         return True
