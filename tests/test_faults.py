@@ -50,9 +50,9 @@ def test_one_rank_killed_mid_update_recovers_from_the_checkpoint(tmp_path, gsm8k
 
     args = [sys.executable, "-m", "flows.cli", "run", "tiny-cpu", *cached_inputs(), "trainer.n_gpus_per_node=2",
             "trainer.total_training_steps=2", "trainer.save_freq=1", "trainer.test_freq=-1",
-            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"trainer.default_local_dir={tmp_path / 'ckpt'}"]
+            f"tracking.tracking_uri={mlflow_uri(tmp_path)}", f"trainer.default_local_dir={tmp_path / 'ckpt'}"]
     log_path = tmp_path / "run.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRPO_HANG_AT": "update_actor:1:4"}
+    env = {**flow_env(), "GRPO_HANG_AT": "update_actor:1:4"}
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     deadline, killed = time.time() + 1200, None
     hang = re.compile(r"hangpoint: rank 1 \(pid (\d+)\) sleeps")
@@ -81,8 +81,8 @@ def test_too_little_host_ram_is_one_error_line_and_not_retried(tmp_path, gsm8k):
     """The worker group refuses a node with less RAM than planned (trainer.node_ram_gb=1 stands in
     for a small node); the flow's retry re-raises it at once instead of rebuilding the workers."""
     args = [sys.executable, "-m", "flows.cli", "run", "tiny-cpu", *cached_inputs(), "trainer.node_ram_gb=1",
-            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"trainer.default_local_dir={tmp_path / 'ckpt'}"]
-    res = subprocess.run(args, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+            f"tracking.tracking_uri={mlflow_uri(tmp_path)}", f"trainer.default_local_dir={tmp_path / 'ckpt'}"]
+    res = subprocess.run(args, cwd=tmp_path, env=flow_env(), capture_output=True,
                          text=True, timeout=900)
     assert res.returncode == 2, (res.stdout + res.stderr)[-4000:]
     out = res.stdout + res.stderr
