@@ -408,34 +408,45 @@ class ActorTrainer:
         return {"model": model, "optim": optim}
 
     def save(self, ckpt_dir: str, export_hf: bool = True) -> list[Path]:
-        """Training state in ckpt_dir/actor, and with export_hf the HF export in ckpt_dir/huggingface.
+        """save_state, then save_exports: the training state in ckpt_dir/actor, the LoRA adapter and
+        (export_hf) the HF export in ckpt_dir/huggingface. Returns the files this rank wrote."""
+        return self.save_state(ckpt_dir) + self.save_exports(ckpt_dir, export_hf)
 
-        actor/ is a torch.distributed.checkpoint: every rank writes its own shards in parallel, so
-        nothing is gathered (a 72B optimizer state does not fit one host), and a load at another
-        world size reshards from its metadata. Rank 0 adds the scheduler, RNG and skip count
-        (extra_state.pt) and, for LoRA, the adapter in peft format (actor/lora_adapter).
-        Returns the files this rank wrote, for their checksums (tasks/checkpoints.describe).
-        """
+    def save_state(self, ckpt_dir: str) -> list[Path]:
+        """Training state in ckpt_dir/actor: a torch.distributed.checkpoint, every rank writing its own
+        shards in parallel, so nothing is gathered (a 72B optimizer state does not fit one host), and a
+        load at another world size reshards from its metadata; rank 0 adds the scheduler, RNG and skip
+        count (extra_state.pt). No collective beyond DCP's planning, so it may run with the state
+        offloaded: DCP holds a host copy of every GPU tensor of a file until the file is closed (a
+        rank's whole shard: +48 GB per rank at 7B, Ray's OOM kill at the save in issue 12), and none
+        of a tensor already in host memory. Returns the files this rank wrote, for their checksums."""
         import torch.distributed.checkpoint as dcp
 
-        root, actor = Path(ckpt_dir), Path(ckpt_dir) / "actor"
+        actor = Path(ckpt_dir) / "actor"
         writer = RecordingWriter(actor)
         dcp.save(self._train_state(), storage_writer=writer, no_dist=not dist.is_initialized())
         written = [actor / f for f in writer.written]
+        if self.rank == 0:
+            torch.save({"scheduler": self.scheduler.state_dict(), "bad_steps": self.bad_steps,
+                        "torch_rng": torch.get_rng_state()}, actor / "extra_state.pt")
+            written += [actor / ".metadata", actor / "extra_state.pt"]
+        return written
+
+    def save_exports(self, ckpt_dir: str, export_hf: bool = True) -> list[Path]:
+        """LoRA: the adapter in peft format (actor/lora_adapter); with export_hf the HF export
+        (huggingface/). Tensors are gathered one at a time (collectives: every rank calls it, with
+        its weights on the GPU); rank 0 writes. Returns the files this rank wrote."""
+        root, actor = Path(ckpt_dir), Path(ckpt_dir) / "actor"
         if self.is_lora:
             adapter = dict(self._full_state(lora_only=True))
             if self.rank == 0:
                 self.model.save_pretrained(actor / "lora_adapter", state_dict=adapter)
-        if self.rank == 0:
-            torch.save({"scheduler": self.scheduler.state_dict(), "bad_steps": self.bad_steps,
-                        "torch_rng": torch.get_rng_state()}, actor / "extra_state.pt")
         if export_hf:
             self.export_hf(str(root / "huggingface"), adapter_dir=actor / "lora_adapter")
-        if self.rank == 0:  # everything but the DCP shards is rank 0's
-            written += [actor / ".metadata", actor / "extra_state.pt"] + sorted(
-                p for d in (actor / "lora_adapter", root / "huggingface") if d.is_dir()
-                for p in d.rglob("*") if p.is_file())
-        return written
+        if self.rank != 0:
+            return []
+        return sorted(p for d in (actor / "lora_adapter", root / "huggingface") if d.is_dir()
+                      for p in d.rglob("*") if p.is_file())
 
     def export_hf(self, out_dir: str, adapter_dir: Path) -> None:
         """A plain HF model dir in the compute dtype, loadable by from_pretrained and vLLM. LoRA: the

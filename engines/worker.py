@@ -120,8 +120,12 @@ class GRPOWorker:
         from tasks.checkpoints import describe
 
         with self._gpu_stage():
-            self.offload.to_gpu(optimizer=True)
-            files = self.trainer.save(ckpt_dir, export_hf=export_hf)
+            # Offloaded state is written from its host copy (DCP would otherwise stage a second one
+            # of the whole shard: ActorTrainer.save_state); the gathers of the exports run on the GPU.
+            self.offload.to_host()
+            files = self.trainer.save_state(ckpt_dir)
+            self.offload.to_gpu()
+            files += self.trainer.save_exports(ckpt_dir, export_hf=export_hf)
         return describe(files, Path(ckpt_dir))
 
     @gpu_stage
