@@ -29,25 +29,28 @@ def master_address() -> tuple[str, int]:
         return ray.util.get_node_ip_address(), s.getsockname()[1]
 
 
-# vLLM lines that say nothing about this run, each with why it is known to be harmless here.
-# Matched on the message's start, so every other warning (and every error) still shows.
-KNOWN_VLLM_NOISE = (
+# vLLM lines that say nothing about this run, by the logger that writes them, each with why it is
+# harmless here. Matched on the message's start, so every other warning (and every error) shows.
+KNOWN_VLLM_NOISE = {
     # After every weight sync: rotary layers hold only their computed cos/sin cache, which no
     # checkpoint has; vLLM puts the cache back. A layer with real weights missing still warns.
-    r"\w*RotaryEmbedding: Failed to load weights",
+    "vllm.model_executor.model_loader.reload.layerwise": [r"\w*RotaryEmbedding: Failed to load weights"],
     # vLLM-CPU on a machine without triton-cpu / tcmalloc / iomp: notes on speed, not on results.
-    r"Triton is installed, but doesn't include CPU backend", r"Triton is not installed",
-    r"Model Runner V2 requires Triton", r"Reset SSM cache type", r"lib(tcmalloc|iomp) is not found in LD_PRELOAD",
-    r"CPU backend doesn't allow to use `torch.set_num_threads`",
+    "vllm.triton_utils.importing": [r"Triton is installed, but doesn't include CPU backend"],
+    "vllm.platforms.cpu": [r"Triton is not installed", r"Reset SSM cache type"],
+    "vllm.v1.worker.cpu_worker": [r"lib(tcmalloc|iomp) is not found in LD_PRELOAD",
+                                  r"CPU backend doesn't allow to use `torch.set_num_threads`"],
     # What the recipe asked for (enforce_eager) and what the flow does (a seed per request).
-    r"Enforce eager set", r"Inductor compilation was disabled", r"The global random seed is set",
-)
+    "vllm.config.vllm": [r"Model Runner V2 requires Triton", r"Enforce eager set",
+                         r"Inductor compilation was disabled"],
+    "vllm.engine.arg_utils": [r"The global random seed is set"],
+}
 
 
 class KnownNoise(logging.Filter):
     """Drops records whose message starts with one of `patterns` (regexes)."""
 
-    def __init__(self, patterns=KNOWN_VLLM_NOISE):
+    def __init__(self, patterns: list[str]):
         super().__init__()
         self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns))
 
@@ -56,16 +59,18 @@ class KnownNoise(logging.Filter):
 
 
 def quiet_known_noise() -> None:
-    """In a worker process, before vLLM starts: filter KNOWN_VLLM_NOISE out of vLLM's log handlers
-    (vLLM's loggers do not propagate, so the filter goes on the handlers of its root logger) and
-    drop the deprecation warnings vLLM's own imports raise."""
-    import vllm.logger  # noqa: F401 - configures vLLM's root logger and its handlers
-
-    for handler in logging.getLogger("vllm").handlers:
-        if not any(isinstance(f, KnownNoise) for f in handler.filters):
-            handler.addFilter(KnownNoise())
+    """In a worker process, before vLLM starts: filter KNOWN_VLLM_NOISE on the loggers that write
+    it (logger filters survive vLLM's logging setup, which replaces its handlers when an engine
+    starts), drop the deprecation warning vLLM's own imports raise and transformers' load bars."""
+    for name, patterns in KNOWN_VLLM_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, KnownNoise) for f in logger.filters):
+            logger.addFilter(KnownNoise(patterns))
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated",
                             category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars of every model load, through Ray's log
 
 
 class GRPOWorker:

@@ -173,9 +173,12 @@ def step_metrics(samples: pd.DataFrame) -> dict[str, float]:
 
 
 def sample_table(samples: pd.DataFrame, batch: pd.DataFrame, step: int) -> dict[str, list]:
-    """A few of the step's samples for MLflow (SAMPLE_ROWS rows: the first prompts' whole groups,
-    so advantages can be read against their group's scores), text cut to SAMPLE_WIDTH chars."""
-    head = samples.head(SAMPLE_ROWS)
+    """A few of the step's samples for MLflow: the first prompts' whole groups (so advantages can
+    be read against their group's scores), as many as fit SAMPLE_ROWS rows and at least one (at
+    most 2 x SAMPLE_ROWS rows), text cut to SAMPLE_WIDTH characters."""
+    prompts = list(dict.fromkeys(samples["row"]))
+    group = int((samples["row"] == prompts[0]).sum())
+    head = samples[samples["row"].isin(prompts[: max(1, SAMPLE_ROWS // group)])].head(2 * SAMPLE_ROWS)
     question = {row: m[-1]["content"] for row, m in zip(batch.index, batch["prompt"])}
     return {"step": [step] * len(head), "prompt": [clip_text(question[r], SAMPLE_WIDTH) for r in head["row"]],
             "response": [clip_text(t, SAMPLE_WIDTH) for t in head["response_text"]],
@@ -250,7 +253,7 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
         # The bar only on a terminal (disable=None); log lines go above it, not into it.
         bar = tqdm(range(start + 1, total + 1), desc="grpo", unit="step", file=sys.stderr,
                    initial=start, total=total, disable=None)
-        with logging_redirect_tqdm([logging.getLogger("prefect")]):
+        with logging_redirect_tqdm():  # Prefect logs through the root logger's console handler
             for step in bar:
                 t0 = time.perf_counter()
                 batch = train.iloc[stages.step_rows(len(train), cfg, step)]

@@ -103,3 +103,40 @@ def test_run_has_source_git_user_tags_system_metrics_inputs_and_says_where_it_is
 def test_clip_text():
     assert clip_text("a\n b  c", 10) == "a b c"
     assert clip_text("x" * 300, 80) == "x" * 79 + "\u2026" and len(clip_text("word " * 100, 120)) == 120
+
+
+def test_flow_run_id_is_tagged_only_for_a_lasting_prefect_server(tmp_path):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.grpo import _tags
+
+    cfg = _cfg(tmp_path)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # `grpo run` without PREFECT_API_URL
+        tags = _tags(cfg)
+    assert "prefect.flow_run_id" not in tags and tags["prefect.server"].startswith("ephemeral")
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        tags = _tags(cfg)
+    assert {"prefect.flow_run_id", "prefect.flow_run_url"} <= set(tags)
+    assert tags["prefect.server"] == "http://127.0.0.1:4200/api"
+
+
+def test_sample_table_shows_whole_groups_with_clipped_text():
+    import pandas as pd
+
+    from flows.grpo import SAMPLE_ROWS, SAMPLE_WIDTH, sample_table
+
+    batch = pd.DataFrame({"prompt": [[{"role": "user", "content": "Q" * 500}], [{"role": "user", "content": "short"}],
+                                     [{"role": "user", "content": "third"}]]}, index=[17, 4, 9])
+    n = 4  # rollout.n: 3 prompts x 4 samples, in prompt order
+    samples = pd.DataFrame({"row": [r for r in (17, 4, 9) for _ in range(n)], "response_text": ["r\n" * 300] * 12,
+                            "ground_truth": ["5"] * 12, "score": [1.0, 0.0, 0.0, 0.0] * 3,
+                            "advantage": [1.5, -0.5, -0.5, -0.5] * 3, "finish_reason": ["stop"] * 12})
+    table = sample_table(samples, batch, step=3)
+    assert len(table["prompt"]) == SAMPLE_ROWS == 8  # the first two groups, whole
+    assert table["prompt"][4:] == ["short"] * 4 and len(table["prompt"][0]) == SAMPLE_WIDTH
+    assert all(len(r) == SAMPLE_WIDTH and "\n" not in r for r in table["response"])
+    assert table["advantage"][:4] == [1.5, -0.5, -0.5, -0.5] and table["step"] == [3] * 8
+    three = samples.iloc[:9].assign(row=[17] * 3 + [4] * 3 + [9] * 3)  # rollout.n = 3: two whole groups
+    assert len(sample_table(three, batch, step=1)["score"]) == 6
+    one = samples.assign(row=[17] * 12)  # a group larger than SAMPLE_ROWS is shown whole
+    assert len(sample_table(one, batch, step=1)["score"]) == 12
