@@ -92,6 +92,9 @@ def _check_what_users_expect(client, run, tmp_path, output):
     assert tags["prefect.server"] == api and tags["prefect.flow_run_url"].endswith(tags["prefect.flow_run_id"])
     artifacts = _post(f"{api}/artifacts/filter", {**flow_run, "artifacts": {"key": {"any_": ["mlflow-run"]}}})
     assert len(artifacts) == 1 and rid in artifacts[0]["data"]
+    (evals,) = _post(f"{api}/artifacts/filter", {**flow_run, "artifacts": {"key": {"any_": ["eval-tiny-cpu-step-3"]}}})
+    rows = json.loads(evals["data"]) if isinstance(evals["data"], str) else evals["data"]
+    assert len(rows) == 8 and all(len(r["question"]) <= 80 and len(r["response"]) <= 120 for r in rows)  # readable
     names = {t["name"] for t in _post(f"{api}/task_runs/filter", flow_run)}
     assert {f"{stage}-step-{s}" for stage in ("rollout", "reward", "update") for s in (1, 2, 3)} | \
         {"eval-step-0", "eval-step-3", "checkpoint-step-3"} <= names, sorted(names)
