@@ -201,7 +201,12 @@ class Tracker:
             self._pending_file.unlink(missing_ok=True)
 
     def log_table(self, rows: dict[str, list], name: str) -> None:
+        """`rows` (column -> values) as MLflow table artifact `name` (a .json path), once: MLflow
+        appends to an existing table, and a step replayed after a resume makes the same rows."""
         try:
+            folder = str(Path(name).parent)
+            if any(a.path == name for a in self.client.list_artifacts(self.run_id, None if folder == "." else folder)):
+                return
             self.mlflow.log_table(rows, artifact_file=name)
         except Exception as e:
             log.warning("MLflow store %s did not take artifact %s (%s)", self.uri, name, e)

@@ -84,8 +84,12 @@ def test_run_has_source_git_user_tags_system_metrics_inputs_and_says_where_it_is
     while not any(k.startswith("system/") for k in tracker.client.get_run(tracker.run_id).data.metrics):
         assert time.time() < deadline, "no system metrics"
         time.sleep(0.5)
+    for _ in range(2):  # a step replayed after a resume: its table is not appended to
+        tracker.log_table({"step": [1, 1], "score": [0.5, 0.0]}, "samples/step_000001.json")
     tracker.finish()
 
+    table = tracker.client.load_table(tracker.experiment_id, "samples/step_000001.json", run_ids=[tracker.run_id])
+    assert table["score"].tolist() == [0.5, 0.0]
     run = tracker.client.get_run(tracker.run_id)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     tags = run.data.tags
