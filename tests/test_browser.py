@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, mlflow_run, run_grpo, stop, wait_http
+from tests.conftest import free_port, run_grpo, stop, wait_http
 
 pytestmark = pytest.mark.slow
 CHROMIUM = os.environ.get("GRPO_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
