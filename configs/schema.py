@@ -167,7 +167,9 @@ class TrainerConfig(_Section):
     """Checkpoint every N steps (and at the last step); -1: only at the last step."""
     test_freq: int = -1
     """Evaluate every N steps (and at the last step); -1: never during training."""
-    val_before_train: bool = False
+    val_before_train: bool = True
+    """Evaluate before the first update (logged as step 0: the baseline the run's curve starts
+    from), as the reference framework does by default; skipped when resuming past step 0."""
     seed: int = 1
     default_local_dir: str = "checkpoints/${run_name}"
     """Checkpoints go to <dir>/global_step_<N>/; ${run_name} expands to tracking.run_name."""

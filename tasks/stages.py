@@ -22,6 +22,7 @@ from engines import algos
 from tasks import checkpoints
 from tasks import reward as rewards
 from tasks.atomic import atomic_write
+from tasks.tracking import clip_text
 
 
 def transient(task, task_run, state) -> bool:
@@ -128,7 +129,8 @@ def reusable_rollouts(path: Path, fingerprint: dict, n_samples: int, log) -> pd.
 
 
 # ---- stages -------------------------------------------------------------------------------------
-@task(name="rollout", retries=2, retry_condition_fn=transient, retry_delay_seconds=5, cache_policy=NONE)
+@task(name="rollout", task_run_name="rollout-step-{step}", retries=2,
+       retry_condition_fn=transient, retry_delay_seconds=5, cache_policy=NONE)
 def rollout(workers, tokenizer, batch: pd.DataFrame, cfg: GRPOConfig, step: int, out: Path) -> pd.DataFrame:
     """Sample rollout.n responses per prompt with vLLM; persist them as parquet.
 
@@ -186,7 +188,7 @@ def score(samples: pd.DataFrame, cfg: GRPOConfig) -> pd.DataFrame:
     return samples
 
 
-@task(name="update", retries=0, cache_policy=NONE)
+@task(name="update", task_run_name="update-step-{step}", retries=0, cache_policy=NONE)
 def update(workers, samples: pd.DataFrame, cfg: GRPOConfig, step: int) -> dict[str, float]:
     """old log-probs -> reference log-probs -> PPO epochs -> push weights to vLLM, each timed."""
     prompts, responses = list(samples["prompt_ids"]), list(samples["response_ids"])
@@ -220,7 +222,8 @@ def update(workers, samples: pd.DataFrame, cfg: GRPOConfig, step: int) -> dict[s
     return {**metrics, **timing}
 
 
-@task(name="checkpoint", retries=2, retry_condition_fn=transient, retry_delay_seconds=5, cache_policy=NONE)
+@task(name="checkpoint", task_run_name="checkpoint-step-{step}", retries=2,
+      retry_condition_fn=transient, retry_delay_seconds=5, cache_policy=NONE)
 def save_checkpoint(workers, cfg: GRPOConfig, step: int, root: Path, state: dict, last_step: bool = False) -> Path:
     """global_step_<N>: model/adapter, optimizer, scheduler, RNG (workers) + trainer state (here);
     the HF export as trainer.export_hf says. The workers checksum what they wrote."""
@@ -234,7 +237,8 @@ def save_checkpoint(workers, cfg: GRPOConfig, step: int, root: Path, state: dict
     return checkpoints.write(root, step, fill, keep=cfg.trainer.max_actor_ckpt_to_keep)
 
 
-@task(name="evaluate", retries=2, retry_condition_fn=transient, retry_delay_seconds=5, cache_policy=NONE)
+@task(name="evaluate", task_run_name="eval-step-{step}", retries=2,
+       retry_condition_fn=transient, retry_delay_seconds=5, cache_policy=NONE)
 def evaluate(workers, tokenizer, test: pd.DataFrame, cfg: GRPOConfig, step: int) -> tuple[dict, dict]:
     """GSM8K test accuracy, greedy mean@1, and a sample table shown as a Prefect artifact.
 
@@ -258,7 +262,9 @@ def evaluate(workers, tokenizer, test: pd.DataFrame, cfg: GRPOConfig, step: int)
         table["score_lenient"], _ = rewards.score_samples(rewards.lenient_compute_score, *args,
                                                           on_error=cfg.reward.on_error)
         metrics["val-core/openai/gsm8k/reward_lenient/mean@1"] = float(np.mean(table["score_lenient"]))
-    shown = [{k: table[k][i] for k in table} for i in range(min(10, len(texts)))]
+    # The Prefect table shows 10 rows with text cut to fit a cell; MLflow's table has them all.
+    shown = [{k: clip_text(v[i], 80 if k == "question" else 120) if isinstance(v[i], str) else v[i]
+              for k, v in table.items()} for i in range(min(10, len(texts)))]
     slug = re.sub(r"[^a-z0-9-]+", "-", cfg.tracking.run_name.lower()).strip("-")
     create_table_artifact(key=f"eval-{slug}-step-{step}",
                           table=shown, description=f"GSM8K eval at step {step}: mean@1 = "

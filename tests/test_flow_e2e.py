@@ -9,7 +9,7 @@ import pytest
 
 from configs.load import flatten, load_config
 from flows.grpo import REQUIRED_STEP_METRICS
-from tests.conftest import ROOT, cached_inputs, mlflow_run, run_grpo
+from tests.conftest import ROOT, cached_inputs, flow_env, mlflow_run, run_grpo
 
 pytestmark = pytest.mark.slow
 VAL_KEY = "val-core/openai/gsm8k/reward/mean_at_1"
@@ -30,7 +30,7 @@ def test_tiny_cpu_end_to_end(tmp_path, gsm8k):
     dev = [m.value for m in client.get_metric_history(run.info.run_id, "perf/max_memory_allocated_gb")]
     assert host == dev and all(0.1 < v < 24 for v in host), host
     val = client.get_metric_history(run.info.run_id, VAL_KEY)
-    assert [m.step for m in val] == [3] and 0.0 <= val[0].value <= 1.0
+    assert sorted(m.step for m in val) == [0, 3] and all(0.0 <= m.value <= 1.0 for m in val)  # 0: val_before_train
     assert [m.step for m in client.get_metric_history(run.info.run_id, "timing_s/save_checkpoint")] == [3]
 
     cfg = load_config("tiny-cpu", cached_inputs() + [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
@@ -38,7 +38,8 @@ def test_tiny_cpu_end_to_end(tmp_path, gsm8k):
     assert run.data.params == flatten(cfg)
     assert run.data.tags["recipe"] == "tiny-cpu" and run.data.tags["prefect.flow_run_id"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "eval"} <= artifacts
+    assert {"config.yaml", "eval", "samples"} <= artifacts
+    _check_what_users_expect(client, run, tmp_path, res.stdout + res.stderr)
     table = json.loads(open(client.download_artifacts(run.info.run_id, "eval/step_000003.json", str(tmp_path))).read())
     assert set(table["columns"]) >= {"question", "response", "ground_truth", "score"} and len(table["data"]) == 8
 
@@ -64,3 +65,49 @@ def test_tiny_cpu_end_to_end(tmp_path, gsm8k):
                          text=True, timeout=900)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert "GSM8K mean@1 = " in res.stdout
+
+
+def _check_what_users_expect(client, run, tmp_path, output):
+    """System metrics, dataset inputs, source/git/user tags, a per-step sample table, where the run
+    is (printed, and linked from the Prefect flow run), Prefect task runs named by step."""
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_USER
+
+    rid, tags = run.info.run_id, run.data.tags
+    # MLflow's sampler logs every 10 s; the run lasts minutes.
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    inputs = {(d.dataset.name, tuple(t.value for t in d.tags)): d.dataset for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {("gsm8k-train", ("training",)), ("gsm8k-test", ("evaluation",))}
+    assert all(d.digest and "gsm8k-tiny" in d.source for d in inputs.values())
+    assert tags[MLFLOW_USER] and tags[MLFLOW_SOURCE_NAME].endswith("cli.py")  # python -m flows.cli
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert tags[MLFLOW_GIT_COMMIT] == head.stdout.strip()
+    for step in (1, 2, 3):
+        path = client.download_artifacts(rid, f"samples/step_{step:06d}.json", str(tmp_path))
+        table = json.loads(open(path).read())
+        assert table["columns"] == ["step", "prompt", "response", "ground_truth", "score", "advantage",
+                                    "finish_reason"] and len(table["data"]) == 8  # tiny-cpu: n=4, two groups
+        assert all(r[0] == step and len(r[1]) <= 200 and len(r[2]) <= 200 for r in table["data"])
+    assert f"MLflow run {rid} in sqlite:///{tmp_path / 'mlflow.db'}" in output
+    assert f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{rid}" in output
+
+    # The other way: the Prefect flow run (on the tests' Prefect server) links to the MLflow run.
+    api = flow_env()["PREFECT_API_URL"]
+    flow_run = {"flow_runs": {"id": {"any_": [tags["prefect.flow_run_id"]]}}}
+    assert tags["prefect.server"] == api and tags["prefect.flow_run_url"].endswith(tags["prefect.flow_run_id"])
+    artifacts = _post(f"{api}/artifacts/filter", {**flow_run, "artifacts": {"key": {"any_": ["mlflow-run"]}}})
+    assert len(artifacts) == 1 and rid in artifacts[0]["data"]
+    (evals,) = _post(f"{api}/artifacts/filter", {**flow_run, "artifacts": {"key": {"any_": ["eval-tiny-cpu-step-3"]}}})
+    rows = json.loads(evals["data"]) if isinstance(evals["data"], str) else evals["data"]
+    assert len(rows) == 8 and all(len(r["question"]) <= 80 and len(r["response"]) <= 120 for r in rows)  # readable
+    names = {t["name"] for t in _post(f"{api}/task_runs/filter", flow_run)}
+    assert {f"{stage}-step-{s}" for stage in ("rollout", "reward", "update") for s in (1, 2, 3)} | \
+        {"eval-step-0", "eval-step-3", "checkpoint-step-3"} <= names, sorted(names)
+
+
+def _post(url: str, body: dict) -> list[dict]:
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())

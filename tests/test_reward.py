@@ -262,3 +262,23 @@ def test_non_finite_reward_gives_finite_advantages():
     # group [0, 1, 0]: mean 1/3, unbiased std sqrt(1/3); (r - mean) / (std + 1e-6)
     std = (1 / 3) ** 0.5
     assert torch.allclose(adv, torch.tensor([-1 / 3, 2 / 3, -1 / 3]) / (std + 1e-6))
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("so 2+3=5\n#### 5", 1.0),                   # right: the reference scorer's 1.0
+    ("so 2+3=6\n#### 6", 0.5),                   # the format, a wrong number
+    ("ab 12 #x", 0.5 * 3 / 6),                   # no answer: '1', '2', '#' are 3 of the 6 characters
+    ("no digits here", 0.0),
+    ("", 0.0),
+])
+def test_gsm8k_format_reward_gives_partial_credit_for_the_format(response, expected):
+    from tasks.reward import gsm8k_format_reward
+
+    assert gsm8k_format_reward("openai/gsm8k", response, "5", {"finish_reason": "stop"}) == pytest.approx(expected)
+
+
+def test_gsm8k_format_reward_keeps_the_cut_rule():
+    from tasks.reward import gsm8k_format_reward
+
+    # "#### 5" ending at a max_tokens cut may be "#### 50": not credited as right, still the format.
+    assert gsm8k_format_reward("openai/gsm8k", "#### 5", "5", {"finish_reason": "length"}) == 0.5
