@@ -255,6 +255,7 @@ HOST_TABLE = {
     "qwen2-70b-32xh800": (CUDA + 18 * P72 / 32, 8, 1007.2),
     "qwen2-32b-megatron-8xh20": (CUDA + 18 * P32, 8, 1007.2),  # planned unsharded: no Megatron trainer
     "tiny-cpu": (CPU + 24 * P_TINY + 0.05 * 24 * GIB, 1, 24.0),
+    "tiny-cpu-demo": (CPU + 24 * P_TINY + 0.05 * 24 * GIB, 1, 24.0),  # tiny-cpu with another reward and n
     "smollm2-135m-cpu": (CPU + 24 * P_SMOL + 0.1 * 24 * GIB, 1, 24.0),
 }
 # Load peak, every recipe: the whole fp32 model on each rank before sharding, 4P + process.
@@ -268,7 +269,7 @@ def test_host_table_covers_every_recipe():
 @pytest.mark.parametrize("recipe", sorted(HOST_TABLE))
 def test_host_plan_of_every_recipe_by_hand(recipe):
     steady, ranks, ram = HOST_TABLE[recipe]
-    cpu = recipe.endswith("-cpu")
+    cpu = recipe.startswith(("tiny-cpu", "smollm2"))
     # CPU recipes: a preset/table shape (a locally built model's config.json would change the vocab)
     ov = ["trainer.node_ram_gb=24", "model.path=/nonexistent/model"] if cpu else []
     p = P.plan(_cfg(recipe, **dict(o.split("=") for o in ov)))
