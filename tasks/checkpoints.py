@@ -88,9 +88,11 @@ def write(root: Path, step: int, fill: Callable[[Path], dict | None], keep: int 
     `step`, newest by write time (the one just written is always kept). Directories of higher
     steps (left by an earlier run in the same folder, e.g. after resume_mode=disable) are never
     deleted here; the new run overwrites them when it reaches their step.
-    Raises OSError naming the step when fill or the disk fails; `latest` is then unchanged.
+    Raises OSError naming the step when fill or the disk fails; `latest` is then unchanged;
+    ValueError (check_space) before any writing when the disk cannot hold it.
     """
     root.mkdir(parents=True, exist_ok=True)
+    check_space(root, step)
     final, tmp = step_dir(root, step), root / f".global_step_{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -120,6 +122,29 @@ def write(root: Path, step: int, fill: Callable[[Path], dict | None], keep: int 
     if keep:
         _rotate(root, step, keep)
     return final
+
+
+def check_space(root: Path, step: int, margin: float = 1.05) -> None:
+    """The disk under root must hold one more checkpoint of the newest one's size (+5%): older ones
+    are removed only once the new one is whole. Without this a full disk surfaced as a
+    CheckpointException of every rank, retried twice (issue 12: the 7B checkpoint, 106 GB, twice
+    on a 128 GB disk). Raises ValueError naming both sizes and the fixes; no earlier checkpoint,
+    no check (its size is unknown)."""
+    done = [s for s in _steps(root) if (step_dir(root, s) / MANIFEST).is_file()]
+    if not done:
+        return
+    prev = max(done, key=lambda s: _written_ns(step_dir(root, s)))
+    try:
+        files = json.loads((step_dir(root, prev) / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return
+    need, free = sum(m["size"] for m in files.values()), shutil.disk_usage(root).free
+    if free < need * margin:
+        raise ValueError(
+            f"trainer.default_local_dir={root}: {free / 2**30:.1f} GiB free, but checkpoint global_step_{step} "
+            f"needs about {need / 2**30:.1f} GiB (the size of global_step_{prev}; older ones are removed only "
+            "once it is whole); free space there, lower trainer.max_actor_ckpt_to_keep, or set "
+            "trainer.export_hf=never or last")
 
 
 def _written_ns(ckpt: Path) -> int:

@@ -164,3 +164,20 @@ def test_a_writer_report_that_disagrees_with_the_disk_fails_the_write(tmp_path):
     with pytest.raises(OSError, match="model.safetensors has 5 bytes, its writer reported 1000"):
         ck.write(tmp_path / "ckpt", 1, fill)
     assert ck.read_latest(tmp_path / "ckpt") is None and not list((tmp_path / "ckpt").iterdir())
+
+
+def test_a_disk_too_small_for_the_next_checkpoint_is_one_error_before_writing(root, monkeypatch):
+    """Each checkpoint here is 6,000 B (two files of 3,000 B) + its manifest; a disk with 6,000 B free
+    cannot hold another one +5%: a ValueError naming both sizes, nothing written, `latest` unchanged."""
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 6000, 6000))
+    with pytest.raises(ValueError, match=r"0\.0 GiB free, but checkpoint global_step_3 needs about 0\.0 GiB "
+                                         r"\(the size of global_step_2.*trainer.max_actor_ckpt_to_keep"):
+        ck.write(root, 3, _fill(b"three" * 1000))
+    assert ck.read_latest(root) == 2 and not list(root.glob("*global_step_3*"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 6400, 6400))  # 6,000 x 1.05 = 6,300
+    ck.write(root, 3, _fill(b"three" * 1000))
+    assert ck.read_latest(root) == 3
