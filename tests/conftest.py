@@ -56,12 +56,13 @@ def mlflow_uri(directory: Path) -> str:
 
 
 def flow_env() -> dict[str, str]:
-    """Environment for a flow subprocess: the repository on PYTHONPATH and the session's Prefect server."""
+    """Environment for a flow subprocess: this process's environment as it is now (a test may have
+    set RAY_ADDRESS, say), the repository on PYTHONPATH, and the session's Prefect server."""
     if "prefect" not in _SESSION:
         home = Path(tempfile.mkdtemp(prefix="grpo-test-prefect-"))
         server = prefect_server(home, home / "server.log")
-        _SESSION["prefect"] = (server, server.__enter__())
-    return dict(_SESSION["prefect"][1])
+        _SESSION["prefect"] = (server, {k: v for k, v in server.__enter__().items() if k.startswith("PREFECT_")})
+    return {**os.environ, "PYTHONPATH": str(ROOT), **_SESSION["prefect"][1]}
 
 
 def pytest_sessionfinish(session, exitstatus):
