@@ -113,9 +113,11 @@ def check_host_memory(cfg: GRPOConfig, plan: dict, node: str, have_gib: float, s
 
 
 def _first_line(e: BaseException) -> str:
+    """The cause's type and first lines (a compiler's or library's error often says what is wrong
+    only after a first line such as "backend='inductor' raised:")."""
     cause = getattr(e, "cause", None) or e
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[0] if text else ''}"[:400]
+    text = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {' | '.join(text[:4])}"[:600]
 
 
 def is_oom(e: BaseException) -> bool:
