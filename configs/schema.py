@@ -58,7 +58,8 @@ class RolloutConfig(_Section):
     """Training sampling temperature. Must be > 0: at 0 (greedy) every sample of a group is the
     same response, so every GRPO advantage is 0 and nothing is learned. Eval: val_temperature."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = -1
+    top_k: int = Field(-1, ge=-1)
+    """Sample from the k most likely tokens; -1 (or 0) for all of them, as vLLM and the reference use it."""
     max_response_length: int = Field(1024, ge=1)
     tensor_model_parallel_size: int = Field(1, ge=1)
     """GPUs per vLLM engine (tensor parallel, within a node); world_size / this many engines share

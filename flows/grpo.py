@@ -69,6 +69,9 @@ def preflight(cfg: GRPOConfig) -> None:
         _check_writable(key, Path(path))
     check_tracking_uri(cfg)
     check_resumable(cfg)
+    from tasks.reward import load_reward_fn
+
+    load_reward_fn(cfg.reward.function, cfg.reward.gsm8k_scorer)  # a reward that does not import: before any work
     src = cfg.data.source
     if not is_hub_id(src):
         if not Path(src).expanduser().exists():
@@ -250,6 +253,8 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
         workers = WorkerGroup(stages.with_total_steps(cfg, total), model_dir)  # the LR schedule's length
         start = 0
         ckpt = checkpoints.newest_valid(root) if cfg.trainer.resume_mode == "auto" else None
+        if cfg.trainer.resume_mode == "disable":  # start over: reuse nothing an earlier run persisted
+            stages.set_aside_rollouts(root, log)
         if ckpt is not None:
             workers.load_checkpoint(str(ckpt))
             start = checkpoints.step_of(ckpt)

@@ -102,6 +102,22 @@ def write_rollouts(path: Path, samples: pd.DataFrame, fingerprint: dict) -> None
     atomic_write(path, lambda tmp: pq.write_table(table.replace_schema_metadata(meta), tmp))
 
 
+def set_aside_rollouts(root: Path, log) -> int:
+    """A fresh start (trainer.resume_mode=disable) in a directory an earlier run used: that run's
+    persisted rollouts (another policy made them) move to rollouts/superseded/ so that no later
+    resume of this run reuses them; nothing is deleted. Returns how many files moved."""
+    files = sorted((root / "rollouts").glob("step_*.parquet"))
+    if files:
+        aside = root / "rollouts" / "superseded"
+        aside.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for f in files:
+            f.rename(aside / f"{f.stem}-{stamp}{f.suffix}")
+        log.warning("trainer.resume_mode=disable: %d rollout file(s) of an earlier run in %s moved to %s",
+                    len(files), root / "rollouts", aside)
+    return len(files)
+
+
 def reusable_rollouts(path: Path, fingerprint: dict, n_samples: int, log) -> pd.DataFrame | None:
     """The persisted samples at `path` if they were made with this fingerprint, else None.
 

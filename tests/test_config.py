@@ -149,7 +149,7 @@ def _bad_model_dirs(tmp_path):
 CASES = ["missing_data", "no_columns", "bad_truth", "unknown_key", "wrong_type", "missing_model",
          "partial_model", "no_chat_template", "malformed_yaml", "batch_divisibility", "unwritable_ckpt",
          "mlflow_unreachable", "lora_target", "gpu_recipe", "megatron_recipe", "multi_gpu_recipe", "empty_dataset",
-         "all_prompts_overlong", "ckpt_other_model"]
+         "all_prompts_overlong", "ckpt_other_model", "bad_reward_fn"]
 
 
 def _foreign_checkpoint(root: Path, **model) -> Path:
@@ -179,6 +179,7 @@ def test_cli_bad_input_one_clear_line_nothing_written(tmp_path, case):
     args, needle = {
         "all_prompts_overlong": (["run", "tiny-cpu", model, f"data.source={GSM8K}", f"data.dir={tmp_path / 'data'}",
                                   "data.max_prompt_length=8"], "data.max_prompt_length=8"),
+        "bad_reward_fn": (["run", "tiny-cpu", "reward.function=nosuch.module:fn"], "module 'nosuch.module' not found"),
         "ckpt_other_model": (["run", "tiny-cpu", model, f"trainer.default_local_dir={other_model}"],
                              "another model (shape"),
         "partial_model": (["run", "tiny-cpu", "model.source=hf", f"model.path={partial}"], "no weights"),
@@ -235,3 +236,10 @@ def test_eval_of_a_lora_checkpoint_is_not_refused_by_the_training_resume_guard(t
     cfg = _load(config, overrides)
     assert cfg.model.path == str(root / "global_step_2" / "huggingface") and cfg.model.lora_rank == 0
     assert eval_target("tiny-cpu", "ignored", base)[0] == "tiny-cpu"  # a recipe: its own model
+
+
+def test_top_k_below_minus_one_is_a_config_error():
+    """vLLM takes -1/0 (all tokens) or k >= 1; -7 used to fail inside the engine after the run began."""
+    with pytest.raises(ValueError, match="rollout.top_k"):
+        load_config("tiny-cpu", ["rollout.top_k=-7"])
+    assert load_config("tiny-cpu", ["rollout.top_k=-1"]).rollout.top_k == -1

@@ -119,3 +119,20 @@ def test_reward_functions_get_the_rows_extra_info():
     # groups [3, 3.5] and [8, 8]: mean 3.25, unbiased std sqrt(0.125); the second group is all 0
     std = 0.125 ** 0.5
     assert np.allclose(scored["advantage"], [-0.25 / (std + 1e-6), 0.25 / (std + 1e-6), 0.0, 0.0])
+
+
+def test_a_fresh_start_sets_an_earlier_runs_rollouts_aside(tmp_path):
+    """resume_mode=disable in a directory an earlier run used: its step files go to superseded/ (so a
+    later resume of the new run cannot reuse another policy's samples), nothing is deleted."""
+    import logging
+
+    from tasks.stages import set_aside_rollouts
+
+    ro = tmp_path / "rollouts"
+    ro.mkdir()
+    for step in (1, 2, 3):
+        (ro / f"step_{step:06d}.parquet").write_bytes(b"x" * step)
+    assert set_aside_rollouts(tmp_path, logging.getLogger("t")) == 3
+    assert not list(ro.glob("step_*.parquet"))
+    assert sorted(p.stat().st_size for p in (ro / "superseded").glob("step_*.parquet")) == [1, 2, 3]
+    assert set_aside_rollouts(tmp_path / "none", logging.getLogger("t")) == 0
