@@ -87,20 +87,20 @@ def module_to_device(module: torch.nn.Module, device: str) -> None:
     module._apply(_device_copy(device))
 
 
-def optimizer_to_host(optimizer: torch.optim.Optimizer, pool: HostPool) -> None:
-    fn = _host_copy(pool)
+def _map_optimizer(optimizer: torch.optim.Optimizer, fn) -> None:
+    """Every tensor of the optimizer's state (AdamW moments, step counters) replaced by fn(tensor)."""
     for state in optimizer.state.values():
         for k, v in state.items():
             if torch.is_tensor(v):
                 state[k] = fn(v)
+
+
+def optimizer_to_host(optimizer: torch.optim.Optimizer, pool: HostPool) -> None:
+    _map_optimizer(optimizer, _host_copy(pool))
 
 
 def optimizer_to_device(optimizer: torch.optim.Optimizer, device: str) -> None:
-    fn = _device_copy(device)
-    for state in optimizer.state.values():
-        for k, v in state.items():
-            if torch.is_tensor(v):
-                state[k] = fn(v)
+    _map_optimizer(optimizer, _device_copy(device))
 
 
 class Offloader:
