@@ -14,35 +14,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs.load import load_config  # noqa: E402
-from engines import plan as P  # noqa: E402
+import planner as P  # noqa: E402
 
-BEFORE_ROWWISE = {"LOGIT_BYTES_TRAIN": 26, "LOGIT_BYTES_NOGRAD": 10, "ROW_BYTES": 0}  # trainer at 0755f97
+BEFORE_ROWWISE = P.LogitBytes(train=26, nograd=10, row=0)  # trainer at 0755f97
 
 
 def check(path: str) -> tuple[int, int]:
     """Plan every row of one memory file (on the GPU it names); (rows within ±15%, rows)."""
     data = json.loads(Path(path).read_text())
     old_code = any("0755f97" in c for c in data["measured_code"])
-    now, feats = {k: getattr(P, k) for k in BEFORE_ROWWISE}, dict(P.TRAINER_IMPLEMENTS)
-    if old_code:
-        for k, v in BEFORE_ROWWISE.items():
-            setattr(P, k, v)
-        P.TRAINER_IMPLEMENTS["fused_adamw"] = False  # 0755f97's AdamW was foreach
-    # Both files were measured before the trainer offloaded anything (engines/offload.py).
-    P.TRAINER_IMPLEMENTS.update(param_offload=False, optimizer_offload=False)
+    logit_bytes = BEFORE_ROWWISE if old_code else P.LOGIT_BYTES
+    # Both files were measured before the trainer offloaded anything (engines/trainer/offload.py);
+    # 0755f97's AdamW was foreach.
+    feats = dict(param_offload=False, optimizer_offload=False, **({"fused_adamw": False} if old_code else {}))
     ok = 0
-    try:
-        for row in data["rows"]:
-            cfg = load_config(row["recipe"], row["overrides"])
-            gpu = "H200" if "H200" in row["gpu"] else "H100"
-            pred = P.plan(cfg, gpu)["torch_max_allocated_gib"]
-            meas = row["max_memory_allocated_gib"]
-            ok += abs(pred / meas - 1) <= 0.15
-            print(f"{row['result_file']:26s} {gpu:5s} {row['kind']:15s} {pred:9.2f} {meas:9.2f} {pred / meas:6.3f}")
-    finally:
-        for k, v in now.items():
-            setattr(P, k, v)
-        P.TRAINER_IMPLEMENTS.update(feats)
+    for row in data["rows"]:
+        cfg = load_config(row["recipe"], row["overrides"])
+        gpu = "H200" if "H200" in row["gpu"] else "H100"
+        pred = P.plan(cfg, gpu, features=feats, logit_bytes=logit_bytes)["torch_max_allocated_gib"]
+        meas = row["max_memory_allocated_gib"]
+        ok += abs(pred / meas - 1) <= 0.15
+        print(f"{row['result_file']:26s} {gpu:5s} {row['kind']:15s} {pred:9.2f} {meas:9.2f} {pred / meas:6.3f}")
     print(f"  {path}: code measured {', '.join(data['measured_code'])}")
     return ok, len(data["rows"])
 

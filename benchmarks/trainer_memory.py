@@ -8,7 +8,7 @@ grow by one layer input per layer). A micro-batch of b/2 whole rows holds what U
 each GPU of a micro-batch of b. FSDP=1: the trainer runs FSDP2 in a one-rank process group
 (ActorTrainer(shard=True)), as each rank of a sharded run does; the plan is FSDP2's (fsdp=True).
 
-Needs torch, transformers, peft and pydantic only (no vLLM): the trainer-side check of engines/plan.py.
+Needs torch, transformers, peft and pydantic only (no vLLM): the trainer-side check of planner/.
 """
 import gc, json, os, shutil, sys, time
 sys.path.insert(0, os.getcwd())
@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 from configs.load import load_config
 from engines.models import ARCH_PRESETS
-from engines.plan import plan
+from planner import plan
 from engines.trainer import ActorTrainer
 
 OUT = os.environ.get("OUT", "/tmp")

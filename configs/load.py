@@ -80,6 +80,8 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}' (check the spelling; see configs/schema.py)")
+        elif e["type"] == "literal_error":
+            lines.append(f"{key}={e.get('input')} is not supported in this build (choose {e['ctx']['expected']})")
         elif e["type"] == "value_error":
             lines.append(e["msg"].removeprefix("Value error, "))
         else:

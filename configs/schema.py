@@ -51,7 +51,9 @@ class ModelConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    name: Literal["vllm"] = "vllm"
+    name: str = "vllm"
+    """The rollout engine (engines/rollout/): vllm. Another engine is one module there that
+    registers its name; an unknown name is one error line before any work."""
     n: int = Field(5, ge=1)
     """Responses sampled per prompt: the GRPO group size."""
     temperature: float = Field(1.0, ge=0.0)
@@ -86,16 +88,16 @@ class RolloutConfig(_Section):
     enable_chunked_prefill: bool = True
     """Let vLLM split long prefills over scheduler steps (CUDA only: on CPU it is always off)."""
     load_format: str = "auto"
-    layered_summon: bool = False
-    """The reference's switch to collect a sharded LoRA adapter layer by layer for the sync. Here
-    the adapter (and, for full fine-tuning, every weight) always goes over one tensor at a time,
-    so memory stays bounded either way; kept so the recipes read as in the reference."""
+    """How vLLM reads the model directory at start-up (its `load_format`: auto, safetensors, dummy, ...)."""
     val_temperature: float = Field(0.0, ge=0.0)
     """Eval sampling temperature; 0 is greedy (mean@1 as published)."""
 
 
 class ActorConfig(_Section):
-    strategy: Literal["fsdp", "fsdp2", "megatron"] = "fsdp2"
+    strategy: str = "fsdp2"
+    """The trainer backend (engines/trainer/): fsdp2 (fsdp is the same backend). Another backend
+    (Megatron: the next issue) is one module there that registers its name; an unknown name is one
+    error line before any work."""
     lr: float = Field(1e-6, gt=0)
     lr_warmup_steps: int = -1
     """Linear warmup length in optimizer steps; -1 derives it from lr_warmup_steps_ratio."""
@@ -137,13 +139,18 @@ class ActorConfig(_Section):
     between them (activation memory / sp) and act as one data-parallel rank; ppo_mini_batch_size
     is then split over world_size / sp ranks."""
     megatron_tensor_parallel_size: int = Field(1, ge=1)
+    """Tensor-parallel size of the Megatron backend (actor.strategy=megatron, not in this build);
+    any other backend refuses a value above 1 rather than ignore it."""
 
 
 class AlgorithmConfig(_Section):
     adv_estimator: Literal["grpo"] = "grpo"
+    """How rewards become advantages (engines/algos.py ADV_ESTIMATORS): grpo, group-normalised."""
     norm_adv_by_std_in_grpo: bool = True
     """False: Dr. GRPO (advantage = r - group mean, no std division)."""
     use_kl_in_reward: bool = False
+    """The reference's KL penalty in the reward (PPO-style). Not supported in this build: GRPO puts
+    the KL in the loss (actor.use_kl_loss, actor.kl_loss_coef); true is refused, not ignored."""
 
 
 class RewardConfig(_Section):
@@ -173,7 +180,8 @@ class TrainerConfig(_Section):
     from), as the reference framework does by default; skipped when resuming past step 0."""
     seed: int = 1
     default_local_dir: str = "checkpoints/${run_name}"
-    """Checkpoints go to <dir>/global_step_<N>/; ${run_name} expands to tracking.run_name."""
+    """Checkpoints go to <dir>/global_step_<N>/; ${run_name} expands to tracking.run_name (by
+    default the recipe's name)."""
     n_gpus_per_node: int = Field(1, ge=1)
     nnodes: int = Field(1, ge=1)
     device: Literal["cpu", "cuda"] = "cuda"
@@ -190,7 +198,7 @@ class TrainerConfig(_Section):
     """Stop after this many steps skipped for a non-finite grad norm (0: never stop)."""
     node_ram_gb: float | None = Field(None, gt=0)
     """RAM of each node in GiB (2^30 bytes), against which `grpo plan` and the start-up check weigh
-    the planned host memory (engines/plan_host.py). None: each Ray node's own total (psutil, read
+    the planned host memory (planner/host.py). None: each Ray node's own total (psutil, read
     on the node) at start-up, and for `grpo plan` an assumed 125.9 GiB per GPU (CPU recipes: this
     machine). Set it where the OS reports less than the node can give: on the lent GPU machines
     MemTotal starts small and grows as memory is used."""
@@ -203,7 +211,9 @@ class TrainerConfig(_Section):
 
 class TrackingConfig(_Section):
     experiment: str = "grpo-gsm8k"
-    run_name: str = "grpo"
+    run_name: str | None = None
+    """The MLflow run's name and trainer.default_local_dir's ${run_name}. None: the recipe's name
+    (its YAML file's name)."""
     tracking_uri: str | None = None
     """None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
 
@@ -228,7 +238,25 @@ class GRPOConfig(_Section):
 
     @property
     def checkpoint_dir(self) -> str:
-        return self.trainer.default_local_dir.replace("${run_name}", self.tracking.run_name)
+        """trainer.default_local_dir, ${run_name} expanded (the validator expands it once)."""
+        return self.trainer.default_local_dir
+
+    @model_validator(mode="after")
+    def _defaults_and_unsupported(self) -> "GRPOConfig":
+        """tracking.run_name from the recipe, trainer.default_local_dir's ${run_name} expanded; knobs
+        this build has no code for are refused in one line."""
+        if self.tracking.run_name is None:
+            self.tracking.run_name = self.recipe
+        if "${run_name}" in self.trainer.default_local_dir:
+            self.trainer.default_local_dir = self.trainer.default_local_dir.replace("${run_name}", self.tracking.run_name)
+        if self.algorithm.use_kl_in_reward:
+            raise ValueError("algorithm.use_kl_in_reward=true (a KL penalty in the reward) is not supported in this "
+                             "build; GRPO puts the KL in the loss: actor.use_kl_loss=true, actor.kl_loss_coef")
+        tp = self.actor.megatron_tensor_parallel_size
+        if tp > 1 and self.actor.strategy != "megatron":
+            raise ValueError(f"actor.megatron_tensor_parallel_size={tp} is read only by actor.strategy=megatron, not by "
+                             f"actor.strategy={self.actor.strategy}; set it to 1 (FSDP2 shards over every GPU)")
+        return self
 
     @model_validator(mode="after")
     def _batch_arithmetic(self) -> "GRPOConfig":

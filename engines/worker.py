@@ -1,4 +1,4 @@
-"""One GPU (or CPU) rank: trainer + colocated vLLM engine, for the whole run.
+"""One GPU (or CPU) rank: trainer backend + colocated rollout engine, for the whole run.
 
 The controller never sees tensors or devices: it sends token-id lists and numbers, and gets
 back the same. Every method here is one thing the flow asks for; with several ranks the worker
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from configs.schema import GRPOConfig
+from engines.types import UpdateBatch
 
 
 def master_address() -> tuple[str, int]:
@@ -86,6 +87,10 @@ def quiet_known_noise() -> None:
 
 
 class GRPOWorker:
+    """One rank: a trainer backend (build_trainer, actor.strategy), a rollout engine (build_rollout,
+    rollout.name) and the weight sync between them. Called by the worker group on every rank at
+    once; no tensor crosses this interface."""
+
     def __init__(self, cfg_json: str, model_dir: str, rank: int, world_size: int,
                  master: tuple[str, int] | None = None):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -97,22 +102,19 @@ class GRPOWorker:
             # Ray pins actors to one thread; the trainer and vLLM-CPU want their share of the
             # node's cores (vLLM-CPU freezes the thread count once it starts).
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.cfg.trainer.n_gpus_per_node))
-        from engines.offload import Offloader
-        from engines.rollout import VLLMRollout
-        from engines.trainer import ActorTrainer, init_distributed
+        from engines.rollout import build_rollout
+        from engines.trainer import build_trainer, init_distributed
+        from engines.weight_sync import WeightSync
 
         if world_size > 1:  # before vLLM, which then runs as one external data-parallel rank
             init_distributed(rank, world_size, master, device, self.cfg.trainer.collective_timeout_s)
         torch.manual_seed(self.cfg.trainer.seed)  # the same on every rank: LoRA inits must agree
-        self.trainer = ActorTrainer(self.cfg, model_dir, "cuda" if device == "cuda" else "cpu")
-        a = self.cfg.actor
-        self.offload = Offloader(self.trainer, a.param_offload, a.optimizer_offload)
-        self.offload.to_host()  # before vLLM sizes its share of the GPU
+        self.trainer = build_trainer(self.cfg, model_dir)
+        self.trainer.to_host()  # before vLLM sizes its share of the GPU
         # vLLM first reserves its share of memory, then sleeps while the trainer works.
-        self.rollout = VLLMRollout(self.cfg, model_dir, device, rank)
-        if not self.trainer.is_lora:  # full fine-tuning: the trainer holds every weight vLLM needs
-            self.rollout.refill = self._state_for_rollout
-        self.rollout.sleep()
+        self.rollout = build_rollout(self.cfg, model_dir, rank)
+        self.sync = WeightSync(self.trainer, self.rollout)
+        self.sync.sleep()
         self._gpu_peak, self._in_stage = 0.0, False
         host_peak_gb(reset=True)
 
@@ -124,36 +126,33 @@ class GRPOWorker:
 
     @gpu_stage
     def generate(self, prompts: list[list[int]], sampling: dict) -> list[dict]:
-        self.offload.to_host()  # the trainer's idle state makes room for the KV cache
-        return self.rollout.generate(prompts, **sampling)
+        """prompts: token ids; sampling: the keyword arguments of RolloutEngine.generate (n,
+        temperature, top_p, top_k, max_tokens, seeds). Rows as RolloutEngine.generate returns them."""
+        self.sync.wake()  # the trainer's idle state makes room for the KV cache
+        out = self.rollout.generate(prompts, **sampling)
+        self.sync.sleep()
+        return out
 
     @gpu_stage
     def compute_log_prob(self, prompts, responses, ref: bool = False) -> list[np.ndarray]:
-        self.offload.to_gpu()
+        """TrainerBackend.compute_log_prob: per-token log-probs (nats), one float32 array per response."""
+        self.trainer.to_device()
         return self.trainer.compute_log_prob(prompts, responses, ref=ref)
 
     @gpu_stage
-    def update_actor(self, batch: dict, seed: int, steps: list | None = None) -> dict[str, float]:
+    def update_actor(self, batch: UpdateBatch | dict, seed: int, steps: list | None = None) -> dict[str, float]:
+        """TrainerBackend.update of this rank's share (a dict of UpdateBatch's fields is taken too)."""
         from tasks.killpoints import hang_point
 
         hang_point("update_actor", self.rank)  # fault injection (GRPO_HANG_AT), a no-op unless set
-        self.offload.to_gpu(optimizer=True)
-        return self.trainer.update(batch, seed, steps)
-
-    def _state_for_rollout(self):
-        """The trainer's weights for vLLM, one tensor at a time, fetched to the GPU if offloaded."""
-        with self.offload.borrowed():
-            yield from self.trainer.full_state_for_rollout()
+        self.trainer.to_device(optimizer=True)
+        return self.trainer.update(batch if isinstance(batch, UpdateBatch) else UpdateBatch(**batch), seed, steps)
 
     @gpu_stage
     def sync_weights(self) -> float:
-        """Push the trainer's new weights (or LoRA adapter) into vLLM; returns seconds taken."""
+        """Push the trainer's new weights (or LoRA adapter) into the rollout engine; returns seconds taken."""
         t0 = time.perf_counter()
-        if self.trainer.is_lora:
-            self.offload.to_gpu()
-            self.rollout.load_adapter(self.trainer.save_adapter)
-        else:
-            self.rollout.load_weights(self._state_for_rollout())
+        self.sync.push()
         if self.cfg.trainer.device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
@@ -167,16 +166,16 @@ class GRPOWorker:
 
         with self._gpu_stage():
             # Offloaded state is written from its host copy (DCP would otherwise stage a second one
-            # of the whole shard: ActorTrainer.save_state); the gathers of the exports run on the GPU.
-            self.offload.to_host()
+            # of the whole shard: engines/trainer/checkpoint.py); the gathers of the exports run on the GPU.
+            self.trainer.to_host()
             files = self.trainer.save_state(ckpt_dir)
-            self.offload.to_gpu()
+            self.trainer.to_device()
             files += self.trainer.save_exports(ckpt_dir, export_hf=export_hf)
         return describe(files, Path(ckpt_dir))
 
     @gpu_stage
     def load_checkpoint(self, ckpt_dir: str) -> None:
-        self.offload.to_gpu(optimizer=True)
+        self.trainer.to_device(optimizer=True)
         self.trainer.load(ckpt_dir)
         self.sync_weights()
 

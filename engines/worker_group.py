@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from configs.schema import GRPOConfig
+from engines.types import UpdateBatch
 
 
 def split(items: list, parts: int) -> list[list]:
@@ -85,9 +86,9 @@ def node_memory_gib() -> float:
 
 
 def host_plan(cfg: GRPOConfig, model_dir: str, ranks_on_node: int) -> dict | None:
-    """engines/plan_host.py's figures for a node with this many ranks (None: shape unknown)."""
-    from engines.plan import model_shape, shape_from_hf
-    from engines.plan_host import host_memory
+    """planner/host.py's figures for a node with this many ranks (None: shape unknown)."""
+    from planner.host import host_memory
+    from planner.shapes import model_shape, shape_from_hf
 
     conf = Path(model_dir) / "config.json"
     try:
@@ -100,7 +101,7 @@ def host_plan(cfg: GRPOConfig, model_dir: str, ranks_on_node: int) -> dict | Non
 
 def check_host_memory(cfg: GRPOConfig, plan: dict, node: str, have_gib: float, source: str) -> None:
     """One line naming both numbers and the fixes when the node has less RAM than planned."""
-    from engines.plan_host import RAY_MEMORY_THRESHOLD
+    from planner.host import RAY_MEMORY_THRESHOLD
 
     need = plan["host_node_gib"]
     if need > RAY_MEMORY_THRESHOLD * have_gib:
@@ -242,7 +243,7 @@ class WorkerGroup:
 
     # ---- helpers ----------------------------------------------------------------------------
     def _check_host(self, model_dir: str, nodes: list, node_of_rank: list, place) -> None:
-        """Each node's ranks against the host plan (engines/plan_host.py), before any model loads:
+        """Each node's ranks against the host plan (planner/host.py), before any model loads:
         trainer.node_ram_gb, else the node's total RAM read there. Sets host_plan_gib (the largest
         node figure, for OOM messages)."""
         import ray
@@ -298,19 +299,18 @@ class WorkerGroup:
                                                   for rank in range(self.world_size)], ref=ref)
         return [x for out in outs[::sp] for x in out]
 
-    def update_actor(self, batch: dict, seed: int) -> dict[str, float]:
+    def update_actor(self, batch: UpdateBatch, seed: int) -> dict[str, float]:
         """Each data-parallel rank gets the samples of its contiguous share of every mini-batch (the
         same mini-batches as one rank would use) and the order to take them in."""
-        from engines.trainer import minibatch_schedule
+        from engines.batching import minibatch_schedule
 
         sp = self.cfg.actor.ulysses_sequence_parallel_size
-        n, shares = len(batch["prompts"]), []
+        n, shares = len(batch), []
         for rank in range(self.world_size):
             steps = minibatch_schedule(n, self.cfg, seed, rank // sp, self.world_size // sp)
             need = list(dict.fromkeys(int(i) for s in steps for i in s))  # first use order
             local = {g: j for j, g in enumerate(need)}
-            shares.append(({k: (None if v is None else [v[i] for i in need]) for k, v in batch.items()},
-                           seed, [[local[int(i)] for i in s] for s in steps]))
+            shares.append((batch.take(need), seed, [[local[int(i)] for i in s] for s in steps]))
         metrics = self._scatter("update_actor", shares)
         # Loss metrics are already global (summed over ranks in the trainer); memory is per rank.
         return {k: float(np.max([m[k] for m in metrics]) if "memory" in k else np.mean([m[k] for m in metrics]))

@@ -85,7 +85,7 @@ def cmd_plan(args) -> None:
     import json
 
     from configs.load import load_config
-    from engines.plan import format_plan, plan
+    from planner import format_plan, plan
 
     cfg = load_config(args.config, args.overrides)
     p = plan(cfg, args.gpu, as_configured=args.as_configured)

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -27,7 +26,7 @@ from configs.load import load_config
 from configs.schema import GRPOConfig
 from engines.models import is_hub_id
 from tasks import checkpoints, stages
-from tasks.killpoints import kill_point
+from tasks.killpoints import StepStages, kill_point
 from tasks.prep import load_raw_gsm8k, prepare_gsm8k
 from tasks.tracking import Tracker, check_tracking_uri, clip_text
 
@@ -44,6 +43,11 @@ def preflight(cfg: GRPOConfig) -> None:
     """Checks that need no Ray and no accelerator; each error names the input and the fix."""
     if cfg.requires:
         raise ValueError(f"recipe '{cfg.recipe}' cannot run in this build: {cfg.requires}")
+    from engines.rollout import ROLLOUTS
+    from engines.trainer import TRAINERS
+
+    TRAINERS.get(cfg.actor.strategy)  # a backend this build has: one line naming the key, else
+    ROLLOUTS.get(cfg.rollout.name)
     if cfg.trainer.device == "cuda" and not os.environ.get("RAY_ADDRESS"):
         from engines.worker_group import local_gpu_count
 
@@ -84,7 +88,7 @@ def model_signature(cfg: GRPOConfig) -> dict:
     """What a checkpoint must match to be resumed by this config: model shape and LoRA (the world
     size is recorded, not required: checkpoints reshard). The shape is the planner's (local
     config.json, preset or published table); None if unknown."""
-    from engines.plan import model_shape
+    from planner.shapes import model_shape
 
     try:
         s, _ = model_shape(cfg)
@@ -269,45 +273,38 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
                    initial=start, total=total, disable=None)
         with logging_redirect_tqdm():  # Prefect logs through the root logger's console handler
             for step in bar:
-                t0 = time.perf_counter()
+                this = StepStages(step)  # each block: timed (timing_s/*) and a kill point
                 batch = train.iloc[stages.step_rows(len(train), cfg, step)]
-                t = time.perf_counter()
-                with kill_point("rollout", step):
+                with this.stage("rollout", timed="gen"):
                     samples = stages.rollout(workers, tokenizer, batch, cfg, step, root)
-                timing = {"timing_s/gen": time.perf_counter() - t}
-                t = time.perf_counter()
-                with kill_point("reward", step):
+                with this.stage("reward", timed="reward"):
                     samples = stages.score.with_options(task_run_name=f"reward-step-{step}")(samples, cfg)
-                timing["timing_s/reward"] = time.perf_counter() - t
-                with kill_point("update", step):
+                with this.stage("update"):  # timed inside, per sub-stage
                     metrics = stages.update(workers, samples, cfg, step)
                 if metrics.get("actor/skipped_steps", 0) > cfg.trainer.max_bad_steps > 0:
                     raise RuntimeError(f"step {step}: {int(metrics['actor/skipped_steps'])} updates skipped for a "
                                        f"non-finite grad norm (> trainer.max_bad_steps={cfg.trainer.max_bad_steps})")
                 last_step = step == total
                 if cfg.trainer.test_freq > 0 and (step % cfg.trainer.test_freq == 0 or last_step):
-                    t = time.perf_counter()
-                    with kill_point("eval", step):
+                    with this.stage("eval", timed="testing"):
                         metrics.update(_evaluate(workers, tokenizer, test, cfg, tracker, step=step, log_now=False))
-                    timing["timing_s/testing"] = time.perf_counter() - t
-                timing["timing_s/step"] = time.perf_counter() - t0
+                timing = {**this.timing, "timing_s/step": this.elapsed()}
                 tokens = int(samples["response_ids"].map(len).sum() + samples["prompt_ids"].map(len).sum())
                 last = {**step_metrics(samples), **metrics, **timing,
                         "perf/throughput": tokens / timing["timing_s/step"] / cfg.world_size,
                         "perf/total_num_tokens": tokens, **workers.memory()}
                 if step not in logged:
-                    with kill_point("logging", step):
+                    with this.stage("logging"):
                         tracker.log_table(sample_table(samples, batch, step), f"samples/step_{step:06d}.json")
                         tracker.log(last, step)
                 bar.write(summary(step, total, last))
                 # The checkpoint is the step's last act: once it exists, every output of its step
                 # (rollouts, update, eval, metrics) is on disk or in MLflow, so a resume leaves no gap.
                 if cfg.trainer.save_freq > 0 and step % cfg.trainer.save_freq == 0 or last_step:
-                    t = time.perf_counter()
-                    with kill_point("checkpoint", step):
+                    with this.stage("checkpoint", timed="save_checkpoint"):
                         stages.save_checkpoint(workers, cfg, step, root, {"mlflow_run_id": tracker.run_id,
                                                                           "model": model_signature(cfg)}, last_step)
-                    tracker.log({"timing_s/save_checkpoint": time.perf_counter() - t}, step)
+                    tracker.log({"timing_s/save_checkpoint": this.timing["timing_s/save_checkpoint"]}, step)
         status = "FINISHED"
         return last
     except (ValueError, WorkerOOMError) as e:

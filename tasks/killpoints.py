@@ -1,4 +1,5 @@
-"""Fault injection for the kill tests: SIGKILL this process at a chosen moment inside a stage.
+"""The flow's stages as timed blocks (`StepStages`), each a kill point for the kill tests, and the
+fault injection itself: SIGKILL this process at a chosen moment inside a stage.
 
     GRPO_KILL_AT="<stage>:<step>:<seconds>"   e.g.  rollout:2:0.35
 
@@ -19,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 STAGES = ("prep", "rollout", "reward", "update", "checkpoint", "eval", "logging")
 
@@ -54,6 +55,36 @@ def kill_point(stage: str, step: int = 0):
         yield
     finally:
         die("stage end")
+
+
+class StepStages:
+    """One step's stages: each `stage(...)` block is timed into `timing` and may be a kill point.
+
+        stages = StepStages(step)
+        with stages.stage("rollout", timed="gen"):   # kill point rollout:<step>, timing_s/gen
+            ...
+        stages.timing                                # {"timing_s/gen": seconds, ...}
+
+    Seconds are wall-clock (time.perf_counter) from entering the block to leaving it, the kill
+    point's own start and end included."""
+
+    def __init__(self, step: int = 0):
+        self.step, self.timing = step, {}
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def stage(self, kill_at: str | None = None, timed: str | None = None):
+        """kill_at: one of STAGES, a kill point at this step (GRPO_KILL_AT); timed: the block's
+        seconds go to timing[f"timing_s/{timed}"]. Either may be None."""
+        t = time.perf_counter()
+        with kill_point(kill_at, self.step) if kill_at else nullcontext():
+            yield
+        if timed:
+            self.timing[f"timing_s/{timed}"] = time.perf_counter() - t
+
+    def elapsed(self) -> float:
+        """Seconds since this step began (the StepStages was made)."""
+        return time.perf_counter() - self._start
 
 
 def hang_point(method: str, rank: int) -> None:

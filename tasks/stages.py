@@ -19,9 +19,11 @@ from prefect.cache_policies import NONE
 
 from configs.schema import GRPOConfig
 from engines import algos
+from engines.types import UpdateBatch
 from tasks import checkpoints
 from tasks import reward as rewards
 from tasks.atomic import atomic_write
+from tasks.killpoints import StepStages
 from tasks.tracking import clip_text
 
 
@@ -197,8 +199,9 @@ def score(samples: pd.DataFrame, cfg: GRPOConfig) -> pd.DataFrame:
         fn, list(samples["data_source"]), list(samples["response_text"]), list(samples["ground_truth"]),
         extra, on_error=cfg.reward.on_error)
     samples = samples.assign(score=scores)
-    adv = algos.grpo_advantages(torch.tensor(scores, dtype=torch.float32), list(samples["prompt_index"]),
-                                norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo)
+    estimator = algos.ADV_ESTIMATORS[cfg.algorithm.adv_estimator]
+    adv = estimator(torch.tensor(scores, dtype=torch.float32), list(samples["prompt_index"]),
+                    norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo)
     samples["advantage"] = adv.numpy()
     samples.attrs["reward_errors"] = n_errors
     return samples
@@ -210,24 +213,20 @@ def update(workers, samples: pd.DataFrame, cfg: GRPOConfig, step: int) -> dict[s
     prompts, responses = list(samples["prompt_ids"]), list(samples["response_ids"])
     prompts = [list(p) for p in prompts]
     responses = [list(r) for r in responses]
-    timing = {}
-    t = time.perf_counter()
-    old = workers.compute_log_prob(prompts, responses)
-    timing["timing_s/old_log_prob"] = time.perf_counter() - t
+    this = StepStages(step)  # the update's sub-stages, timed (the flow's update stage is the kill point)
+    with this.stage(timed="old_log_prob"):
+        old = workers.compute_log_prob(prompts, responses)
     ref = None
     if cfg.actor.use_kl_loss:
-        t = time.perf_counter()
-        ref = workers.compute_log_prob(prompts, responses, ref=True)
-        timing["timing_s/ref"] = time.perf_counter() - t
-    batch = {"prompts": prompts, "responses": responses, "old_log_probs": old, "ref_log_probs": ref,
-             "advantages": samples["advantage"].to_numpy(np.float32).tolist(),
-             "truncated": (samples["finish_reason"] == "length").tolist()}  # actor.mask_truncated_completions
-    t = time.perf_counter()
-    metrics = workers.update_actor(batch, seed=cfg.trainer.seed + step)
-    timing["timing_s/update_actor"] = time.perf_counter() - t
-    t = time.perf_counter()
-    workers.sync_weights()
-    timing["timing_s/update_weights"] = time.perf_counter() - t
+        with this.stage(timed="ref"):
+            ref = workers.compute_log_prob(prompts, responses, ref=True)
+    batch = UpdateBatch(prompts=prompts, responses=responses, old_log_probs=old, ref_log_probs=ref,
+                        advantages=samples["advantage"].to_numpy(np.float32).tolist(),
+                        truncated=(samples["finish_reason"] == "length").tolist())  # actor.mask_truncated_completions
+    with this.stage(timed="update_actor"):
+        metrics = workers.update_actor(batch, seed=cfg.trainer.seed + step)
+    with this.stage(timed="update_weights"):
+        workers.sync_weights()
     # How far vLLM's sampling log-probs are from the trainer's: a live check of weight sync.
     diffs = [np.abs(np.asarray(a) - np.asarray(b)) for a, b in zip(samples["rollout_log_probs"], old)
              if len(a) == len(b) and len(a)]
@@ -235,7 +234,7 @@ def update(workers, samples: pd.DataFrame, cfg: GRPOConfig, step: int) -> dict[s
         diffs = np.concatenate(diffs)
         metrics["training/rollout_probs_diff_mean"] = float(diffs.mean())
         metrics["training/rollout_probs_diff_max"] = float(diffs.max())
-    return {**metrics, **timing}
+    return {**metrics, **this.timing}
 
 
 @task(name="checkpoint", task_run_name="checkpoint-step-{step}", retries=2,

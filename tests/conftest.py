@@ -92,6 +92,18 @@ def mlflow_run(tmp_path: Path):
     return client, runs[0]
 
 
+# Text for the tiny model's tokenizer in the unit tests that need a real (random-init) model.
+CORPUS = [f"Tom has {i} apples and buys {i + 3} more. #### {2 * i + 3}" for i in range(300)]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> str:
+    """A tiny random-init Qwen2 (engines/models.py materialize, source=random) built once per session."""
+    from engines.models import materialize
+
+    return materialize("random", str(tmp_path_factory.mktemp("m") / "tiny"), corpus=CORPUS)
+
+
 @pytest.fixture
 def gsm8k():
     if not GSM8K.exists():
@@ -100,6 +112,7 @@ def gsm8k():
 
 
 def free_port() -> int:
+    """A TCP port free on loopback now (for a server or a process group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -12,18 +12,15 @@ import pytest
 import torch
 
 from configs.load import load_config
-from engines.models import materialize
-from engines.rollout import AdapterDirs
-from engines.trainer import ActorTrainer
+from engines.rollout.vllm import AdapterDirs
+from engines.trainer.fsdp import FSDPTrainer
 
-CORPUS = [f"Tom has {i} apples and buys {i + 3} more. #### {2 * i + 3}" for i in range(300)]
 
 
 @pytest.fixture(scope="module")
-def lora_trainer(tmp_path_factory):
-    model_dir = materialize("random", str(tmp_path_factory.mktemp("m") / "tiny"), corpus=CORPUS)
+def lora_trainer(model_dir):
     torch.manual_seed(0)
-    return ActorTrainer(load_config("tiny-cpu", ["model.lora_rank=4"]), model_dir, "cpu")
+    return FSDPTrainer(load_config("tiny-cpu", ["model.lora_rank=4"]), model_dir, "cpu")
 
 
 def test_only_the_adapter_in_use_is_kept(tmp_path, lora_trainer):
@@ -57,11 +54,11 @@ def _engine_main(rank: int, model_dir: str) -> None:
     """In its own process: an in-process vLLM engine that closes leaves vLLM's model-parallel groups
     pointing at a destroyed process group, which breaks the next engine made in the same process
     (tests/test_parity.py's, in pytest's process)."""
-    from engines.rollout import VLLMRollout
+    from engines.rollout.vllm import VLLMRollout
 
     torch.manual_seed(0)
-    trainer = ActorTrainer(load_config("tiny-cpu", ["model.lora_rank=4"]), model_dir, "cpu")
-    ro = VLLMRollout(trainer.cfg, model_dir, "cpu")
+    trainer = FSDPTrainer(load_config("tiny-cpu", ["model.lora_rank=4"]), model_dir, "cpu")
+    ro = VLLMRollout(trainer.cfg, model_dir)
     try:
         for k in (1, 2, 3):
             with torch.no_grad():  # a new adapter each sync, as after an update

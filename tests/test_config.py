@@ -243,3 +243,20 @@ def test_top_k_below_minus_one_is_a_config_error():
     with pytest.raises(ValueError, match="rollout.top_k"):
         load_config("tiny-cpu", ["rollout.top_k=-7"])
     assert load_config("tiny-cpu", ["rollout.top_k=-1"]).rollout.top_k == -1
+
+
+@pytest.mark.parametrize("overrides,line", [
+    (["algorithm.use_kl_in_reward=true"], "algorithm.use_kl_in_reward=true (a KL penalty in the reward) is not "
+     "supported in this build; GRPO puts the KL in the loss: actor.use_kl_loss=true, actor.kl_loss_coef"),
+    (["actor.megatron_tensor_parallel_size=8"], "actor.megatron_tensor_parallel_size=8 is read only by "
+     "actor.strategy=megatron, not by actor.strategy=fsdp2; set it to 1 (FSDP2 shards over every GPU)"),
+    (["algorithm.adv_estimator=gae"], "algorithm.adv_estimator=gae is not supported in this build (choose 'grpo')"),
+    (["rollout.layered_summon=true"], "unknown key 'rollout.layered_summon' (check the spelling; see configs/schema.py)"),
+])
+def test_knobs_this_build_does_not_implement_are_one_error_line(overrides, line):
+    """Issue 15 (6): a key is implemented or refused, never accepted and ignored. (actor.strategy and
+    rollout.name name backends: tests/test_seams.py.)"""
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny-cpu", overrides)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.endswith(line), msg

@@ -10,25 +10,19 @@ import torch
 from safetensors.torch import load_file
 
 from configs.load import load_config
-from engines.models import materialize
-from engines.trainer import ActorTrainer
+from engines.trainer.fsdp import FSDPTrainer
 from engines.worker import host_peak_gb
 from tasks import checkpoints as ck
+from tests.conftest import free_port
 
-CORPUS = [f"Tom has {i} apples and buys {i + 3} more. #### {2 * i + 3}" for i in range(300)]
 RANK, ALPHA = 8, 16
 Q = "model.layers.0.self_attn.q_proj.weight"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return materialize("random", str(tmp_path_factory.mktemp("m") / "tiny"), corpus=CORPUS)
 
 
 def _trainer(model_dir, *overrides):
     cfg = load_config("tiny-cpu", ["rollout.n=2", "actor.ppo_mini_batch_size=4", "trainer.device=cpu", *overrides])
     torch.manual_seed(0)
-    return ActorTrainer(cfg, model_dir, "cpu")
+    return FSDPTrainer(cfg, model_dir, "cpu")
 
 
 def _base_weight(model_dir) -> torch.Tensor:
@@ -129,14 +123,9 @@ def _save_on_rank(rank, port, tmp, model_dir):
 @pytest.mark.slow  # two processes, each loading torch and a model: ~45 s on 2 cores
 def test_two_ranks_each_digest_exactly_the_files_they_wrote(model_dir, tmp_path):
     """Two gloo ranks save: rank 1 reports its DCP shard only, rank 0 the rest; together every file."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_save_on_rank, args=(port, str(tmp_path), model_dir), nprocs=2)
+    mp.spawn(_save_on_rank, args=(free_port(), str(tmp_path), model_dir), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert set(r1) == {"actor/__1_0.distcp"} and not set(r0) & set(r1)
     on_disk = {str(p.relative_to(tmp_path / "ck")) for p in (tmp_path / "ck").rglob("*") if p.is_file()}

@@ -12,7 +12,6 @@ rank needs two of them and the other one: both must run two (each forward is a c
 The e2e test (slow) runs `grpo run tiny-cpu trainer.n_gpus_per_node=2`: two Ray CPU actors, two
 vLLM engines, one MLflow run with the same metric keys as one rank.
 """
-import socket
 
 import numpy as np
 import pytest
@@ -20,14 +19,13 @@ import torch
 import torch.multiprocessing as mp
 
 from configs.load import load_config
-from engines.models import materialize
+from tests.conftest import free_port
 
-CORPUS = [f"Tom has {i} apples and buys {i + 3} more. #### {2 * i + 3}" for i in range(300)]
 # 3 updates x 2 mini-batches of 4 samples (2 per rank), micro-batches of 1; lr 1e-3 moves each
 # weight by ~1e-3 per step.
 OVERRIDES = ["rollout.n=2", "data.train_batch_size=4", "actor.ppo_mini_batch_size=2",
              "actor.ppo_micro_batch_size_per_gpu=1", "actor.lr=1e-3", "trainer.device=cpu"]
-# Both sides train in float64 (ActorTrainer(master_dtype=torch.float64): weights, reference,
+# Both sides train in float64 (FSDPTrainer(master_dtype=torch.float64): weights, reference,
 # forward and loss), so the comparison does not depend on which CPU kernels ran it (AVX512, AVX2,
 # ATEN_CPU_CAPABILITY=default) or on the thread count. Sharding, dynamic micro-batches and Ulysses
 # change only the order of sums, so 2 ranks differ from 1 by rounding alone. The bound:
@@ -47,11 +45,6 @@ METRIC_REL = 1e-10
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return materialize("random", str(tmp_path_factory.mktemp("m") / "tiny"), corpus=CORPUS)
-
-
 def _cfg(world: int, extra: list[str]):
     return load_config("tiny-cpu", OVERRIDES + [f"trainer.n_gpus_per_node={world}", *extra])
 
@@ -65,36 +58,38 @@ def _batch(n=8):
 
 def _train(trainer, cfg) -> list[dict]:
     """STEPS GRPO updates on fixed data; this data-parallel rank's share of every mini-batch only."""
-    from engines.trainer import minibatch_schedule
+    from engines.batching import minibatch_schedule
+    from engines.types import UpdateBatch
 
     prompts, responses, adv = _batch()
     ref = trainer.compute_log_prob(prompts, responses, ref=True)
     metrics = []
     for step in range(STEPS):
-        batch = {"prompts": prompts, "responses": responses, "advantages": adv, "ref_log_probs": ref,
-                 "old_log_probs": trainer.compute_log_prob(prompts, responses)}
+        batch = UpdateBatch(prompts=prompts, responses=responses, advantages=adv, ref_log_probs=ref,
+                            old_log_probs=trainer.compute_log_prob(prompts, responses))
         steps = minibatch_schedule(len(prompts), cfg, step, trainer.dp_rank, trainer.dp_size)
         metrics.append(trainer.update(batch, seed=step, steps=steps))
     return metrics
 
 
 def _state(trainer) -> dict[str, torch.Tensor]:
-    from engines.trainer import _full
+    from engines.trainer.fsdp import full_tensor
 
-    return {k: _full(v).clone() for k, v in trainer.model.state_dict().items()}
+    return {k: full_tensor(v).clone() for k, v in trainer.model.state_dict().items()}
 
 
 def _rank_main(rank, world, port, model_dir, extra, tmp, per_rank_counts=False):
     """One gloo rank: train, save a checkpoint, then load the one-rank run's checkpoint.
     per_rank_counts: the mistake the tolerances must catch, each rank normalising its loss by its
     own token and sequence counts (the trainer's all-reduce of the counts skipped)."""
-    from engines.trainer import ActorTrainer, init_distributed
+    from engines.trainer import init_distributed
+    from engines.trainer.fsdp import FSDPTrainer
 
     torch.set_num_threads(1)
     init_distributed(rank, world, ("127.0.0.1", port), "cpu")
     cfg = _cfg(world, extra)
     torch.manual_seed(0)
-    t = ActorTrainer(cfg, model_dir, "cpu", master_dtype=torch.float64)
+    t = FSDPTrainer(cfg, model_dir, "cpu", master_dtype=torch.float64)
     if per_rank_counts:
         t._sum = lambda values, op=None: values
     metrics = _train(t, cfg)
@@ -107,12 +102,6 @@ def _rank_main(rank, world, port, model_dir, extra, tmp, per_rank_counts=False):
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Budget 30 padded tokens for samples of 5..19 (max_prompt_length 8 + max_response_length 11):
 # log-prob passes of 1, 1, 2, 2, 2 samples; one rank's 4 samples per step in 2 or 3 micro-batches.
 DYNAMIC = ["actor.use_dynamic_bsz=true", "actor.ppo_max_token_len_per_gpu=30", "data.max_prompt_length=8",
@@ -122,7 +111,7 @@ DYNAMIC = ["actor.use_dynamic_bsz=true", "actor.ppo_max_token_len_per_gpu=30", "
 def _rank_needs(cfg, world: int) -> list[list[int]]:
     """Micro-batches each rank's share of each optimizer step needs on its own."""
     from engines import batching
-    from engines.trainer import minibatch_schedule
+    from engines.batching import minibatch_schedule
 
     prompts, responses, _ = _batch()
     shapes = [(len(p), len(r)) for p, r in zip(prompts, responses)]
@@ -144,11 +133,11 @@ METRICS = ("actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/ppo_kl", "a
 
 def _one_rank(model_dir, extra, tmp_path):
     """The reference: one plain rank (no Ulysses), one thread as each rank, float64."""
-    from engines.trainer import ActorTrainer
+    from engines.trainer.fsdp import FSDPTrainer
 
     cfg = _cfg(1, [e for e in extra if "ulysses" not in e])
     torch.manual_seed(0)
-    one = ActorTrainer(cfg, model_dir, "cpu", master_dtype=torch.float64)
+    one = FSDPTrainer(cfg, model_dir, "cpu", master_dtype=torch.float64)
     before = _state(one)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -161,7 +150,7 @@ def _one_rank(model_dir, extra, tmp_path):
 
 
 def _two_ranks(model_dir, extra, tmp_path, per_rank_counts=False):
-    mp.spawn(_rank_main, args=(2, _free_port(), model_dir, extra, str(tmp_path), per_rank_counts), nprocs=2)
+    mp.spawn(_rank_main, args=(2, free_port(), model_dir, extra, str(tmp_path), per_rank_counts), nprocs=2)
     out = torch.load(tmp_path / "out2.pt", weights_only=False)
     return out["trained"], out["metrics"], out
 
@@ -194,9 +183,9 @@ def test_two_gloo_ranks_match_one_rank(model_dir, tmp_path, extra):
     # DCP checkpoints reshard on load: each world size loads the other's.
     for k, v in out["loaded"].items():
         assert torch.equal(v, p1[k]), f"2 ranks loading the 1-rank checkpoint: {k} differs"
-    from engines.trainer import ActorTrainer
+    from engines.trainer.fsdp import FSDPTrainer
 
-    fresh = ActorTrainer(_cfg(1, [e for e in extra if "ulysses" not in e]), model_dir, "cpu",
+    fresh = FSDPTrainer(_cfg(1, [e for e in extra if "ulysses" not in e]), model_dir, "cpu",
                          master_dtype=torch.float64)
     fresh.load(str(tmp_path / "ck2"))
     for k, v in _state(fresh).items():
@@ -310,10 +299,11 @@ def test_export_in_shards_loads_in_hf(model_dir, tmp_path, monkeypatch):
     the compute dtype, equal to the trainer's weights rounded to it; load() restores the fp32 ones."""
     from transformers import AutoModelForCausalLM
 
-    import engines.trainer as T
+    from engines.trainer import checkpoint
+    from engines.trainer.fsdp import FSDPTrainer
 
-    monkeypatch.setattr(T, "SHARD_BYTES", 200_000)
-    t = T.ActorTrainer(_cfg(1, ["model.dtype=bfloat16"]), model_dir, "cpu")
+    monkeypatch.setattr(checkpoint, "SHARD_BYTES", 200_000)
+    t = FSDPTrainer(_cfg(1, ["model.dtype=bfloat16"]), model_dir, "cpu")
     t.save(str(tmp_path / "ck"))
     assert len(list((tmp_path / "ck" / "huggingface").glob("model-*-of-*.safetensors"))) > 2
     assert (tmp_path / "ck" / "huggingface" / "model.safetensors.index.json").exists()

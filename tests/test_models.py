@@ -103,7 +103,7 @@ def test_random_argument_errors(tmp_path):
 
 
 def test_presets_are_vllm_compatible():
-    from engines.plan import PUBLISHED_HUB_CONFIGS
+    from planner.shapes import PUBLISHED_HUB_CONFIGS
 
     assert set(ARCH_PRESETS) == {"tiny", "0.5b", "1.5b", "3b", "7b", "14b", "32b", "72b"}
     for name, p in ARCH_PRESETS.items():

@@ -6,16 +6,15 @@ CUDA only (there is nothing to offload on CPU): run with GRPO_TEST_DEVICE=cuda o
 The sharded case runs the trainer under FSDP2 in a one-rank process group, the code path of
 several GPUs (FSDP2 keeps its own handles on each shard: offload must go through it).
 """
-import functools
-import socket
-
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from tests.conftest import DEVICE
+from engines.trainer import TRAINERS
+from engines.trainer.fsdp import FSDPTrainer
+from tests.conftest import DEVICE, free_port
 from tests.test_parity import TOL, _prompts, _vllm_vs_trainer, _worker
 
 pytestmark = [pytest.mark.slow,
@@ -30,16 +29,18 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return (t.to_local() if isinstance(t, DTensor) else t).detach().cpu().clone()
 
 
-@pytest.fixture
-def one_rank_fsdp2(monkeypatch):
-    """A one-rank process group and a trainer that shards with FSDP2 in it."""
-    import engines.trainer
+@TRAINERS.register("fsdp2-one-rank")
+class OneRankFSDP2(FSDPTrainer):
+    """FSDP2 in a one-rank process group: the sharded code path of several GPUs, on one."""
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("cpu:gloo,cuda:nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    monkeypatch.setattr(engines.trainer, "ActorTrainer", functools.partial(engines.trainer.ActorTrainer, shard=True))
+    def __init__(self, cfg, model_dir, **kwargs):
+        super().__init__(cfg, model_dir, shard=True, **kwargs)
+
+
+@pytest.fixture
+def one_rank_fsdp2():
+    """A one-rank process group (the trainer `actor.strategy=fsdp2-one-rank` shards in it)."""
+    dist.init_process_group("cpu:gloo,cuda:nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
@@ -49,7 +50,7 @@ def test_offload_frees_the_gpu_for_rollout_and_changes_no_number(tmp_path, gsm8k
     if sharded:
         request.getfixturevalue("one_rank_fsdp2")
     worker, _ = _worker(tmp_path, "actor.param_offload=true", "actor.optimizer_offload=true",
-                        "actor.use_kl_loss=true")
+                        "actor.use_kl_loss=true", *(["actor.strategy=fsdp2-one-rank"] if sharded else []))
     assert worker.trainer.ref is not None
     assert worker.trainer.sharded == sharded
     assert _where(worker) == {"cpu"}, "the trainer's weights stayed on the GPU after start-up"
@@ -76,10 +77,10 @@ def test_offload_frees_the_gpu_for_rollout_and_changes_no_number(tmp_path, gsm8k
         [_local(v) for st in worker.trainer.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
     before = tensors()
     on_gpu = torch.cuda.memory_allocated()
-    worker.offload.to_host()
+    worker.trainer.to_host()
     freed = on_gpu - torch.cuda.memory_allocated()
     expected = sum(t.numel() * t.element_size() for t in before)
-    worker.offload.to_gpu(optimizer=True)
+    worker.trainer.to_device(optimizer=True)
     after = tensors()
     assert len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
     print(f"offload freed {freed / 2**20:.1f} MiB of {expected / 2**20:.1f} MiB of trainer state")
@@ -97,7 +98,7 @@ def test_offload_frees_the_gpu_for_rollout_and_changes_no_number(tmp_path, gsm8k
     with torch.no_grad():
         for p in worker.trainer.model.parameters():
             p.add_(1.0)
-    worker.offload.to_host()
+    worker.trainer.to_host()
     worker.load_checkpoint(str(tmp_path / "ck"))
     assert all(torch.equal(a, b) for a, b in zip(saved, tensors()))
     diff = _vllm_vs_trainer(worker, prompts)
@@ -106,18 +107,16 @@ def test_offload_frees_the_gpu_for_rollout_and_changes_no_number(tmp_path, gsm8k
 
 def test_host_rss_stays_flat_over_five_offload_cycles(one_rank_fsdp2):
     """Issue 12: each rank held about twice its offloaded state in host memory (torch's pinned
-    allocator rounds every block to a power of two; engines/offload.py now copies into exact-size
+    allocator rounds every block to a power of two; engines/trainer/offload.py now copies into exact-size
     buffers made once). A sharded 0.5B-shape model with gradients and AdamW state goes to the host
     and back 5 times: resident memory after each offload stays within 10% of the first, and the first
     offload adds about the state's own size (not ~1.5-2x of it)."""
-    from types import SimpleNamespace
-
     import psutil
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from engines.models import ARCH_PRESETS
-    from engines.offload import Offloader
+    from engines.trainer.offload import Offloader
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(Qwen2Config(**ARCH_PRESETS["0.5b"])).cuda()
@@ -131,13 +130,13 @@ def test_host_rss_stays_flat_over_five_offload_cycles(one_rank_fsdp2):
     nbytes = lambda t: (t.to_local() if isinstance(t, DTensor) else t).nbytes  # noqa: E731
     state = sum(nbytes(t) for p in model.parameters() for t in (p, p.grad)) + sum(
         nbytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-    off = Offloader(SimpleNamespace(model=model, ref=None, optimizer=opt, device=torch.device("cuda")), True, True)
+    off = Offloader([model], opt, torch.device("cuda"), True, True)
     proc = psutil.Process()
     start, rss = proc.memory_info().rss, []
     for _ in range(5):
         off.to_host()
         rss.append(proc.memory_info().rss)
-        off.to_gpu(optimizer=True)
+        off.to_device(optimizer=True)
     gib = [round(r / 2**30, 3) for r in rss]
     print(f"state {state / 2**30:.3f} GiB; RSS before {start / 2**30:.3f} GiB, after each offload {gib}")
     assert max(rss) <= 1.10 * rss[0], f"host RSS grew over the cycles: {gib} GiB"

@@ -1,4 +1,4 @@
-"""engines/offload.py's host buffers, on CPU: every offload cycle copies into the same exact-size
+"""engines/trainer/offload.py's host buffers, on CPU: every offload cycle copies into the same exact-size
 buffers (no new host memory per cycle, none rounded up), through the `Module._apply` path FSDP2
 follows, and every weight, gradient and AdamW moment comes back bit for bit. The CUDA side (pinned
 buffers, resident memory over 5 cycles) is tests/test_offload.py's, with GRPO_TEST_DEVICE=cuda."""
@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from engines.offload import HostPool, module_to_device, module_to_host, optimizer_to_device, optimizer_to_host
+from engines.trainer.offload import HostPool, module_to_device, module_to_host, optimizer_to_device, optimizer_to_host
 from tests.conftest import free_port
 
 

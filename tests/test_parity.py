@@ -65,7 +65,7 @@ def test_vllm_logprobs_match_trainer_after_weight_update(tmp_path, gsm8k, mode):
             elif mode == "lora" and "lora_B" in name:
                 p.copy_(torch.randn_like(p) * 0.2)
     stale = _vllm_vs_trainer(worker, prompts)
-    if worker.rollout.refill is not None and worker.rollout.sleep_mode:
+    if worker.sync.refills:
         # CUDA, full fine-tuning: the engine dropped its weights in its level-2 sleep and took the
         # trainer's on waking, so there is no stale state to see.
         assert stale < TOL, f"weights refilled on waking differ from the trainer's by {stale}"

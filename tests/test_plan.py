@@ -3,7 +3,10 @@ measurements the trainer-memory model was fitted to."""
 import pytest
 
 from configs.load import load_config, recipe_names
-from engines import plan as P
+from planner import plan
+from planner.hardware import gpu_of
+from planner.memory import activation_bytes, layer_act_bytes_per_token
+from planner.shapes import PUBLISHED_HUB_CONFIGS, Shape, shape_from_hf
 from engines.models import ARCH_PRESETS
 
 
@@ -27,7 +30,7 @@ def _meta_numel(preset: dict) -> int:
          num_key_value_heads=2, vocab_size=500, tie_word_embeddings=False),
 ])
 def test_param_count_matches_transformers(preset):
-    assert P.shape_from_hf({**preset, "model_type": "qwen2"}).n_params() == _meta_numel(preset)
+    assert shape_from_hf({**preset, "model_type": "qwen2"}).n_params() == _meta_numel(preset)
 
 
 def test_published_table_matches_model_cards():
@@ -36,7 +39,7 @@ def test_published_table_matches_model_cards():
             "Qwen/Qwen2.5-3B-Instruct": 3.09, "Qwen/Qwen2.5-7B-Instruct": 7.61,
             "Qwen/Qwen2.5-14B-Instruct": 14.7, "Qwen/Qwen2.5-72B-Instruct": 72.7}
     for hub_id, billions in want.items():
-        got = P.shape_from_hf(P.PUBLISHED_HUB_CONFIGS[hub_id]).n_params() / 1e9
+        got = shape_from_hf(PUBLISHED_HUB_CONFIGS[hub_id]).n_params() / 1e9
         assert got == pytest.approx(billions, rel=0.01), hub_id
 
 
@@ -51,13 +54,13 @@ def test_lora_params_match_peft():
     model = get_peft_model(AutoModelForCausalLM.from_config(Qwen2Config(**preset)),
                            LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    shape = P.shape_from_hf({**preset, "model_type": "qwen2"})
+    shape = shape_from_hf({**preset, "model_type": "qwen2"})
     assert shape.lora_params(4, "all-linear") == trainable
     assert shape.lora_params(4, ["q_proj", "v_proj"]) == 2 * 4 * ((32 + 32) + (32 + 16))
 
 
 def test_state_bytes_by_hand():
-    full = P.plan(_cfg("qwen2-7b-2xh800", **{"trainer.n_gpus_per_node": 1, "rollout.tensor_model_parallel_size": 1,
+    full = plan(_cfg("qwen2-7b-2xh800", **{"trainer.n_gpus_per_node": 1, "rollout.tensor_model_parallel_size": 1,
                                              "actor.ppo_mini_batch_size": 256, "actor.ppo_micro_batch_size_per_gpu": 1}))
     n = 7_615_616_512
     items = {i["item"]: i["gib"] * 2**30 for i in full["items"]}
@@ -66,7 +69,7 @@ def test_state_bytes_by_hand():
     assert items["gradients (fp32)"] == 4 * n
     assert items["AdamW states (exp_avg, exp_avg_sq)"] == 8 * n
     assert items["reference model (bf16 copy)"] == 2 * n
-    lora = P.plan(_cfg())
+    lora = plan(_cfg())
     li = {i["item"]: i["gib"] * 2**30 for i in lora["items"]}
     r = lora["n_trainable"]
     assert r == 24 * 32 * ((896 + 896) * 2 + (896 + 128) * 2 + (896 + 4864) * 2 + (4864 + 896))
@@ -75,48 +78,48 @@ def test_state_bytes_by_hand():
 
 
 def test_activation_bytes_by_hand():
-    s = P.Shape(hidden=8, layers=3, heads=2, kv_heads=1, intermediate=16, vocab=100, tie=True)
+    s = Shape(hidden=8, layers=3, heads=2, kv_heads=1, intermediate=16, vocab=100, tie=True)
     # fp32: residual in/mid 2x4h + two norms 2x(4h+4h) = 24h; bf16 casts + proj outs 4x2h = 8h;
     # attention bf16: q 8, k 4, v 4, rope q 8, rope k 4, repeat k+v 16, out 8, o_in 8 = 60 x 2 B + lse 4 x 2 heads;
     # MLP: gate, up, silu, product 4 x 2 B x 16.
     per_token = 24 * 8 + 8 * 8 + (2 * 60 + 8) + 8 * 16
-    assert P.layer_act_bytes_per_token(s) == per_token == 512
-    assert P.activation_bytes(s, 10, checkpointing=False) == 3 * 512 * 10
-    assert P.activation_bytes(s, 10, checkpointing=True) == 3 * 4 * 8 * 10 + 512 * 10
+    assert layer_act_bytes_per_token(s) == per_token == 512
+    assert activation_bytes(s, 10, checkpointing=False) == 3 * 512 * 10
+    assert activation_bytes(s, 10, checkpointing=True) == 3 * 4 * 8 * 10 + 512 * 10
 
 
 def test_verdict_flips_and_largest_batch_is_the_edge():
     cfg = _cfg("qwen2-7b-lora-1xh100")
-    best = P.plan(cfg)["largest_micro_batch"]
+    best = plan(cfg)["largest_micro_batch"]
     assert best >= 1
-    assert P.plan(cfg, micro_batch=best)["fits"]
-    assert not P.plan(cfg, micro_batch=best + 1)["fits"]
-    peaks = [P.plan(cfg, micro_batch=b)["peak_gib"] for b in (1, 2, 4, 8, 16, 32)]
+    assert plan(cfg, micro_batch=best)["fits"]
+    assert not plan(cfg, micro_batch=best + 1)["fits"]
+    peaks = [plan(cfg, micro_batch=b)["peak_gib"] for b in (1, 2, 4, 8, 16, 32)]
     assert peaks == sorted(peaks) and peaks[0] < peaks[-1]
     # more GPU memory: a larger batch fits
-    assert P.plan(cfg, "H200")["largest_micro_batch"] > best
+    assert plan(cfg, "H200")["largest_micro_batch"] > best
 
 
 def test_gpu_from_recipe_name():
-    assert P.gpu_of(_cfg("qwen2-14b-4xh800"))[0].name == "H800"
-    assert P.gpu_of(_cfg("qwen2-32b-megatron-8xh20"))[0].name == "H20"
-    assert P.gpu_of(_cfg("qwen2-7b-lora-1xh100"))[0].name == "H100"
-    assert P.gpu_of(_cfg("qwen2-7b-lora-1xh100"), "h200")[0].name == "H200"
+    assert gpu_of(_cfg("qwen2-14b-4xh800"))[0].name == "H800"
+    assert gpu_of(_cfg("qwen2-32b-megatron-8xh20"))[0].name == "H20"
+    assert gpu_of(_cfg("qwen2-7b-lora-1xh100"))[0].name == "H100"
+    assert gpu_of(_cfg("qwen2-7b-lora-1xh100"), "h200")[0].name == "H200"
     with pytest.raises(ValueError, match="unknown GPU"):
-        P.gpu_of(_cfg(), "V100")
+        gpu_of(_cfg(), "V100")
 
 
 def test_sharding_over_the_world_and_offload_as_configured():
-    now = P.plan(_cfg("qwen2-14b-4xh800"))
-    one = P.plan(_cfg("qwen2-14b-4xh800", **{"trainer.n_gpus_per_node": 1, "rollout.tensor_model_parallel_size": 1}))
+    now = plan(_cfg("qwen2-14b-4xh800"))
+    one = plan(_cfg("qwen2-14b-4xh800", **{"trainer.n_gpus_per_node": 1, "rollout.tensor_model_parallel_size": 1}))
     assert now["shard"] == 4 and one["shard"] == 1  # FSDP2 shards over the world
     assert now["trainer_resident_gib"] == pytest.approx(one["trainer_resident_gib"] / 4)
     # Offload applies sharded too (through FSDP2's Module.to): the rollout phase holds less.
-    kept = P.plan(_cfg("qwen2-14b-4xh800", **{"actor.param_offload": "false", "actor.optimizer_offload": "false"}))
+    kept = plan(_cfg("qwen2-14b-4xh800", **{"actor.param_offload": "false", "actor.optimizer_offload": "false"}))
     assert now["rollout_phase_gib"] < kept["rollout_phase_gib"]
-    assert P.plan(_cfg("qwen2-14b-4xh800"), as_configured=True)["rollout_phase_gib"] == now["rollout_phase_gib"]
-    off1 = P.plan(_cfg("qwen2-7b-lora-1xh100"))
-    kept1 = P.plan(_cfg("qwen2-7b-lora-1xh100", **{"actor.param_offload": "false", "actor.optimizer_offload": "false"}))
+    assert plan(_cfg("qwen2-14b-4xh800"), as_configured=True)["rollout_phase_gib"] == now["rollout_phase_gib"]
+    off1 = plan(_cfg("qwen2-7b-lora-1xh100"))
+    kept1 = plan(_cfg("qwen2-7b-lora-1xh100", **{"actor.param_offload": "false", "actor.optimizer_offload": "false"}))
     assert off1["rollout_phase_gib"] < kept1["rollout_phase_gib"]
 
 
@@ -143,13 +146,13 @@ def test_fsdp2_trainer_peak_within_15pct_of_h200_measurement(tmp_path, case, mea
         "rollout.max_response_length": 1024, "data.train_batch_size": b, "actor.ppo_mini_batch_size": b,
         "actor.ppo_micro_batch_size_per_gpu": b, "rollout.n": 1, "rollout.max_model_len": "null",
         "rollout.max_num_batched_tokens": "null"})
-    pred = P.plan(cfg, "H200", fsdp=True)["trainer_peak_gib"]
+    pred = plan(cfg, "H200", fsdp=True)["trainer_peak_gib"]
     assert abs(pred / measured - 1) <= 0.15, (pred, measured)
 
 
 def test_ulysses_splits_activations_and_logits_per_gpu():
-    one = {i["item"]: i["gib"] for i in P.plan(_cfg("qwen2-14b-lora-2xh100", **{"actor.ulysses_sequence_parallel_size": 1}))["items"]}
-    two = {i["item"]: i["gib"] for i in P.plan(_cfg("qwen2-14b-lora-2xh100"))["items"]}
+    one = {i["item"]: i["gib"] for i in plan(_cfg("qwen2-14b-lora-2xh100", **{"actor.ulysses_sequence_parallel_size": 1}))["items"]}
+    two = {i["item"]: i["gib"] for i in plan(_cfg("qwen2-14b-lora-2xh100"))["items"]}
     act = "activations, checkpointing on"
     assert two[act] == pytest.approx(one[act] / 2, rel=0.05)  # the kept layer inputs halve; one layer's too
     logits = "logits (fwd+bwd) + one row's fp32"
@@ -159,7 +162,7 @@ def test_ulysses_splits_activations_and_logits_per_gpu():
 def test_ulysses_heads_must_split():
     from types import SimpleNamespace
 
-    from engines.ulysses import check_heads
+    from engines.trainer.ulysses import check_heads
 
     check_heads(SimpleNamespace(num_attention_heads=40, num_key_value_heads=8), 2)
     check_heads(SimpleNamespace(num_attention_heads=2, num_key_value_heads=1), 2)  # KV head copied
@@ -188,7 +191,7 @@ def test_trainer_peak_within_15pct_of_h100_measurement(case, measured):
         "actor.ppo_mini_batch_size": b, "actor.ppo_micro_batch_size_per_gpu": b, "rollout.n": 1,
         "trainer.n_gpus_per_node": 1, "rollout.tensor_model_parallel_size": 1,
         "model.enable_gradient_checkpointing": str(ck).lower()})
-    assert P.plan(cfg, "H100")["trainer_peak_gib"] == pytest.approx(measured, rel=0.15)
+    assert plan(cfg, "H100")["trainer_peak_gib"] == pytest.approx(measured, rel=0.15)
 
 
 def test_every_recipe_plans(capsys):
@@ -209,7 +212,7 @@ def test_cli_bad_input_is_one_error_line(capsys):
     assert capsys.readouterr().err.startswith("error: unknown GPU")
 
 
-# ---- host memory (engines/plan_host.py) ------------------------------------------------------------
+# ---- host memory (planner/host.py) ------------------------------------------------------------
 GIB = 2**30
 # Parameter counts (the published configs; test_published_table_matches_model_cards and
 # test_param_count_matches_transformers check the formula behind them).
@@ -272,7 +275,7 @@ def test_host_plan_of_every_recipe_by_hand(recipe):
     cpu = recipe.startswith(("tiny-cpu", "smollm2"))
     # CPU recipes: a preset/table shape (a locally built model's config.json would change the vocab)
     ov = ["trainer.node_ram_gb=24", "model.path=/nonexistent/model"] if cpu else []
-    p = P.plan(_cfg(recipe, **dict(o.split("=") for o in ov)))
+    p = plan(_cfg(recipe, **dict(o.split("=") for o in ov)))
     n = p["n_params"]
     load = (CPU if cpu else CUDA) + 4 * n
     per_rank = max(steady, load)
@@ -289,10 +292,10 @@ def test_host_plan_of_every_recipe_by_hand(recipe):
 def test_host_verdicts_that_matter():
     """The 7B full recipe fits its 2-GPU node once offload copies are exact; the 72B recipes do not
     fit a 1 TB 8-GPU node while every rank loads the whole fp32 model (the load peak)."""
-    assert P.plan(_cfg("qwen2-7b-2xh800"))["host_fits"]
-    big = P.plan(_cfg("qwen2-72b-lora-8xh100"))
+    assert plan(_cfg("qwen2-7b-2xh800"))["host_fits"]
+    big = plan(_cfg("qwen2-72b-lora-8xh100"))
     assert not big["host_fits"] and big["host_load_gib"] > big["host_steady_gib"]
-    small = P.plan(_cfg("qwen2-7b-2xh800", **{"trainer.node_ram_gb": 100}))
+    small = plan(_cfg("qwen2-7b-2xh800", **{"trainer.node_ram_gb": 100}))
     assert not small["host_fits"] and not small["fits"]
 
 
@@ -300,12 +303,12 @@ def test_pinned_rounding_explains_the_7b_host_oom():
     """Issue 12: 2 ranks of the 7B full fine-tune held 113-119 GB each and Ray's monitor killed them at
     246.5 of 251.8 GB. Offloading through torch's pinned allocator rounded each shard to a power of
     two: summed over the real tensor shapes that is ~1.9x the exact state, 2 ranks of it over 95% of the
-    node; exact-size buffers (engines/offload.py) bring it to the plan's figure, which fits."""
+    node; exact-size buffers (engines/trainer/offload.py) bring it to the plan's figure, which fits."""
     import math
 
-    from engines.plan_host import pow2
+    from planner.host import pow2
 
-    s = P.shape_from_hf(P.PUBLISHED_HUB_CONFIGS["Qwen/Qwen2-7B-Instruct"])
+    s = shape_from_hf(PUBLISHED_HUB_CONFIGS["Qwen/Qwen2-7B-Instruct"])
     shapes = [(o, i) for i, o in s.linears().values() for _ in range(s.layers)]
     shapes += [(s.heads * s.d,), (s.kv_heads * s.d,), (s.kv_heads * s.d,)] * s.layers  # qkv biases
     shapes += [(s.hidden,)] * (2 * s.layers + 1) + [(s.vocab, s.hidden)] * 2  # norms, embedding, lm_head

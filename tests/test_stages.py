@@ -34,17 +34,12 @@ import pytest  # noqa: E402
 
 from tasks import stages  # noqa: E402
 
-CORPUS = [f"Tom has {i} apples and buys {i + 3} more. #### {2 * i + 3}" for i in range(300)]
-
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
+def tokenizer(model_dir):
     from transformers import AutoTokenizer
 
-    from engines.models import materialize
-
-    return AutoTokenizer.from_pretrained(materialize("random", str(tmp_path_factory.mktemp("m") / "tiny"),
-                                                     corpus=CORPUS))
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def _samples(prompts, rows, n):

@@ -2,28 +2,24 @@
 non-finite gradient skips the step, LoRA trains only the adapter, checkpoints round-trip."""
 import copy
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from configs.load import load_config
 from engines import batching
-from engines.models import materialize
-from engines.trainer import ActorTrainer
+from engines.trainer.fsdp import FSDPTrainer
+from engines.types import UpdateBatch
 
-CORPUS = [f"Tom has {i} apples and buys {i + 3} more. #### {2 * i + 3}" for i in range(300)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return materialize("random", str(tmp_path_factory.mktemp("m") / "tiny"), corpus=CORPUS)
 
 
 def _trainer(model_dir, *overrides, master_dtype=torch.float32):
     cfg = load_config("tiny-cpu", ["rollout.n=2", "actor.ppo_mini_batch_size=4", "actor.lr=1e-3",
                                    "trainer.device=cpu", *overrides])
     torch.manual_seed(0)
-    return ActorTrainer(cfg, model_dir, "cpu", master_dtype=master_dtype)
+    return FSDPTrainer(cfg, model_dir, "cpu", master_dtype=master_dtype)
 
 
 # Micro-batching (fixed sizes or a token budget) changes only the order of sums. The comparisons
@@ -49,8 +45,8 @@ def _batch(trainer, n=8):
     responses = [rng.integers(5, 200, size=rng.integers(2, 7)).tolist() for _ in range(n)]
     old = trainer.compute_log_prob(prompts, responses)
     ref = trainer.compute_log_prob(prompts, responses, ref=True)
-    return {"prompts": prompts, "responses": responses, "old_log_probs": old, "ref_log_probs": ref,
-            "advantages": rng.normal(size=n).astype(np.float32).tolist()}
+    return UpdateBatch(prompts=prompts, responses=responses, old_log_probs=old, ref_log_probs=ref,
+                       advantages=rng.normal(size=n).astype(np.float32).tolist())
 
 
 def _params(trainer):
@@ -94,7 +90,7 @@ def test_non_finite_grad_skips_the_step_and_counts_it(model_dir):
     t = _trainer(model_dir)
     batch = _batch(t)
     before = _params(t)
-    batch["advantages"][0] = float("nan")
+    batch.advantages[0] = float("nan")
     metrics = t.update(batch, seed=0)
     assert not np.isfinite(metrics["actor/grad_norm"]) and metrics["actor/skipped_steps"] == 1
     for k, v in _params(t).items():
@@ -107,14 +103,14 @@ def test_lora_trains_only_the_adapter_and_ref_is_the_base(model_dir, tmp_path):
     base = {k: v.clone() for k, v in t.model.named_parameters() if not v.requires_grad}
     batch = _batch(t)
     t.update(batch, seed=0)
-    t.update({**batch, "old_log_probs": t.compute_log_prob(batch["prompts"], batch["responses"])}, seed=1)
+    t.update(dataclasses.replace(batch, old_log_probs=t.compute_log_prob(batch.prompts, batch.responses)), seed=1)
     for k, v in t.model.named_parameters():
         if not v.requires_grad:
             assert torch.equal(v, base[k])
-    ref_now = t.compute_log_prob(batch["prompts"], batch["responses"], ref=True)
-    for a, b in zip(ref_now, batch["ref_log_probs"]):  # adapter disabled = the untouched base
+    ref_now = t.compute_log_prob(batch.prompts, batch.responses, ref=True)
+    for a, b in zip(ref_now, batch.ref_log_probs):  # adapter disabled = the untouched base
         np.testing.assert_allclose(a, b, atol=1e-6)
-    pol = t.compute_log_prob(batch["prompts"], batch["responses"])
+    pol = t.compute_log_prob(batch.prompts, batch.responses)
     assert max(np.abs(a - b).max() for a, b in zip(pol, ref_now)) > 1e-4  # the adapter did move
 
 
@@ -198,11 +194,11 @@ def test_dynamic_bsz_does_not_change_log_probs_or_the_update(model_dir, mode):
     batch = _batch(plain)
     dyn = _trainer(model_dir, "actor.use_dynamic_bsz=true", "actor.ppo_max_token_len_per_gpu=24", *lengths,
                    master_dtype=torch.float64)
-    groups = dyn._micro_batches(batch["prompts"], batch["responses"])
+    groups = dyn._micro_batches(batch.prompts, batch.responses)
     assert sorted(len(g) for g in groups) == [1, 1, 2, 2, 2] and sum(groups, []) != list(range(8))
     for ref in (False, True):
-        got = dyn.compute_log_prob(batch["prompts"], batch["responses"], ref=ref)
-        want = batch["ref_log_probs" if ref else "old_log_probs"]
+        got = dyn.compute_log_prob(batch.prompts, batch.responses, ref=ref)
+        want = batch.ref_log_probs if ref else batch.old_log_probs
         for a, b in zip(got, want, strict=True):
             assert a.shape == b.shape and np.abs(a - b).max() <= LOGP_ATOL
     m_plain, m_dyn = plain.update(batch, seed=0), dyn.update(batch, seed=0)

@@ -5,23 +5,17 @@ import pytest
 import torch
 
 from configs.load import load_config
-from engines.models import materialize
-from engines.trainer import ActorTrainer
+from engines.trainer.fsdp import FSDPTrainer
+from engines.types import UpdateBatch
 
-CORPUS = [f"Tom has {i} apples and buys {i + 3} more. #### {2 * i + 3}" for i in range(300)]
 TRUNCATED = [False, True, False, False, True, False, False, False]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return materialize("random", str(tmp_path_factory.mktemp("m") / "tiny"), corpus=CORPUS)
 
 
 def _grads(model_dir, batch, steps, mask: bool, mode: str):
     cfg = load_config("tiny-cpu", [f"actor.loss_agg_mode={mode}", "rollout.n=2", "actor.ppo_mini_batch_size=4", "actor.ppo_micro_batch_size_per_gpu=2",
                                    "actor.entropy_coeff=0.01", f"actor.mask_truncated_completions={str(mask).lower()}"])
     torch.manual_seed(0)
-    trainer = ActorTrainer(cfg, model_dir, "cpu")
+    trainer = FSDPTrainer(cfg, model_dir, "cpu")
     metrics = trainer.update(batch, seed=0, steps=steps)
     # clip_grad_norm_ scaled the .grad it left by the same factor in both runs if the grads agree
     return metrics, {k: p.grad.clone() for k, p in trainer.model.named_parameters() if p.grad is not None}
@@ -34,8 +28,8 @@ def test_truncated_samples_weigh_nothing(model_dir, mode):
     prompts = [rng.integers(5, 200, size=rng.integers(4, 9)).tolist() for _ in range(n)]
     responses = [rng.integers(5, 200, size=rng.integers(2, 7)).tolist() for _ in range(n)]
     old = [rng.normal(-5, 0.1, size=len(r)).astype(np.float32) for r in responses]
-    batch = {"prompts": prompts, "responses": responses, "old_log_probs": old, "ref_log_probs": old,
-             "advantages": rng.normal(size=n).astype(np.float32).tolist(), "truncated": TRUNCATED}
+    batch = UpdateBatch(prompts=prompts, responses=responses, old_log_probs=old, ref_log_probs=old,
+                        advantages=rng.normal(size=n).astype(np.float32).tolist(), truncated=TRUNCATED)
     kept = [i for i in range(n) if not TRUNCATED[i]]
     masked, g_masked = _grads(model_dir, batch, [np.arange(n)], mask=True, mode=mode)
     without, g_without = _grads(model_dir, batch, [np.array(kept)], mask=False, mode=mode)  # the cut ones left out

@@ -8,12 +8,10 @@ Host copies go into exact-size buffers made once (`HostPool`) and reused every c
 cycle ran `Module.to("cpu", non_blocking=True)`, whose destination torch allocates in pinned memory
 through its caching host allocator: every block rounded up to the next power of two and kept cached
 (ATen/core/CachingHostAllocator.h, `PowerOf2Ceil`). For the 7B full fine-tune on 2 ranks that is
-121 GiB per rank for 64 GiB of state (engines/plan_host.py, tests/test_plan.py): the 113-119 GB per
+121 GiB per rank for 64 GiB of state (planner/host.py, tests/test_plan.py): the 113-119 GB per
 worker that Ray's memory monitor killed in issue 12.
 """
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -105,54 +103,43 @@ def optimizer_to_device(optimizer: torch.optim.Optimizer, device: str) -> None:
 
 class Offloader:
     """Moves what the config offloads: to host memory just before vLLM wakes (`to_host`), back to
-    the GPU at the trainer's next use (`to_gpu`). Lazy both ways, so an update followed by a weight
-    sync moves nothing in between. Does nothing off CUDA or when neither knob is set."""
+    the GPU at the trainer's next use (`to_device`). Lazy both ways, so an update followed by a
+    weight sync moves nothing in between. Does nothing off CUDA or when neither knob is set.
 
-    def __init__(self, trainer, param_offload: bool, optimizer_offload: bool):
-        cuda = trainer.device.type == "cuda"
-        self.trainer = trainer
+    modules: the trainer's models (policy, and the reference if it has one); optimizer: its AdamW."""
+
+    def __init__(self, modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer, device: torch.device,
+                 param_offload: bool, optimizer_offload: bool):
+        cuda = device.type == "cuda"
+        self.modules, self.optimizer = modules, optimizer
         self.params = cuda and param_offload
         self.optim = cuda and optimizer_offload
         self.params_on_host = self.optim_on_host = False
         self.param_pool, self.optim_pool = HostPool(pin=cuda), HostPool(pin=cuda)
 
-    def _modules(self):
-        return [m for m in (self.trainer.model, self.trainer.ref) if m is not None]
-
     def to_host(self) -> None:
         moved = False
         if self.params and not self.params_on_host:
-            for m in self._modules():
+            for m in self.modules:
                 module_to_host(m, self.param_pool)
             self.params_on_host = moved = True
         if self.optim and not self.optim_on_host:
-            optimizer_to_host(self.trainer.optimizer, self.optim_pool)
+            optimizer_to_host(self.optimizer, self.optim_pool)
             self.optim_on_host = moved = True
         if moved:
             torch.cuda.synchronize()  # the copies into the buffers are done before the GPU copies go
             torch.cuda.empty_cache()  # vLLM allocates outside torch's cache: give the memory back
 
-    def to_gpu(self, optimizer: bool = False) -> None:
+    def to_device(self, optimizer: bool = False) -> None:
         """The weights (and with `optimizer`, the AdamW state) on the GPU for the trainer's use."""
         if self.params_on_host:
-            for m in self._modules():
+            for m in self.modules:
                 module_to_device(m, "cuda")
             torch.cuda.synchronize()  # the buffers are read before they are lent again
             self.param_pool.release_all()
             self.params_on_host = False
         if optimizer and self.optim_on_host:
-            optimizer_to_device(self.trainer.optimizer, "cuda")
+            optimizer_to_device(self.optimizer, "cuda")
             torch.cuda.synchronize()
             self.optim_pool.release_all()
             self.optim_on_host = False
-
-    @contextmanager
-    def borrowed(self):
-        """The weights on the GPU for a moment while vLLM is awake (a refill), then back."""
-        was = self.params_on_host
-        self.to_gpu()
-        try:
-            yield
-        finally:
-            if was:
-                self.to_host()

@@ -1,10 +1,10 @@
 """Host RAM of one rank and of one node, from the model's shape and the offload/sleep knobs.
 
-What each rank keeps in host memory (engines/offload.py, engines/rollout.py, engines/trainer.py):
+What each rank keeps in host memory (engines/trainer/offload.py, engines/weight_sync.py, engines/rollout/vllm.py):
 - on CUDA with actor.param_offload: its shard of the fp32 master weights (LoRA: the frozen base and
   the adapter), of the gradients (`Module.to` moves `.grad` with each parameter; they exist from the
   first update on) and, for full fine-tuning with a KL loss, of the bf16 reference; with
-  actor.optimizer_offload its shard of the AdamW moments (2 x fp32). engines/offload.py copies them
+  actor.optimizer_offload its shard of the AdamW moments (2 x fp32). engines/trainer/offload.py copies them
   into exact-size host buffers made once, so this is the steady figure, cycle after cycle;
 - vLLM asleep at level 1 (LoRA: the base must survive) keeps a pinned copy of its weights (its TP
   shard). vLLM allocates each copy with `torch.empty(pin_memory=True)`, and torch's pinned
@@ -49,83 +49,83 @@ def pow2(nbytes: int) -> int:
     return 0 if nbytes <= 0 else 1 << (int(nbytes) - 1).bit_length()
 
 
-def vllm_weight_blocks(s, tp: int, dtype_bytes: int = 2) -> list[int]:
+def vllm_weight_blocks(shape, tp: int, dtype_bytes: int = 2) -> list[int]:
     """Sizes of vLLM's weight tensors on one TP rank: fused qkv and gate_up, o, down, embedding and
     (untied) lm_head split over TP; norms and biases are small (ignored). Bytes, one entry per tensor."""
-    q, h, i = s.heads * s.d, s.hidden, s.intermediate
-    vocab = math.ceil(s.vocab / (64 * tp)) * 64  # vLLM pads the vocabulary to 64 per TP rank
-    kv_rank = max(1, s.kv_heads // tp) * s.d  # KV heads are copied when fewer than TP ranks
-    per_layer = [h * (q // tp + 2 * kv_rank), q // tp * h, h * 2 * i // tp, i // tp * h]
-    blocks = [b * dtype_bytes for b in per_layer] * s.layers
-    blocks += [vocab * h * dtype_bytes] * (1 if s.tie else 2)
+    q_dim, hidden, inter = shape.heads * shape.d, shape.hidden, shape.intermediate
+    vocab = math.ceil(shape.vocab / (64 * tp)) * 64  # vLLM pads the vocabulary to 64 per TP rank
+    kv_rank = max(1, shape.kv_heads // tp) * shape.d  # KV heads are copied when fewer than TP ranks
+    per_layer = [hidden * (q_dim // tp + 2 * kv_rank), q_dim // tp * hidden, hidden * 2 * inter // tp, inter // tp * hidden]
+    blocks = [block * dtype_bytes for block in per_layer] * shape.layers
+    blocks += [vocab * hidden * dtype_bytes] * (1 if shape.tie else 2)
     return blocks
 
 
 def node_ram_gib(cfg) -> tuple[float, str]:
     """The RAM of one node the plan is checked against, and where the figure comes from."""
-    t = cfg.trainer
-    if t.node_ram_gb is not None:
-        return float(t.node_ram_gb), "trainer.node_ram_gb"
-    if t.device == "cpu":
+    trainer = cfg.trainer
+    if trainer.node_ram_gb is not None:
+        return float(trainer.node_ram_gb), "trainer.node_ram_gb"
+    if trainer.device == "cpu":
         import psutil
 
         return psutil.virtual_memory().total / GIB, "this machine (psutil)"
-    return NODE_RAM_GIB_PER_GPU * t.n_gpus_per_node, (f"assumed {NODE_RAM_GIB_PER_GPU:.1f} GiB per GPU "
+    return NODE_RAM_GIB_PER_GPU * trainer.n_gpus_per_node, (f"assumed {NODE_RAM_GIB_PER_GPU:.1f} GiB per GPU "
                                                      "(trainer.node_ram_gb to set it)")
 
 
-def host_memory(cfg, s, shard: int, ranks_on_node: int | None = None) -> dict[str, Any]:
+def host_memory(cfg, shape, shard: int, ranks_on_node: int | None = None) -> dict[str, Any]:
     """Itemised host bytes of one rank (GiB), its load peak, the node total and the verdict.
 
-    s: engines.plan.Shape; shard: the FSDP shard count (world size when sharded, else 1)."""
-    a, r, m, t = cfg.actor, cfg.rollout, cfg.model, cfg.trainer
-    dev = t.device
-    lora = m.lora_rank > 0
-    P, P_lora = s.n_params(), s.lora_params(m.lora_rank, m.target_modules)
-    P_train = P_lora if lora else P
-    has_ref = a.use_kl_loss and not lora
-    tp = r.tensor_model_parallel_size
+    shape: planner.shapes.Shape; shard: the FSDP shard count (world size when sharded, else 1)."""
+    actor, rollout, model, trainer = cfg.actor, cfg.rollout, cfg.model, cfg.trainer
+    device = trainer.device
+    lora = model.lora_rank > 0
+    n_params, n_lora = shape.n_params(), shape.lora_params(model.lora_rank, model.target_modules)
+    n_train = n_lora if lora else n_params
+    has_ref = actor.use_kl_loss and not lora
+    rollout_tp = rollout.tensor_model_parallel_size
     ram, ram_src = node_ram_gib(cfg)
-    ranks = ranks_on_node or t.n_gpus_per_node
+    ranks = ranks_on_node or trainer.n_gpus_per_node
     items: list[dict] = []
 
     def add(item: str, nbytes: float, note: str) -> float:
         items.append(dict(item=item, gib=nbytes / GIB, note=note))
         return nbytes
 
-    sh = f" / {shard} (FSDP shard)" if shard > 1 else ""
-    steady = add("process (libraries, CUDA context)" if dev == "cuda" else "process (libraries)",
-                 HOST_PROCESS_GIB[dev] * GIB, "HOST_PROCESS_GIB (engines/plan_host.py)")
-    on_host_p = dev == "cpu" or a.param_offload
-    on_host_o = dev == "cpu" or a.optimizer_offload
-    why_p = "CPU trainer" if dev == "cpu" else "actor.param_offload"
-    why_o = "CPU trainer" if dev == "cpu" else "actor.optimizer_offload"
+    shard_note = f" / {shard} (FSDP shard)" if shard > 1 else ""
+    steady = add("process (libraries, CUDA context)" if device == "cuda" else "process (libraries)",
+                 HOST_PROCESS_GIB[device] * GIB, "HOST_PROCESS_GIB (planner/host.py)")
+    on_host_p = device == "cpu" or actor.param_offload
+    on_host_o = device == "cpu" or actor.optimizer_offload
+    why_p = "CPU trainer" if device == "cpu" else "actor.param_offload"
+    why_o = "CPU trainer" if device == "cpu" else "actor.optimizer_offload"
     if on_host_p:
-        steady += add("actor weights (fp32 master)", 4 * P / shard, f"{why_p}: {P / 1e9:.3f}B x 4 B{sh}")
+        steady += add("actor weights (fp32 master)", 4 * n_params / shard, f"{why_p}: {n_params / 1e9:.3f}B x 4 B{shard_note}")
         if lora:
-            steady += add("LoRA adapter (fp32)", 4 * P_lora / shard, f"{why_p}: {P_lora / 1e6:.1f}M x 4 B{sh}")
-        steady += add("gradients (fp32)", 4 * P_train / shard, f"{why_p}: moved with the weights{sh}")
+            steady += add("LoRA adapter (fp32)", 4 * n_lora / shard, f"{why_p}: {n_lora / 1e6:.1f}M x 4 B{shard_note}")
+        steady += add("gradients (fp32)", 4 * n_train / shard, f"{why_p}: moved with the weights{shard_note}")
         if has_ref:
-            ref_b = 4 if dev == "cpu" and m.dtype == "float32" else 2
-            steady += add(f"reference model ({'fp32' if ref_b == 4 else 'bf16'})", ref_b * P / shard, f"{why_p}{sh}")
+            ref_b = 4 if device == "cpu" and model.dtype == "float32" else 2
+            steady += add(f"reference model ({'fp32' if ref_b == 4 else 'bf16'})", ref_b * n_params / shard, f"{why_p}{shard_note}")
     if on_host_o:
-        steady += add("AdamW states (exp_avg, exp_avg_sq)", 8 * P_train / shard, f"{why_o}: 2 x 4 B{sh}")
-    if dev == "cpu":
-        wb = 4 if m.dtype == "float32" else 2
-        steady += add("vLLM-CPU weights", wb * P / tp, f"{m.dtype}" + (f" / TP {tp}" if tp > 1 else ""))
-        steady += add("vLLM-CPU KV cache", r.gpu_memory_utilization * ram * GIB / t.n_gpus_per_node,
-                      f"rollout.gpu_memory_utilization {r.gpu_memory_utilization} x {ram:.1f} GiB / "
-                      f"{t.n_gpus_per_node} ranks")
-    elif r.free_cache_engine and lora:  # level 1: pinned copy of the weights, power-of-two blocks
-        blocks = vllm_weight_blocks(s, tp)
-        steady += add("vLLM weights asleep (level 1, pinned)", sum(pow2(b) for b in blocks),
-                      f"{sum(blocks) / GIB:.2f} GiB bf16" + (f" / TP {tp}" if tp > 1 else "") +
+        steady += add("AdamW states (exp_avg, exp_avg_sq)", 8 * n_train / shard, f"{why_o}: 2 x 4 B{shard_note}")
+    if device == "cpu":
+        weight_bytes = 4 if model.dtype == "float32" else 2
+        steady += add("vLLM-CPU weights", weight_bytes * n_params / rollout_tp, f"{model.dtype}" + (f" / TP {rollout_tp}" if rollout_tp > 1 else ""))
+        steady += add("vLLM-CPU KV cache", rollout.gpu_memory_utilization * ram * GIB / trainer.n_gpus_per_node,
+                      f"rollout.gpu_memory_utilization {rollout.gpu_memory_utilization} x {ram:.1f} GiB / "
+                      f"{trainer.n_gpus_per_node} ranks")
+    elif rollout.free_cache_engine and lora:  # level 1: pinned copy of the weights, power-of-two blocks
+        blocks = vllm_weight_blocks(shape, rollout_tp)
+        steady += add("vLLM weights asleep (level 1, pinned)", sum(pow2(block) for block in blocks),
+                      f"{sum(blocks) / GIB:.2f} GiB bf16" + (f" / TP {rollout_tp}" if rollout_tp > 1 else "") +
                       ", each block rounded up to a power of two by torch's pinned allocator")
-    elif r.free_cache_engine:
+    elif rollout.free_cache_engine:
         add("vLLM weights asleep (level 2)", 0, "dropped; refilled from the trainer")
-    load = HOST_PROCESS_GIB[dev] * GIB + 4 * P
+    load = HOST_PROCESS_GIB[device] * GIB + 4 * n_params
     add("(load peak: whole fp32 model before sharding)", load,
-        f"from_pretrained(dtype=float32) on every rank: {P / 1e9:.3f}B x 4 B + process; not summed")
+        f"from_pretrained(dtype=float32) on every rank: {n_params / 1e9:.3f}B x 4 B + process; not summed")
     per_rank = max(steady, load)
     node = ranks * per_rank + RAY_AND_DRIVER_GIB * GIB
     limit = RAY_MEMORY_THRESHOLD * ram * GIB
@@ -134,15 +134,15 @@ def host_memory(cfg, s, shard: int, ranks_on_node: int | None = None) -> dict[st
                 node_ram_gib=ram, node_ram_source=ram_src, host_fits=node <= limit)
 
 
-def format_host(p: dict[str, Any]) -> list[str]:
+def format_host(result: dict[str, Any]) -> list[str]:
     """The host part of `grpo plan`'s table."""
     lines = ["", f"{'host memory, per rank':44s} {'GiB':>9s}  note", "-" * 100]
-    for it in p["host_items"]:
-        lines.append(f"{it['item']:44s} {it['gib']:9.2f}  {it['note']}")
+    for item in result["host_items"]:
+        lines.append(f"{item['item']:44s} {item['gib']:9.2f}  {item['note']}")
     lines += ["-" * 100,
-              f"{'per rank (max of steady / load peak)':44s} {p['host_per_rank_gib']:9.2f}  "
-              f"steady {p['host_steady_gib']:.2f}, load {p['host_load_gib']:.2f}",
-              f"{'PER NODE':44s} {p['host_node_gib']:9.2f}  {p['host_ranks_per_node']} ranks + "
-              f"{RAY_AND_DRIVER_GIB:.0f} GiB Ray/driver, of {p['node_ram_gib']:.1f} GiB ({p['node_ram_source']}); "
+              f"{'per rank (max of steady / load peak)':44s} {result['host_per_rank_gib']:9.2f}  "
+              f"steady {result['host_steady_gib']:.2f}, load {result['host_load_gib']:.2f}",
+              f"{'PER NODE':44s} {result['host_node_gib']:9.2f}  {result['host_ranks_per_node']} ranks + "
+              f"{RAY_AND_DRIVER_GIB:.0f} GiB Ray/driver, of {result['node_ram_gib']:.1f} GiB ({result['node_ram_source']}); "
               f"Ray kills workers past {RAY_MEMORY_THRESHOLD:.0%}"]
     return lines

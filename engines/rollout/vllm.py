@@ -1,11 +1,9 @@
-"""vLLM rollout engine, colocated with the trainer in the same worker process.
+"""The vLLM rollout engine (rollout.name=vllm), colocated with the trainer in the same worker process.
 
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that new weights can be pushed
 from the trainer's tensors without a copy through another process. It sleeps while the trainer
-works, on platforms that support it (CUDA): the KV cache is freed, and the weights are offloaded
-to host memory (LoRA: the base must survive) or, for full fine-tuning, dropped (level 2) and
-refilled from the trainer before the next generate, which saves a device-host round trip of
-weights the next sync would overwrite anyway.
+works, on platforms that support it (CUDA): which level, and when the weights are refilled, is the
+weight sync's decision (engines/weight_sync.py).
 """
 from __future__ import annotations
 
@@ -18,18 +16,21 @@ from typing import Callable, Iterable
 import torch
 
 from configs.schema import GRPOConfig
+from engines.rollout import ROLLOUTS
+from engines.rollout.base import TAGS, RolloutEngine
 
 
-class VLLMRollout:
+@ROLLOUTS.register("vllm")
+class VLLMRollout(RolloutEngine):
     """One engine per rank (TP=1), or one shard of an engine spread over the tensor_model_parallel_size
     consecutive ranks of a group (TP>1: vLLM's external launcher, in the trainer's process group).
     The ranks of a group must make every call together, with the same arguments."""
 
-    def __init__(self, cfg: GRPOConfig, model_dir: str, device: str, rank: int = 0):
+    def __init__(self, cfg: GRPOConfig, model_dir: str, rank: int = 0):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        r = cfg.rollout
+        r, device = cfg.rollout, cfg.trainer.device
         self.cfg = cfg
         self.sleep_mode = device == "cuda" and r.free_cache_engine
         self.is_lora = cfg.model.lora_rank > 0
@@ -67,17 +68,13 @@ class VLLMRollout:
         if self.is_lora:
             kwargs.update(enable_lora=True, max_lora_rank=_vllm_lora_rank(cfg.model.lora_rank), max_loras=1)
         self.llm = LLM(**kwargs)
-        self._asleep: set[str] = set()
-        # Full fine-tuning: where the weights come from after a level-2 sleep dropped them (set by
-        # the worker to the trainer's full_state_for_rollout). None: sleep keeps them (level 1).
-        self.refill = None
-        self._stale = None  # the refill a level-2 sleep left owing, until weights come back
+        self.asleep: set[str] = set()
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
                  top_k: int, max_tokens: int, seeds: list[int]) -> list[dict]:
-        """n samples per prompt: token ids, text, finish reason (and sampling log-probs if
-        rollout.calculate_log_probs).
+        """n samples per prompt: token ids, text, finish reason (and sampling log-probs, nats after
+        temperature, if rollout.calculate_log_probs; else []).
 
         Each prompt carries its own seed, so a retried or resumed rollout draws the same samples,
         whatever the batch around it or the number of engines.
@@ -86,7 +83,6 @@ class VLLMRollout:
         from vllm.inputs import TokensPrompt
 
         r = self.cfg.rollout
-        self.wake_up()
         greedy = temperature == 0.0
         # flat_logprobs: vLLM keeps each request's log-probs in a few flat lists instead of one
         # dict + Logprob object per generated token (benchmarks/BENCHMARKS.md, rollout row).
@@ -106,33 +102,26 @@ class VLLMRollout:
                 results.append({"prompt_index": i, "sample_index": j, "response_ids": ids,
                                 "response_text": c.text, "rollout_log_probs": _sampled_logprobs(c.logprobs, ids),
                                 "finish_reason": c.finish_reason or "length"})
-        self.sleep()
         return results
 
     # ---- memory -----------------------------------------------------------------------------
-    def sleep(self) -> None:
-        if self.sleep_mode and not self._asleep:
-            # level 1: weights to host memory, KV cache dropped; level 2: both dropped.
-            self.llm.sleep(level=2 if self.refill is not None else 1)
-            self._asleep = {"weights", "kv_cache"}
-            self._stale = self.refill
+    def sleep(self, level: int) -> None:
+        """level 1: weights to host memory, KV cache dropped; level 2: both dropped. Only from fully
+        awake (a second sleep would overwrite the host copy); a no-op without sleep mode."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=level)
+            self.asleep = set(TAGS)
 
-    def wake_up(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
-        """Wake only what sleeps: waking weights twice would restore the stale host copy. Weights
-        a level-2 sleep dropped come back from the trainer before the KV cache does (the refill
-        may hold the trainer's offloaded weights on the GPU for a moment)."""
-        todo = [t for t in tags if t in self._asleep]
-        if self._stale is not None and "weights" in todo:
-            self.load_weights(self._stale())  # wakes the weights alone, then fills them
-            todo.remove("weights")
+    def wake_up(self, tags: tuple[str, ...] = TAGS) -> None:
+        """Wake only what sleeps: waking weights twice would restore the stale host copy."""
+        todo = [t for t in tags if t in self.asleep]
         if todo:
             self.llm.wake_up(tags=todo)
-            self._asleep -= set(todo)
+            self.asleep -= set(todo)
 
     # ---- weights in ---------------------------------------------------------------------------
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Overwrite the engine's weights in place with the trainer's (full fine-tuning)."""
-        self._stale = None  # these weights replace whatever sleep dropped
         self.wake_up(("weights",))  # new weights go in before the KV cache comes back
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         self.llm.reset_prefix_cache()
@@ -234,8 +223,11 @@ def _sampled_logprobs(lp, ids: list[int]) -> list[float]:
 
 
 def _vllm_lora_rank(rank: int) -> int:
-    """vLLM accepts only a fixed ladder of max_lora_rank values; take the smallest that fits."""
-    for r in (8, 16, 32, 64, 128, 256, 320, 512):
+    """vLLM accepts only a fixed ladder of max_lora_rank values; take the smallest that fits.
+    Raises ValueError past the largest."""
+    from engines.models import VLLM_MAX_LORA_RANKS
+
+    for r in VLLM_MAX_LORA_RANKS:
         if rank <= r:
             return r
-    raise ValueError(f"model.lora_rank={rank} is larger than vLLM supports (512)")
+    raise ValueError(f"model.lora_rank={rank} is larger than vLLM supports ({VLLM_MAX_LORA_RANKS[-1]})")
