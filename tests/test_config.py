@@ -243,3 +243,11 @@ def test_top_k_below_minus_one_is_a_config_error():
     with pytest.raises(ValueError, match="rollout.top_k"):
         load_config("tiny-cpu", ["rollout.top_k=-7"])
     assert load_config("tiny-cpu", ["rollout.top_k=-1"]).rollout.top_k == -1
+
+
+def test_format_score_is_for_the_builtin_reward_only():
+    assert load_config("tiny-cpu", ["reward.format_score=0.1"]).reward.format_score == 0.1
+    with pytest.raises(ValueError, match="reward.format_score"):
+        load_config("tiny-cpu", ["reward.format_score=0.1", "reward.function=tests.toy_reward:letter_e_share"])
+    with pytest.raises(ValueError, match="format_score"):
+        load_config("tiny-cpu", ["reward.format_score=1.5"])
