@@ -165,6 +165,19 @@ class RewardConfig(_Section):
     published `val-core/openai/gsm8k/reward/mean@1` numbers use; lenient: also credits those
     (numeric compare, trailing period and commas dropped) and adds the eval metric
     `val-core/openai/gsm8k/reward_lenient/mean@1`; the mean@1 metric stays the reference's."""
+    format_score: float = Field(0.0, ge=0.0, lt=1.0)
+    """Training reward of a response that ends in a well-formed `#### <number>` with the wrong
+    number (the reference GSM8K scorer's `format_score` argument; a right answer scores 1, one
+    without `#### <number>` 0). 0 is the reference's default; > 0 gives a weak policy, which
+    seldom answers right, a signal toward the answer format. Built-in reward only; the eval's
+    metrics never include it (they are accuracies)."""
+
+    @model_validator(mode="after")
+    def _format_score_builtin(self) -> "RewardConfig":
+        if self.format_score and self.function:
+            raise ValueError(f"reward.format_score={self.format_score} applies to the built-in GSM8K reward "
+                             f"only; unset reward.function or set reward.format_score=0")
+        return self
 
 
 class TrainerConfig(_Section):

@@ -14,6 +14,7 @@ import logging
 import math
 import re
 from decimal import Decimal, InvalidOperation
+from functools import partial
 from typing import Callable, Literal, Optional, Sequence
 
 logger = logging.getLogger(__name__)
@@ -141,14 +142,25 @@ def lenient_compute_score(
     return _dispatch(data_source, solution_str, ground_truth, extra_info, "lenient")
 
 
-def _dispatch(data_source, solution_str, ground_truth, extra_info, scorer) -> float:
+def flexible_compute_score(
+    data_source: str, solution_str: str, ground_truth: str, extra_info: dict | None = None
+) -> float:
+    """As ``default_compute_score`` with the reference scorer's flexible extraction (the last
+    number in the response's last 300 characters, no ``####`` needed): the eval's
+    ``reward_flexible`` metric, so that accuracy is seen apart from the answer format."""
+    return _dispatch(data_source, solution_str, ground_truth, extra_info, "reference", method="flexible")
+
+
+def _dispatch(data_source, solution_str, ground_truth, extra_info, scorer,
+              method: str = "strict", format_score: float = 0.0) -> float:
     if data_source != "openai/gsm8k":
         raise ValueError(
             f"no built-in reward for data_source {data_source!r} (built-in: ['openai/gsm8k']); "
             "set reward.function to 'package.module:function' with the signature "
             "fn(data_source, solution_str, ground_truth, extra_info) -> float"
         )
-    return gsm8k_score(solution_str, ground_truth, scorer=scorer, truncated=_truncated(extra_info))
+    return gsm8k_score(solution_str, ground_truth, method=method, format_score=format_score,
+                       scorer=scorer, truncated=_truncated(extra_info))
 
 
 _ANSWER_CHARS = frozenset("#0123456789")
@@ -171,14 +183,24 @@ def gsm8k_format_reward(
     return 0.5 * sum(ch in _ANSWER_CHARS for ch in text) / max(len(text), 1)
 
 
-def load_reward_fn(dotted: str | None, gsm8k_scorer: str = "reference") -> RewardFn:
+def load_reward_fn(dotted: str | None, gsm8k_scorer: str = "reference", format_score: float = 0.0) -> RewardFn:
     """Resolve ``reward.function``: empty means the built-in dispatcher (with the
-    ``reward.gsm8k_scorer`` GSM8K scorer), else ``package.module:function`` or
-    ``package.module.function``."""
+    ``reward.gsm8k_scorer`` GSM8K scorer, and ``format_score`` for a well-formed ``#### <number>``
+    that is wrong, as the reference scorer's argument of that name), else
+    ``package.module:function`` or ``package.module.function``. Raises ValueError for an unknown
+    scorer, a format_score outside [0, 1), a format_score with a user function, or a path that
+    does not import."""
+    if not 0.0 <= format_score < 1.0:
+        raise ValueError(f"reward.format_score={format_score}: use a value in [0, 1) (a right answer scores 1)")
     if dotted is None or not dotted.strip():
         if gsm8k_scorer not in GSM8K_SCORERS:
             raise ValueError(f"reward.gsm8k_scorer={gsm8k_scorer!r}: use one of {GSM8K_SCORERS}")
+        if format_score:
+            return partial(_dispatch, scorer=gsm8k_scorer, format_score=format_score)
         return default_compute_score if gsm8k_scorer == "reference" else lenient_compute_score
+    if format_score:
+        raise ValueError(f"reward.format_score={format_score} applies to the built-in GSM8K reward only; "
+                         f"unset reward.function or set reward.format_score=0")
     path = dotted.strip()
     module_name, sep, attr = path.partition(":")
     if not sep:

@@ -193,7 +193,7 @@ def score(samples: pd.DataFrame, cfg: GRPOConfig) -> pd.DataFrame:
     """Rule reward (or the configured function) per sample; then GRPO group-normalised advantages."""
     import torch
 
-    fn = rewards.load_reward_fn(cfg.reward.function, cfg.reward.gsm8k_scorer)
+    fn = rewards.load_reward_fn(cfg.reward.function, cfg.reward.gsm8k_scorer, cfg.reward.format_score)
     extra = reward_extra_info(samples.get("extra_info"), samples["finish_reason"])
     scores, n_errors = rewards.score_samples(
         fn, list(samples["data_source"]), list(samples["response_text"]), list(samples["ground_truth"]),
@@ -258,8 +258,12 @@ def evaluate(workers, tokenizer, test: pd.DataFrame, cfg: GRPOConfig, step: int)
     """GSM8K test accuracy, greedy mean@1, and a sample table shown as a Prefect artifact.
 
     `val-core/openai/gsm8k/reward/mean@1` is reward.function's mean, or with the built-in reward
-    the reference scorer's (comparable with published numbers); reward.gsm8k_scorer=lenient adds
-    `val-core/openai/gsm8k/reward_lenient/mean@1`."""
+    the reference scorer's strict accuracy (`#### N`, comparable with published numbers; never
+    reward.format_score). With the built-in reward the eval also logs
+    `val-core/openai/gsm8k/reward_flexible/mean@1` (the reference's flexible extraction: the last
+    number, format not needed) and `val-aux/openai/gsm8k/format/mean@1` (share of responses whose
+    last 300 characters hold a `#### <number>`), so format learning shows apart from accuracy;
+    reward.gsm8k_scorer=lenient adds `val-core/openai/gsm8k/reward_lenient/mean@1`."""
     prompts = [chat_ids(tokenizer, m) for m in test["prompt"]]
     sampling = dict(n=1, temperature=cfg.rollout.val_temperature, top_p=1.0, top_k=-1,
                     max_tokens=cfg.rollout.max_response_length, seeds=[_seed(cfg, 0, i) for i in test.index])
@@ -273,6 +277,12 @@ def evaluate(workers, tokenizer, test: pd.DataFrame, cfg: GRPOConfig, step: int)
     metrics = {"val-core/openai/gsm8k/reward/mean@1": float(np.mean(scores))}
     table = {"question": [m[0]["content"][:300] for m in test["prompt"]], "response": texts,
              "ground_truth": truths, "score": scores}
+    if cfg.reward.function is None:
+        table["score_flexible"], _ = rewards.score_samples(rewards.flexible_compute_score, *args,
+                                                           on_error=cfg.reward.on_error)
+        metrics["val-core/openai/gsm8k/reward_flexible/mean@1"] = float(np.mean(table["score_flexible"]))
+        metrics["val-aux/openai/gsm8k/format/mean@1"] = float(np.mean(
+            [rewards.extract_solution(t, "strict") is not None for t in texts]))
     if cfg.reward.function is None and cfg.reward.gsm8k_scorer == "lenient":
         table["score_lenient"], _ = rewards.score_samples(rewards.lenient_compute_score, *args,
                                                           on_error=cfg.reward.on_error)

@@ -260,3 +260,11 @@ def test_knobs_this_build_does_not_implement_are_one_error_line(overrides, line)
         load_config("tiny-cpu", overrides)
     msg = str(e.value)
     assert "\n" not in msg and msg.endswith(line), msg
+
+
+def test_format_score_is_for_the_builtin_reward_only():
+    assert load_config("tiny-cpu", ["reward.format_score=0.1"]).reward.format_score == 0.1
+    with pytest.raises(ValueError, match="reward.format_score"):
+        load_config("tiny-cpu", ["reward.format_score=0.1", "reward.function=tests.toy_reward:letter_e_share"])
+    with pytest.raises(ValueError, match="format_score"):
+        load_config("tiny-cpu", ["reward.format_score=1.5"])

@@ -3,6 +3,7 @@ import pytest
 from tasks.reward import (
     default_compute_score,
     extract_solution,
+    flexible_compute_score,
     gsm8k_score,
     lenient_compute_score,
     load_reward_fn,
@@ -282,3 +283,26 @@ def test_gsm8k_format_reward_keeps_the_cut_rule():
 
     # "#### 5" ending at a max_tokens cut may be "#### 50": not credited as right, still the format.
     assert gsm8k_format_reward("openai/gsm8k", "#### 5", "5", {"finish_reason": "length"}) == 0.5
+
+
+def test_format_score_rewards_a_wellformed_wrong_answer_only():
+    """reward.format_score (the reference scorer's argument): 1 right, format_score for a wrong
+    `#### N`, 0 without one; the cut rule still gives 0."""
+    fn = load_reward_fn(None, "reference", 0.1)
+    assert fn("openai/gsm8k", "so #### 18", "18", None) == 1.0
+    assert fn("openai/gsm8k", "so #### 17", "18", None) == 0.1
+    assert fn("openai/gsm8k", "the answer is 18", "18", None) == 0.0
+    assert fn("openai/gsm8k", "so #### 17", "18", {"finish_reason": "length"}) == 0.0
+    assert load_reward_fn(None, "lenient", 0.1)("openai/gsm8k", "#### 18.0", "18", None) == 1.0
+    assert load_reward_fn(None, "reference", 0.0) is default_compute_score
+    with pytest.raises(ValueError, match=r"reward\.format_score=1\.0"):
+        load_reward_fn(None, "reference", 1.0)
+    with pytest.raises(ValueError, match=r"reward\.format_score=0\.1 applies to the built-in"):
+        load_reward_fn("tests.test_reward:fn", "reference", 0.1)
+
+
+def test_flexible_compute_score_needs_no_format():
+    assert flexible_compute_score("openai/gsm8k", "so the answer is 18.", "18") == 0.0  # "18." as text
+    assert flexible_compute_score("openai/gsm8k", "so the answer is 18", "18") == 1.0
+    assert flexible_compute_score("openai/gsm8k", "#### 18", "18") == 1.0
+    assert default_compute_score("openai/gsm8k", "so the answer is 18", "18") == 0.0
