@@ -64,7 +64,7 @@ def main() -> None:
     state = {"step": 0, "t_start": time.perf_counter(), "metrics": {}}
 
     import tasks.stages as st
-    import tasks.tracking as trk
+    import runtime.tracking as trk
 
     def save():
         C.write_json(a.out, rec)

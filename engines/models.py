@@ -229,7 +229,15 @@ def check_hf_dir(d: Path) -> None:
 
 def _train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int):
     """Byte-level BPE on the task's own texts: no hub download, and deterministic for a fixed corpus."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     # Same normalizer/pre-tokenizer as transformers' Qwen2Tokenizer, which AutoTokenizer (and so
@@ -324,7 +332,12 @@ def _fetch_gguf(cache: Path) -> Path:
 
 def _build_from_gguf(out: Path, cache: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+        GgufConfig,
+    )
 
     gguf = _fetch_gguf(cache)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

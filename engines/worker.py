@@ -13,9 +13,9 @@ import re
 import resource
 import socket
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-import warnings
 
 import numpy as np
 import torch
@@ -142,7 +142,7 @@ class GRPOWorker:
     @gpu_stage
     def update_actor(self, batch: UpdateBatch | dict, seed: int, steps: list | None = None) -> dict[str, float]:
         """TrainerBackend.update of this rank's share (a dict of UpdateBatch's fields is taken too)."""
-        from tasks.killpoints import hang_point
+        from runtime.killpoints import hang_point
 
         hang_point("update_actor", self.rank)  # fault injection (GRPO_HANG_AT), a no-op unless set
         self.trainer.to_device(optimizer=True)
@@ -160,9 +160,9 @@ class GRPOWorker:
     def save_checkpoint(self, ckpt_dir: str, export_hf: bool = True) -> dict[str, dict]:
         """Every rank writes its shards, rank 0 the rest (ckpt_dir must be on a filesystem every rank
         shares with the controller); each then fsyncs and checksums the files it wrote, in parallel
-        with the others. Returns tasks/checkpoints.describe() of them: {path under ckpt_dir: {size,
+        with the others. Returns runtime/checkpoints.describe() of them: {path under ckpt_dir: {size,
         digest}}."""
-        from tasks.checkpoints import describe
+        from runtime.checkpoints import describe
 
         with self._gpu_stage():
             # Offloaded state is written from its host copy (DCP would otherwise stage a second one

@@ -203,7 +203,11 @@ def _oom_among(pending: dict, stage: str, plan_gib: float | None) -> WorkerOOMEr
 class WorkerGroup:
     def __init__(self, cfg: GRPOConfig, model_dir: str):
         import ray
-        from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+        from ray.util.placement_group import (
+            placement_group,
+            placement_group_table,
+            remove_placement_group,
+        )
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from engines.worker import GRPOWorker, master_address

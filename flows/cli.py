@@ -18,7 +18,7 @@ def _fail(msg: str) -> "None":
 
 def _load(config: str, overrides: list[str]):
     from configs.load import load_config
-    from flows.grpo import preflight
+    from flows.preflight import preflight
 
     cfg = load_config(config, overrides)
     preflight(cfg)
@@ -27,7 +27,8 @@ def _load(config: str, overrides: list[str]):
 
 def cmd_run(args) -> None:
     cfg = _load(args.config, args.overrides)
-    from flows.grpo import grpo, prepare
+    from flows.grpo import grpo
+    from tasks.stages import prepare
 
     prepare(cfg)  # data and model errors surface here as one line; the flow's prep then hits the cache
     final = grpo(args.config, args.overrides)
@@ -37,7 +38,7 @@ def cmd_run(args) -> None:
 
 def cmd_prep(args) -> None:
     cfg = _load(args.config, args.overrides)
-    from flows.grpo import prep
+    from tasks.stages import prep
 
     _, _, train, test = prep(cfg)
     print(f"prepared {len(train)} train / {len(test)} test rows in {cfg.data.dir}")

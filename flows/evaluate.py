@@ -7,8 +7,10 @@ from pathlib import Path
 from prefect import flow
 
 from configs.load import load_config
-from flows.grpo import VAL_METRIC, preflight, prep
+from flows.grpo import VAL_METRIC
+from flows.preflight import preflight
 from tasks import stages
+from tasks.stages import prep
 
 
 @flow(name="grpo-eval", log_prints=True)

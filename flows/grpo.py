@@ -8,27 +8,23 @@ reference and vLLM engine and does it. Every iteration lands in one MLflow run.
 """
 from __future__ import annotations
 
-import json
-import logging
-import os
 import sys
 from pathlib import Path
 
 import pandas as pd
-from prefect import flow, get_run_logger, runtime, task
+from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NONE
 from prefect.settings import get_current_settings
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from configs.load import load_config
 from configs.schema import GRPOConfig
-from engines.models import is_hub_id
-from tasks import checkpoints, stages
-from tasks.killpoints import StepStages, kill_point
-from tasks.prep import load_raw_gsm8k, prepare_gsm8k
-from tasks.tracking import Tracker, check_tracking_uri, clip_text
+from flows.preflight import model_signature, preflight
+from runtime import checkpoints
+from runtime.killpoints import StepStages
+from runtime.tracking import Tracker, clip_text
+from tasks import stages
 
 REQUIRED_STEP_METRICS = (
     "critic/score/mean", "actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/grad_norm",
@@ -36,136 +32,6 @@ REQUIRED_STEP_METRICS = (
     "timing_s/step", "perf/throughput")
 VAL_METRIC = "val-core/openai/gsm8k/reward/mean@1"
 SAMPLE_ROWS, SAMPLE_WIDTH = 8, 200  # the per-step sample table in MLflow: rows, characters per text cell
-
-
-# ---- before any work: fail early, naming the input ------------------------------------------------
-def preflight(cfg: GRPOConfig) -> None:
-    """Checks that need no Ray and no accelerator; each error names the input and the fix."""
-    if cfg.requires:
-        raise ValueError(f"recipe '{cfg.recipe}' cannot run in this build: {cfg.requires}")
-    from engines.rollout import ROLLOUTS
-    from engines.trainer import TRAINERS
-
-    TRAINERS.get(cfg.actor.strategy)  # a backend this build has: one line naming the key, else
-    ROLLOUTS.get(cfg.rollout.name)
-    if cfg.trainer.device == "cuda" and not os.environ.get("RAY_ADDRESS"):
-        from engines.worker_group import local_gpu_count
-
-        have = local_gpu_count()
-        if have < cfg.world_size:
-            raise ValueError(
-                f"recipe '{cfg.recipe}' needs {cfg.world_size} GPU(s) (trainer.device=cuda) but this machine "
-                f"has {have}; run it on a GPU machine or a Ray cluster (RAY_ADDRESS), or use a *-cpu recipe")
-    if cfg.model.source == "hf" and not is_hub_id(cfg.model.path):
-        from engines.models import check_hf_dir
-
-        try:  # config, weights, tokenizer, chat template
-            check_hf_dir(Path(cfg.model.path))
-        except ValueError as e:
-            raise ValueError(f"model.path={cfg.model.path}: {e}") from None
-    if cfg.model.lora_rank > 0 and (cfg.model.source == "random" or
-                                    cfg.model.source == "hf" and not is_hub_id(cfg.model.path)):
-        from engines.models import check_lora_targets
-
-        check_lora_targets(cfg.model.target_modules, arch=cfg.model.arch,
-                           model_dir=cfg.model.path if cfg.model.source == "hf" else None)
-    for key, path in (("trainer.default_local_dir", cfg.checkpoint_dir), ("data.dir", cfg.data.dir)):
-        _check_writable(key, Path(path))
-    check_tracking_uri(cfg)
-    check_resumable(cfg)
-    from tasks.reward import load_reward_fn
-
-    load_reward_fn(cfg.reward.function, cfg.reward.gsm8k_scorer)  # a reward that does not import: before any work
-    src = cfg.data.source
-    if not is_hub_id(src):
-        if not Path(src).expanduser().exists():
-            raise ValueError(f"data.source={src}: path does not exist; point it at a directory with "
-                             "train/test jsonl or parquet, or use the hub id openai/gsm8k")
-        load_raw_gsm8k(src)  # columns, emptiness, ground truths: checked before any work
-
-
-def model_signature(cfg: GRPOConfig) -> dict:
-    """What a checkpoint must match to be resumed by this config: model shape and LoRA (the world
-    size is recorded, not required: checkpoints reshard). The shape is the planner's (local
-    config.json, preset or published table); None if unknown."""
-    from planner.shapes import model_shape
-
-    try:
-        s, _ = model_shape(cfg)
-        shape = {"hidden": s.hidden, "layers": s.layers, "heads": s.heads, "kv_heads": s.kv_heads,
-                 "intermediate": s.intermediate}
-    except ValueError:  # a hub model outside the planner's table: its path stands in
-        shape = None
-    return {"model.path": cfg.model.path, "shape": shape, "model.lora_rank": cfg.model.lora_rank,
-            "world_size": cfg.world_size}
-
-
-def check_resumable(cfg: GRPOConfig) -> None:
-    """A checkpoint left in trainer.default_local_dir by another model is named before any work,
-    not discovered as a shape error once the workers are up."""
-    root = Path(cfg.checkpoint_dir)
-    latest = checkpoints.read_latest(root)
-    state_file = checkpoints.step_dir(root, latest) / "trainer_state.json" if latest is not None else None
-    if cfg.trainer.resume_mode != "auto" or state_file is None or not state_file.is_file():
-        return
-    try:
-        saved = json.loads(state_file.read_text()).get("model")
-    except ValueError:
-        return  # a damaged checkpoint: newest_valid() names it and falls back at resume
-    if not saved:
-        return
-    want = model_signature(cfg)
-    model_key = "shape" if saved.get("shape") and want["shape"] else "model.path"  # shapes when both known
-    diff = [k for k in (model_key, "model.lora_rank") if saved.get(k) != want[k]]
-    if diff:
-        what = ", ".join(f"{k}: checkpoint {saved.get(k)} vs config {want[k]}" for k in diff)
-        raise ValueError(
-            f"trainer.default_local_dir={cfg.trainer.default_local_dir}: its checkpoint "
-            f"{state_file.parent.name} was written for another model ({what}); use another "
-            "trainer.default_local_dir, or trainer.resume_mode=disable to start over there")
-
-
-def _check_writable(key: str, path: Path) -> None:
-    """The nearest existing ancestor must be a writable directory (nothing is created here)."""
-    p = path.expanduser().absolute()
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
-        raise ValueError(f"{key}={path}: {p} is not a writable directory; choose a writable location")
-
-
-def prepare(cfg: GRPOConfig, log=logging.getLogger("grpo")):
-    """Build (once) the model files and the train/test parquet; both are cached by content."""
-    from transformers import AutoTokenizer
-
-    from engines.models import materialize
-
-    with kill_point("prep"):
-        corpus = None
-        if cfg.model.source == "random":  # its tokenizer is trained on the GSM8K train text
-            raw = load_raw_gsm8k(cfg.data.source)["train"]
-            corpus = list(raw["question"] + " " + raw["answer"])
-        model_dir = materialize(cfg.model.source, cfg.model.path, arch=cfg.model.arch, corpus=corpus)
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        result = prepare_gsm8k(
-            cfg.data.source, cfg.data.dir, prompt_length=lambda m: len(stages.chat_ids(tok, m)),
-            max_prompt_length=cfg.data.max_prompt_length,
-            overlong="filter" if cfg.data.filter_overlong_prompts else "error",
-            tokenizer_fingerprint=f"{model_dir}:{len(tok)}:{tok.chat_template}")
-    log.info("prep: %d train / %d test prompts (%d / %d over max_prompt_length=%d filtered)%s", result.n_train,
-             result.n_test, result.filtered_train, result.filtered_test, cfg.data.max_prompt_length,
-             " [cached]" if result.cached else "")
-    train, test = pd.read_parquet(result.train_path), pd.read_parquet(result.test_path)
-    train.attrs["path"], test.attrs["path"] = str(result.train_path), str(result.test_path)  # MLflow inputs
-    if len(train) < cfg.data.train_batch_size:
-        raise ValueError(f"data.train_batch_size={cfg.data.train_batch_size} exceeds the {len(train)} train "
-                         "prompts left after filtering; lower it or raise data.max_prompt_length")
-    return model_dir, tok, train, test
-
-
-@task(name="prep", retries=2, retry_delay_seconds=5, retry_condition_fn=stages.transient, cache_policy=NONE)
-def prep(cfg: GRPOConfig):
-    return prepare(cfg, get_run_logger())
 
 
 def step_metrics(samples: pd.DataFrame) -> dict[str, float]:
@@ -243,7 +109,7 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
     cfg = load_config(config, overrides or [])
     preflight(cfg)
     log = get_run_logger()
-    model_dir, tokenizer, train, test = prep(cfg)
+    model_dir, tokenizer, train, test = stages.prep(cfg)
     if cfg.data.val_max_samples:
         test = test.iloc[: cfg.data.val_max_samples]
     total = stages.total_steps(cfg, len(train))

@@ -15,7 +15,13 @@ from typing import Any
 from configs.schema import GRPOConfig
 from planner.hardware import gpu_of
 from planner.host import RAY_MEMORY_THRESHOLD, format_host, host_memory
-from planner.memory import LOGIT_BYTES, TRAINER_IMPLEMENTS, LogitBytes, gpu_memory, largest_micro_batch
+from planner.memory import (
+    LOGIT_BYTES,
+    TRAINER_IMPLEMENTS,
+    LogitBytes,
+    gpu_memory,
+    largest_micro_batch,
+)
 from planner.shapes import model_shape
 from planner.timing import ASSUMED_BW_EFF, ASSUMED_MFU, step_timing
 

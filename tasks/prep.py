@@ -19,7 +19,7 @@ from typing import Callable, Literal
 import pandas as pd
 from huggingface_hub import hf_hub_download
 
-from tasks.atomic import atomic_text, atomic_write
+from runtime.atomic import atomic_text, atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The flow's stages as Prefect tasks: thin wrappers that call the worker group and persist outputs.
+"""The flow's stages as Prefect tasks (prep, rollout, reward, update, checkpoint, evaluate): thin
+wrappers that call the worker group and persist outputs.
 
 Retries only where a retry is safe: rollout and eval are pure functions of (weights, seeds);
 checkpoints are written atomically; the policy update mutates optimizer state, so it never retries.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from pathlib import Path
@@ -20,11 +22,12 @@ from prefect.cache_policies import NONE
 from configs.schema import GRPOConfig
 from engines import algos
 from engines.types import UpdateBatch
-from tasks import checkpoints
+from runtime import checkpoints
+from runtime.atomic import atomic_write
+from runtime.killpoints import StepStages, kill_point
+from runtime.tracking import clip_text
 from tasks import reward as rewards
-from tasks.atomic import atomic_write
-from tasks.killpoints import StepStages
-from tasks.tracking import clip_text
+from tasks.prep import load_raw_gsm8k, prepare_gsm8k
 
 
 def transient(task, task_run, state) -> bool:
@@ -40,6 +43,41 @@ def transient(task, task_run, state) -> bool:
     except Exception:
         return True
     return True
+
+
+# ---- prep: model files and parquet ----------------------------------------------------------
+def prepare(cfg: GRPOConfig, log=logging.getLogger("grpo")):
+    """Build (once) the model files and the train/test parquet; both are cached by content."""
+    from transformers import AutoTokenizer
+
+    from engines.models import materialize
+
+    with kill_point("prep"):
+        corpus = None
+        if cfg.model.source == "random":  # its tokenizer is trained on the GSM8K train text
+            raw = load_raw_gsm8k(cfg.data.source)["train"]
+            corpus = list(raw["question"] + " " + raw["answer"])
+        model_dir = materialize(cfg.model.source, cfg.model.path, arch=cfg.model.arch, corpus=corpus)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        result = prepare_gsm8k(
+            cfg.data.source, cfg.data.dir, prompt_length=lambda m: len(chat_ids(tok, m)),
+            max_prompt_length=cfg.data.max_prompt_length,
+            overlong="filter" if cfg.data.filter_overlong_prompts else "error",
+            tokenizer_fingerprint=f"{model_dir}:{len(tok)}:{tok.chat_template}")
+    log.info("prep: %d train / %d test prompts (%d / %d over max_prompt_length=%d filtered)%s", result.n_train,
+             result.n_test, result.filtered_train, result.filtered_test, cfg.data.max_prompt_length,
+             " [cached]" if result.cached else "")
+    train, test = pd.read_parquet(result.train_path), pd.read_parquet(result.test_path)
+    train.attrs["path"], test.attrs["path"] = str(result.train_path), str(result.test_path)  # MLflow inputs
+    if len(train) < cfg.data.train_batch_size:
+        raise ValueError(f"data.train_batch_size={cfg.data.train_batch_size} exceeds the {len(train)} train "
+                         "prompts left after filtering; lower it or raise data.max_prompt_length")
+    return model_dir, tok, train, test
+
+
+@task(name="prep", retries=2, retry_delay_seconds=5, retry_condition_fn=transient, cache_policy=NONE)
+def prep(cfg: GRPOConfig):
+    return prepare(cfg, get_run_logger())
 
 
 # ---- data ---------------------------------------------------------------------------------------

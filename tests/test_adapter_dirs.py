@@ -16,7 +16,6 @@ from engines.rollout.vllm import AdapterDirs
 from engines.trainer.fsdp import FSDPTrainer
 
 
-
 @pytest.fixture(scope="module")
 def lora_trainer(model_dir):
     torch.manual_seed(0)

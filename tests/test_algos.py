@@ -15,10 +15,10 @@ from engines.algos import (
     agg_loss,
     grpo_advantages,
     kl_penalty,
-    token_logprobs,
     masked_mean,
     num_valid_seqs,
     policy_loss,
+    token_logprobs,
 )
 
 LN2 = 0.6931471805599453

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import checkpoints as ck
+from runtime import checkpoints as ck
 
 
 def _fill(payload: bytes):

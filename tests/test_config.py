@@ -8,7 +8,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from configs.load import ConfigError, flatten, load_config, parse_overrides, recipe_names
+from configs.load import (
+    ConfigError,
+    flatten,
+    load_config,
+    parse_overrides,
+    recipe_names,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cached_inputs, free_port, mlflow_run, mlflow_uri, stop, wait_http
+from tests.conftest import (
+    ROOT,
+    cached_inputs,
+    free_port,
+    mlflow_run,
+    mlflow_uri,
+    stop,
+    wait_http,
+)
 
 pytestmark = pytest.mark.slow
 PREFECT = str(Path(sys.executable).parent / "prefect")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from configs.load import load_config
 from engines.trainer.fsdp import FSDPTrainer
 from engines.worker import host_peak_gb
-from tasks import checkpoints as ck
+from runtime import checkpoints as ck
 from tests.conftest import free_port
 
 RANK, ALPHA = 8, 16

@@ -70,7 +70,11 @@ def test_tiny_cpu_end_to_end(tmp_path, gsm8k):
 def _check_what_users_expect(client, run, tmp_path, output):
     """System metrics, dataset inputs, source/git/user tags, a per-step sample table, where the run
     is (printed, and linked from the Prefect flow run), Prefect task runs named by step."""
-    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_USER
+    from mlflow.utils.mlflow_tags import (
+        MLFLOW_GIT_COMMIT,
+        MLFLOW_SOURCE_NAME,
+        MLFLOW_USER,
+    )
 
     rid, tags = run.info.run_id, run.data.tags
     # MLflow's sampler logs every 10 s; the run lasts minutes.

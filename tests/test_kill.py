@@ -23,8 +23,17 @@ import pytest
 from safetensors.torch import load_file
 
 from flows.grpo import REQUIRED_STEP_METRICS
-from tasks.killpoints import STAGES
-from tests.conftest import GSM8K, ROOT, cached_inputs, free_port, mlflow_run, mlflow_uri, prefect_server, stop
+from runtime.killpoints import STAGES
+from tests.conftest import (
+    GSM8K,
+    ROOT,
+    cached_inputs,
+    free_port,
+    mlflow_run,
+    mlflow_uri,
+    prefect_server,
+    stop,
+)
 
 pytestmark = pytest.mark.slow
 STEPS = 4

@@ -7,7 +7,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from engines.trainer.offload import HostPool, module_to_device, module_to_host, optimizer_to_device, optimizer_to_host
+from engines.trainer.offload import (
+    HostPool,
+    module_to_device,
+    module_to_host,
+    optimizer_to_device,
+    optimizer_to_host,
+)
 from tests.conftest import free_port
 
 

@@ -153,7 +153,7 @@ def test_lora_keeps_the_engine_base_at_level_1_and_pushes_only_the_adapter():
 
 @pytest.mark.parametrize("key, value", [("actor.strategy", "megatron"), ("rollout.name", "sglang")])
 def test_a_backend_this_build_lacks_is_one_error_line_before_any_work(key, value):
-    from flows.grpo import preflight
+    from flows.preflight import preflight
 
     cfg = load_config("tiny-cpu", cached_inputs() + [f"{key}={value}"])
     with pytest.raises(ValueError) as e:

@@ -7,7 +7,7 @@ import pytest
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_USER
 
 from configs.load import load_config
-from tasks.tracking import Tracker, clip_text, metric_key
+from runtime.tracking import Tracker, clip_text, metric_key
 
 
 def _cfg(tmp_path):
@@ -67,7 +67,7 @@ def test_run_has_source_git_user_tags_system_metrics_inputs_and_says_where_it_is
 
     import pandas as pd
 
-    from tasks.tracking import CODE_DIR
+    from runtime.tracking import CODE_DIR
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # MLflow's own knob (default 10 s)
     tracker = Tracker(_cfg(tmp_path), tmp_path / "run", {"recipe": "tiny-cpu"})

@@ -1,7 +1,6 @@
 """The trainer engine on CPU without vLLM: micro-batching does not change the update, a
 non-finite gradient skips the step, LoRA trains only the adapter, checkpoints round-trip."""
 import copy
-
 import dataclasses
 
 import numpy as np
@@ -12,7 +11,6 @@ from configs.load import load_config
 from engines import batching
 from engines.trainer.fsdp import FSDPTrainer
 from engines.types import UpdateBatch
-
 
 
 def _trainer(model_dir, *overrides, master_dtype=torch.float32):

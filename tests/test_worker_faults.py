@@ -33,7 +33,7 @@ class Rank:
         import torch
         import torch.distributed as dist
 
-        from tasks.killpoints import hang_point
+        from runtime.killpoints import hang_point
 
         hang_point("update_actor", self.rank)
         t = torch.ones(1)

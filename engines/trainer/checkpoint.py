@@ -1,7 +1,7 @@
 """Checkpoints and exports of the FSDP2 trainer (engines/trainer/fsdp.py): the training state as a
 torch.distributed.checkpoint (each rank its shards; reshards on load), the LoRA adapter in peft
 format, the HF export streamed to safetensors; and the file writers they use, which record what
-each rank wrote so that it can checksum its own files (tasks/checkpoints.py writes the manifest).
+each rank wrote so that it can checksum its own files (runtime/checkpoints.py writes the manifest).
 """
 from __future__ import annotations
 

@@ -27,8 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from configs.schema import GRPOConfig
 from engines import algos, batching
-from engines.trainer import TRAINERS, checkpoint
-from engines.trainer import ulysses
+from engines.trainer import TRAINERS, checkpoint, ulysses
 from engines.trainer.actor import GRPOActor, _take
 from engines.trainer.offload import Offloader
 

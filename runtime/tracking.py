@@ -17,7 +17,7 @@ import yaml
 
 from configs.load import flatten
 from configs.schema import GRPOConfig
-from tasks.atomic import atomic_text
+from runtime.atomic import atomic_text
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
@@ -43,7 +43,11 @@ def run_tags(extra: dict[str, str]) -> dict[str, str]:
     it is not a git checkout."""
     from mlflow.tracking.context.registry import resolve_tags
     from mlflow.utils import git_utils
-    from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL
+    from mlflow.utils.mlflow_tags import (
+        MLFLOW_GIT_BRANCH,
+        MLFLOW_GIT_COMMIT,
+        MLFLOW_GIT_REPO_URL,
+    )
 
     tags = resolve_tags(extra)
     for key, get in ((MLFLOW_GIT_COMMIT, git_utils.get_git_commit), (MLFLOW_GIT_BRANCH, git_utils.get_git_branch),

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from tasks.atomic import atomic_text, fsync
+from runtime.atomic import atomic_text, fsync
 
 LATEST = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
