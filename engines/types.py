@@ -5,9 +5,74 @@ through Ray and the controller never touches a device.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from configs.schema import GRPOConfig
+
+# A step's rollouts, one row per sample: what an engine returns (GENERATED, RolloutEngine.generate),
+# what the controller adds (ADDED, tasks/stages.rollout) and the reward stage's (SCORED). GENERATED +
+# ADDED are the columns of rollouts/step_<N>.parquet, the format a resume reads back.
+# name -> (arrow type, meaning)
+GENERATED = {
+    "prompt_index": ("int64", "index of the sample's prompt in the step's batch"),
+    "sample_index": ("int64", "which of the rollout.n samples of that prompt (0..n-1)"),
+    "response_ids": ("list<int64>", "generated token ids, at most rollout.max_response_length"),
+    "response_text": ("string", "the response decoded"),
+    "rollout_log_probs": ("list<double>", "the engine's log-prob of each sampled token, nats after "
+                          "temperature; [] unless rollout.calculate_log_probs"),
+    "finish_reason": ("string", '"stop", or "length" when cut at rollout.max_response_length'),
+    "engine": ("int64", "the data-parallel rollout engine that made it (added by the worker group)"),
+}
+ADDED = {
+    "row": ("int64", "the prompt's row in the train set (its seed and fingerprint use it)"),
+    "prompt_ids": ("list<int64>", "the chat-templated prompt's token ids"),
+    "data_source": ("string", "the dataset's name (the reward dispatches on it)"),
+    "ground_truth": ("string", "the reference answer (reward_model.ground_truth)"),
+    "extra_info": ("struct", "the dataset row's extra_info, when the dataset has one"),
+}
+SCORED = {
+    "score": ("double", "the reward of the sample"),
+    "advantage": ("float", "its GRPO advantage within its prompt's group"),
+}
+ROLLOUT_COLUMNS = {**GENERATED, **ADDED, **SCORED}
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How one generate call samples: n responses per prompt, prompt i drawn with seeds[i] (so a
+    retry, a resume or another number of engines draws the same); temperature 0 is greedy, top_k -1
+    all tokens; max_tokens caps each response (tokens). Built once per purpose from the config:
+    `for_training` (rollout.*) and `for_eval` (greedy by default, rollout.val_temperature)."""
+
+    n: int
+    temperature: float
+    top_p: float
+    top_k: int
+    max_tokens: int
+    seeds: list[int]
+
+    @classmethod
+    def for_training(cls, cfg: "GRPOConfig", seeds: list[int]) -> "SamplingSpec":
+        r = cfg.rollout
+        return cls(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                   max_tokens=r.max_response_length, seeds=list(seeds))
+
+    @classmethod
+    def for_eval(cls, cfg: "GRPOConfig", seeds: list[int]) -> "SamplingSpec":
+        return cls(n=1, temperature=cfg.rollout.val_temperature, top_p=1.0, top_k=-1,
+                   max_tokens=cfg.rollout.max_response_length, seeds=list(seeds))
+
+    def with_seeds(self, seeds: list[int]) -> "SamplingSpec":
+        """The same sampling for another share of the prompts."""
+        return replace(self, seeds=list(seeds))
+
+    def as_kwargs(self) -> dict:
+        """The keyword arguments of RolloutEngine.generate."""
+        return asdict(self)
 
 
 @dataclass

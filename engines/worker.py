@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from configs.schema import GRPOConfig
-from engines.types import UpdateBatch
+from engines.types import SamplingSpec, UpdateBatch
 
 
 def master_address() -> tuple[str, int]:
@@ -119,17 +119,19 @@ class GRPOWorker:
         host_peak_gb(reset=True)
 
     def ready(self) -> dict:
+        """Once built: rank, parameter count, process id and Ray node id (the group's start check)."""
         import ray
 
         return {"rank": self.rank, "n_params": self.trainer.n_params, "pid": os.getpid(),
                 "node": ray.get_runtime_context().get_node_id()}
 
     @gpu_stage
-    def generate(self, prompts: list[list[int]], sampling: dict) -> list[dict]:
-        """prompts: token ids; sampling: the keyword arguments of RolloutEngine.generate (n,
-        temperature, top_p, top_k, max_tokens, seeds). Rows as RolloutEngine.generate returns them."""
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec | dict) -> list[dict]:
+        """prompts: token ids; sampling: a SamplingSpec (a dict of its fields is taken too). Rows
+        as RolloutEngine.generate returns them (engines/types.py GENERATED)."""
+        spec = sampling if isinstance(sampling, SamplingSpec) else SamplingSpec(**sampling)
         self.sync.wake()  # the trainer's idle state makes room for the KV cache
-        out = self.rollout.generate(prompts, **sampling)
+        out = self.rollout.generate(prompts, **spec.as_kwargs())
         self.sync.sleep()
         return out
 
@@ -175,6 +177,7 @@ class GRPOWorker:
 
     @gpu_stage
     def load_checkpoint(self, ckpt_dir: str) -> None:
+        """Restore the trainer from ckpt_dir (TrainerBackend.load), then push its weights to the engine."""
         self.trainer.to_device(optimizer=True)
         self.trainer.load(ckpt_dir)
         self.sync_weights()

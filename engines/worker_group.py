@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from configs.schema import GRPOConfig
-from engines.types import UpdateBatch
+from engines.types import SamplingSpec, UpdateBatch
 
 
 def split(items: list, parts: int) -> list[list]:
@@ -48,6 +48,7 @@ def init_ray(device: str = "cuda") -> None:
 
 
 def local_gpu_count() -> int:
+    """CUDA devices visible to this process (torch)."""
     import torch
 
     return torch.cuda.device_count()
@@ -201,6 +202,9 @@ def _oom_among(pending: dict, stage: str, plan_gib: float | None) -> WorkerOOMEr
 
 
 class WorkerGroup:
+    """world_size GRPOWorker actors in one placement group (PACK on one node, SPREAD over several),
+    ranks numbered node by node; each method below calls every rank and gathers (see `gather`)."""
+
     def __init__(self, cfg: GRPOConfig, model_dir: str):
         import ray
         from ray.util.placement_group import (
@@ -275,15 +279,15 @@ class WorkerGroup:
                       self.host_plan_gib)
 
     # ---- what the flow asks for ---------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], sampling: dict) -> list[dict]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[dict]:
         """Data-parallel rollout: one share of prompts per engine, results in prompt order, each
         row naming the engine that made it. An engine of tensor_model_parallel_size ranks gets its
         share on every one of its ranks (they generate together); its first rank's rows are kept."""
         tp = self.cfg.rollout.tensor_model_parallel_size
         shares = split(list(range(len(prompts))), self.world_size // tp)
-        seeds = sampling["seeds"]
+        seeds = sampling.seeds
         outs = self._scatter("generate", [([prompts[i] for i in shares[rank // tp]],
-                                           {**sampling, "seeds": [seeds[i] for i in shares[rank // tp]]})
+                                           sampling.with_seeds([seeds[i] for i in shares[rank // tp]]))
                                           for rank in range(self.world_size)])
         merged = []
         for engine, share in enumerate(shares):
@@ -321,6 +325,7 @@ class WorkerGroup:
                 for k in metrics[0]}
 
     def sync_weights(self) -> float:
+        """Every rank pushes its trainer's weights (LoRA: adapter) into its engine; the slowest's seconds."""
         return max(self._all("sync_weights"))
 
     def save_checkpoint(self, ckpt_dir: str, export_hf: bool = True) -> dict[str, dict]:
@@ -328,6 +333,7 @@ class WorkerGroup:
         return {k: v for files in self._all("save_checkpoint", ckpt_dir, export_hf) for k, v in files.items()}
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
+        """Every rank restores ckpt_dir (written at any world size) and syncs its engine."""
         self._all("load_checkpoint", ckpt_dir)
 
     def memory(self) -> dict[str, float]:
@@ -338,6 +344,7 @@ class WorkerGroup:
                 "perf/cpu_memory_used_gb": max(p["host"] for p in peaks)}
 
     def shutdown(self) -> None:
+        """Each rank cleans up (GRPOWorker.close), then the actors and the placement group go."""
         import ray
         from ray.util.placement_group import remove_placement_group
 

@@ -1,0 +1,1 @@
+"""The Prefect flows (grpo, eval), their preflight checks and the `grpo` CLI; nothing of CUDA."""

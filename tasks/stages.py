@@ -21,7 +21,7 @@ from prefect.cache_policies import NONE
 
 from configs.schema import GRPOConfig
 from engines import algos
-from engines.types import UpdateBatch
+from engines.types import SamplingSpec, UpdateBatch
 from runtime import checkpoints
 from runtime.atomic import atomic_write
 from runtime.killpoints import StepStages, kill_point
@@ -203,10 +203,8 @@ def rollout(workers, tokenizer, batch: pd.DataFrame, cfg: GRPOConfig, step: int,
         if done is not None:
             log.info("step %d: reusing %d persisted rollouts from %s", step, len(done), path)
             return done
-    r = cfg.rollout
-    sampling = dict(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                    max_tokens=r.max_response_length, seeds=[_seed(cfg, step, i) for i in batch.index])
-    samples = pd.DataFrame(workers.generate(prompts, sampling))
+    sampling = SamplingSpec.for_training(cfg, [_seed(cfg, step, i) for i in batch.index])
+    samples = pd.DataFrame(workers.generate(prompts, sampling))  # engines/types.py: GENERATED columns
     src = batch.reset_index().rename(columns={"index": "row"})
     samples["row"] = src["row"].to_numpy()[samples["prompt_index"]]
     samples["prompt_ids"] = [prompts[i] for i in samples["prompt_index"]]
@@ -303,8 +301,7 @@ def evaluate(workers, tokenizer, test: pd.DataFrame, cfg: GRPOConfig, step: int)
     last 300 characters hold a `#### <number>`), so format learning shows apart from accuracy;
     reward.gsm8k_scorer=lenient adds `val-core/openai/gsm8k/reward_lenient/mean@1`."""
     prompts = [chat_ids(tokenizer, m) for m in test["prompt"]]
-    sampling = dict(n=1, temperature=cfg.rollout.val_temperature, top_p=1.0, top_k=-1,
-                    max_tokens=cfg.rollout.max_response_length, seeds=[_seed(cfg, 0, i) for i in test.index])
+    sampling = SamplingSpec.for_eval(cfg, [_seed(cfg, 0, i) for i in test.index])
     out = sorted(workers.generate(prompts, sampling), key=lambda r: r["prompt_index"])
     texts = [o["response_text"] for o in out]
     truths = [rm["ground_truth"] for rm in test["reward_model"]]

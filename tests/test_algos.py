@@ -238,7 +238,7 @@ def test_agg_micro_batches_sum_to_full_batch(mode, split):
     close(g_seq, 3.0, tol=0)
     parts = [(LB[:split], MB[:split]), (LB[split:], MB[split:])]
     total = sum(
-        agg_loss(l, m, mode, global_tokens=g_tok, global_seqs=g_seq, norm_len=3) for l, m in parts
+        agg_loss(loss, m, mode, global_tokens=g_tok, global_seqs=g_seq, norm_len=3) for loss, m in parts
     )
     close(total, FULL[mode])
 
@@ -248,7 +248,7 @@ def test_agg_micro_batches_padded_differently(mode):
     # rows 0-1 only use 2 columns, so that micro-batch is trimmed to width 2;
     # norm_len=3 keeps the Dr. GRPO constant the same for both
     parts = [(LB[:2, :2], MB[:2, :2]), (LB[2:], MB[2:])]
-    total = sum(agg_loss(l, m, mode, global_tokens=6.0, global_seqs=3.0, norm_len=3) for l, m in parts)
+    total = sum(agg_loss(loss, m, mode, global_tokens=6.0, global_seqs=3.0, norm_len=3) for loss, m in parts)
     close(total, FULL[mode])
 
 

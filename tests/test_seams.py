@@ -17,7 +17,7 @@ from configs.load import load_config
 from engines.rollout import ROLLOUTS, RolloutEngine, build_rollout
 from engines.rollout.base import TAGS
 from engines.trainer import TRAINERS, TrainerBackend, build_trainer
-from engines.types import UpdateBatch
+from engines.types import GENERATED, SamplingSpec, UpdateBatch
 from tests.conftest import cached_inputs
 
 CALLS: list[tuple] = []  # what the fakes were asked, in order
@@ -121,8 +121,9 @@ def test_a_registered_backend_and_engine_run_in_the_worker_unchanged():
     assert type(w.trainer) is FakeTrainer and type(w.rollout) is FakeRollout
     assert CALLS == [("trainer_to_host",), ("sleep", 2)]
     CALLS.clear()
-    out = w.generate([[5, 6, 7, 8]], SAMPLING)
+    out = w.generate([[5, 6, 7, 8]], SamplingSpec(**SAMPLING))
     assert [o["response_ids"] for o in out] == [[5, 6, 7]] * 2
+    assert all(set(o) == set(GENERATED) - {"engine"} for o in out)  # the worker group adds `engine`
     assert CALLS == [("trainer_to_host",), ("wake", "weights"), ("load_weights",), ("trainer_to_device", False),
                      ("gather", False), ("trainer_to_host",), ("wake", "kv_cache"), ("generate",), ("sleep", 2)]
     CALLS.clear()
@@ -189,3 +190,14 @@ def test_the_factories_build_the_real_trainer_and_engine_from_config_alone(gsm8k
     import torch.multiprocessing as mp
 
     mp.spawn(_factories_main, nprocs=1)
+
+
+def test_sampling_specs_come_from_the_config_once():
+    """Training samples as rollout.* says; eval one greedy sample (rollout.val_temperature) over the
+    whole vocabulary; a share of the prompts keeps everything but its seeds."""
+    cfg = load_config("tiny-cpu", ["rollout.top_p=0.9", "rollout.top_k=50"])
+    train = SamplingSpec.for_training(cfg, [3, 4])
+    assert train.as_kwargs() == dict(n=4, temperature=1.0, top_p=0.9, top_k=50, max_tokens=32, seeds=[3, 4])
+    assert SamplingSpec.for_eval(cfg, [5]).as_kwargs() == dict(n=1, temperature=0.0, top_p=1.0, top_k=-1,
+                                                               max_tokens=32, seeds=[5])
+    assert train.with_seeds([4]) == SamplingSpec.for_training(cfg, [4])

@@ -82,6 +82,7 @@ def module_to_host(module: torch.nn.Module, pool: HostPool) -> None:
 
 
 def module_to_device(module: torch.nn.Module, device: str) -> None:
+    """Weights, gradients and buffers back to `device`, fresh copies (the pool keeps its buffers)."""
     module._apply(_device_copy(device))
 
 
@@ -94,10 +95,12 @@ def _map_optimizer(optimizer: torch.optim.Optimizer, fn) -> None:
 
 
 def optimizer_to_host(optimizer: torch.optim.Optimizer, pool: HostPool) -> None:
+    """The optimizer's state tensors into pool buffers."""
     _map_optimizer(optimizer, _host_copy(pool))
 
 
 def optimizer_to_device(optimizer: torch.optim.Optimizer, device: str) -> None:
+    """The optimizer's state tensors back to `device`, fresh copies."""
     _map_optimizer(optimizer, _device_copy(device))
 
 

@@ -67,6 +67,8 @@ def enable(hf_model: torch.nn.Module) -> None:
 
 
 def check_heads(config, sp: int) -> None:
+    """Raises ValueError unless sp divides the HF config's attention heads and divides (or is a
+    multiple of) its key-value heads: each rank of a group takes heads / sp of them."""
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     if heads % sp or (kv % sp and sp % kv):
         raise ValueError(f"actor.ulysses_sequence_parallel_size={sp} must divide the model's {heads} attention "
@@ -83,10 +85,12 @@ def full_mask(attn: torch.Tensor) -> torch.Tensor:
 
 
 def rank() -> int:
+    """This rank's index in its Ulysses group (0..sp-1)."""
     return dist.get_rank(_GROUP)
 
 
 def size() -> int:
+    """The Ulysses group's size (1 when none was made)."""
     return dist.get_world_size(_GROUP) if _GROUP is not None else 1
 
 
