@@ -29,7 +29,7 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
 	  >/dev/null 2>&1; } || echo "chromium not installed: tests/test_browser.py will skip"
 
-test: setup browser  ## install, then run every test, slow end-to-end ones included (what CI runs)
+test: setup browser lint  ## install, lint (ruff), then run every test, slow end-to-end ones included (what CI runs)
 	$(VENV)/bin/pytest -q
 
 lint: setup  ## ruff: lint rules and the format (pyproject.toml [tool.ruff]); `ruff format .` fixes the latter

@@ -1,4 +1,5 @@
 """Resolve a recipe: YAML file (with `extends:`) + dotted `key=value` overrides -> GRPOConfig."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,7 @@ def _resolve_path(name_or_path: str) -> Path:
     candidate = CONFIG_DIR / f"{name_or_path}.yaml"
     if candidate.exists():
         return candidate
-    raise ConfigError(
-        f"config '{name_or_path}' not found: give a YAML path or one of: {', '.join(recipe_names())}")
+    raise ConfigError(f"config '{name_or_path}' not found: give a YAML path or one of: {', '.join(recipe_names())}")
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -4,6 +4,7 @@ Names follow the reference RL framework users know (`actor.ppo_mini_batch_size`,
 `actor.kl_loss_coef`, ...), so a recipe written for it reads the same here. Recipes in this
 folder are short YAML overrides of these defaults; `configs.load` resolves them.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -123,9 +124,9 @@ class ActorConfig(_Section):
     """Leave responses cut by rollout.max_response_length (vLLM finish_reason "length") out of the
     loss and of its token/sequence counts (TRL's GRPOConfig name; DAPO's overlong filtering): a cut
     response's reward judges an unfinished answer. Their rewards still shape their group's advantages."""
-    loss_agg_mode: Literal[
-        "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
-    ] = "token-mean"
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
+        "token-mean"
+    )
     entropy_coeff: float = 0.0
     use_kl_loss: bool = True
     """GRPO puts KL(policy||ref) in the loss rather than in the reward."""
@@ -175,8 +176,10 @@ class RewardConfig(_Section):
     @model_validator(mode="after")
     def _format_score_builtin(self) -> "RewardConfig":
         if self.format_score and self.function:
-            raise ValueError(f"reward.format_score={self.format_score} applies to the built-in GSM8K reward "
-                             f"only; unset reward.function or set reward.format_score=0")
+            raise ValueError(
+                f"reward.format_score={self.format_score} applies to the built-in GSM8K reward "
+                f"only; unset reward.function or set reward.format_score=0"
+            )
         return self
 
 
@@ -261,14 +264,20 @@ class GRPOConfig(_Section):
         if self.tracking.run_name is None:
             self.tracking.run_name = self.recipe
         if "${run_name}" in self.trainer.default_local_dir:
-            self.trainer.default_local_dir = self.trainer.default_local_dir.replace("${run_name}", self.tracking.run_name)
+            self.trainer.default_local_dir = self.trainer.default_local_dir.replace(
+                "${run_name}", self.tracking.run_name
+            )
         if self.algorithm.use_kl_in_reward:
-            raise ValueError("algorithm.use_kl_in_reward=true (a KL penalty in the reward) is not supported in this "
-                             "build; GRPO puts the KL in the loss: actor.use_kl_loss=true, actor.kl_loss_coef")
+            raise ValueError(
+                "algorithm.use_kl_in_reward=true (a KL penalty in the reward) is not supported in this "
+                "build; GRPO puts the KL in the loss: actor.use_kl_loss=true, actor.kl_loss_coef"
+            )
         tp = self.actor.megatron_tensor_parallel_size
         if tp > 1 and self.actor.strategy != "megatron":
-            raise ValueError(f"actor.megatron_tensor_parallel_size={tp} is read only by actor.strategy=megatron, not by "
-                             f"actor.strategy={self.actor.strategy}; set it to 1 (FSDP2 shards over every GPU)")
+            raise ValueError(
+                f"actor.megatron_tensor_parallel_size={tp} is read only by actor.strategy=megatron, not by "
+                f"actor.strategy={self.actor.strategy}; set it to 1 (FSDP2 shards over every GPU)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -282,34 +291,40 @@ class GRPOConfig(_Section):
         if self.data.train_batch_size % a.ppo_mini_batch_size:
             raise ValueError(
                 f"data.train_batch_size={self.data.train_batch_size} must be a multiple of "
-                f"actor.ppo_mini_batch_size={a.ppo_mini_batch_size}")
+                f"actor.ppo_mini_batch_size={a.ppo_mini_batch_size}"
+            )
         if (a.ppo_mini_batch_size * n) % ws:
             raise ValueError(
                 f"actor.ppo_mini_batch_size*rollout.n={a.ppo_mini_batch_size * n} samples must split "
                 f"evenly over {ws} data-parallel ranks (trainer.n_gpus_per_node*trainer.nnodes"
-                f"/actor.ulysses_sequence_parallel_size)")
+                f"/actor.ulysses_sequence_parallel_size)"
+            )
         per_gpu = a.ppo_mini_batch_size * n // ws
         if not a.use_dynamic_bsz and per_gpu % a.ppo_micro_batch_size_per_gpu:
             raise ValueError(
                 f"samples per GPU per mini-batch ({per_gpu} = ppo_mini_batch_size*n/data-parallel ranks) must be "
-                f"a multiple of actor.ppo_micro_batch_size_per_gpu={a.ppo_micro_batch_size_per_gpu}")
+                f"a multiple of actor.ppo_micro_batch_size_per_gpu={a.ppo_micro_batch_size_per_gpu}"
+            )
         longest = self.data.max_prompt_length + self.rollout.max_response_length
         if a.use_dynamic_bsz and a.ppo_max_token_len_per_gpu < longest:
             raise ValueError(
                 f"actor.ppo_max_token_len_per_gpu={a.ppo_max_token_len_per_gpu} must be at least "
                 f"data.max_prompt_length+rollout.max_response_length={longest} (one whole sample) "
-                f"with actor.use_dynamic_bsz")
+                f"with actor.use_dynamic_bsz"
+            )
         r = self.rollout
         if r.temperature == 0:
             raise ValueError(
                 "rollout.temperature=0 samples greedily: every response of a group is the same, so every "
                 "GRPO advantage is 0 and nothing is learned; set rollout.temperature>0 for training "
-                "(rollout.val_temperature=0 gives greedy evaluation)")
+                "(rollout.val_temperature=0 gives greedy evaluation)"
+            )
         if r.max_model_len is not None and r.max_model_len < longest:
             raise ValueError(
                 f"rollout.max_model_len={r.max_model_len} is less than data.max_prompt_length+"
                 f"rollout.max_response_length={longest}: vLLM would cut responses or refuse prompts; raise "
-                f"rollout.max_model_len to {longest} (or null), or lower the other two")
+                f"rollout.max_model_len to {longest} (or null), or lower the other two"
+            )
         max_len = r.max_model_len or longest
         chunked = r.enable_chunked_prefill and self.trainer.device != "cpu"  # CPU: always off (engines/rollout.py)
         if r.max_num_batched_tokens is not None and not chunked and r.max_num_batched_tokens < max_len:
@@ -317,14 +332,17 @@ class GRPOConfig(_Section):
                 f"rollout.max_num_batched_tokens={r.max_num_batched_tokens} is less than the context length "
                 f"{max_len} (rollout.max_model_len, or data.max_prompt_length+rollout.max_response_length) "
                 "without chunked prefill (rollout.enable_chunked_prefill=false, or trainer.device=cpu): "
-                f"vLLM refuses to start; raise it to {max_len} (or null)")
+                f"vLLM refuses to start; raise it to {max_len} (or null)"
+            )
         if r.max_num_batched_tokens is not None and r.max_num_batched_tokens < r.max_num_seqs:
             raise ValueError(
                 f"rollout.max_num_batched_tokens={r.max_num_batched_tokens} is less than rollout.max_num_seqs="
-                f"{r.max_num_seqs}: vLLM refuses to start; raise the first or lower the second")
+                f"{r.max_num_seqs}: vLLM refuses to start; raise the first or lower the second"
+            )
         tp, node = self.rollout.tensor_model_parallel_size, self.trainer.n_gpus_per_node
         if self.world_size % tp or (node % tp if tp <= node else tp % node):
             raise ValueError(  # an engine's all-reduces run every layer: within a node, or whole nodes
                 f"rollout.tensor_model_parallel_size={tp} must divide trainer.n_gpus_per_node={node} (or be a "
-                f"multiple of it, for engines over whole nodes) and the {self.world_size} GPUs of the run")
+                f"multiple of it, for engines over whole nodes) and the {self.world_size} GPUs of the run"
+            )
         return self

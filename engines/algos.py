@@ -113,9 +113,7 @@ def grpo_advantages(
 
     # Float64 for the group statistics, so an all-equal group gives an exact 0.
     r = scores.to(torch.float64)
-    count = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(
-        0, inv, torch.ones_like(r)
-    )
+    count = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, inv, torch.ones_like(r))
     total = torch.zeros_like(count).index_add_(0, inv, r)
     mean = total / count
     sq_dev = torch.zeros_like(count).index_add_(0, inv, (r - mean[inv]) ** 2)
@@ -294,8 +292,9 @@ def _row_logprobs(logits: Tensor, labels: Tensor, temperature: float, with_entro
     return logp, ent
 
 
-def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0,
-                   with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+def token_logprobs(
+    logits: Tensor, labels: Tensor, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """``log softmax(logits / temperature)[label]`` (and the entropy) per token, in float32 (float64
     for float64 logits). logits: [B, T, V]; labels: [B, T]; returns two [B, T] tensors (entropy
     None unless asked).
@@ -313,7 +312,7 @@ def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0,
     # [B, T, V] and adds that up, B times per micro-batch (quadratic in B; 1.5x slower updates at
     # micro-batch 116, BENCHMARKS.md); split's backward concatenates the rows' gradients once.
     for i, row in enumerate(logits.split(1)):
-        args = (row, labels[i:i + 1], temperature, with_entropy)
+        args = (row, labels[i : i + 1], temperature, with_entropy)
         parts.append(checkpoint(_row_logprobs, *args, use_reentrant=False) if grad else _row_logprobs(*args))
     if not parts:
         empty = logits.new_empty(logits.shape[:-1], dtype=torch.promote_types(logits.dtype, torch.float32))
@@ -335,7 +334,9 @@ def warmup_lambda(warmup_steps: int, warmup_ratio: float, total_steps: int | Non
     warmup = warmup_steps
     if warmup < 0 and warmup_ratio > 0:
         if total_steps is None:
-            raise ValueError("actor.lr_warmup_steps_ratio needs the run's length: set trainer.total_training_steps "
-                             "(the flow sets it from trainer.total_epochs and the train set) or actor.lr_warmup_steps")
+            raise ValueError(
+                "actor.lr_warmup_steps_ratio needs the run's length: set trainer.total_training_steps "
+                "(the flow sets it from trainer.total_epochs and the train set) or actor.lr_warmup_steps"
+            )
         warmup = int(warmup_ratio * total_steps * updates_per_step)
     return lambda i: min(1.0, (i + 1) / warmup) if warmup > 0 else 1.0

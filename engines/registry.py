@@ -6,6 +6,7 @@ not registered yet makes the registry import every module of its package once, s
 needs no edit outside its own file. Backend modules import their heavy dependencies (CUDA
 libraries, vLLM, Megatron) inside their classes, so that this discovery stays cheap.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -26,6 +27,7 @@ class Registry:
     def register(self, *names: str) -> Callable[[type[T]], type[T]]:
         """Class decorator: `cls` is built for each of `names`. Raises ValueError for a name taken
         by another class."""
+
         def add(cls: type[T]) -> type[T]:
             for name in names:
                 old = self._classes.get(name)
@@ -33,6 +35,7 @@ class Registry:
                     raise ValueError(f"{self.key}={name} is registered twice ({old.__qualname__}, {cls.__qualname__})")
                 self._classes[name] = cls
             return cls
+
         return add
 
     def names(self) -> list[str]:
@@ -46,8 +49,10 @@ class Registry:
         if name not in self._classes:
             self._discover()
         if name not in self._classes:
-            raise ValueError(f"{self.key}={name} is not supported in this build (have: {', '.join(self.names())}); "
-                             f"a new one is a module in {self.package.replace('.', '/')}/ that registers it")
+            raise ValueError(
+                f"{self.key}={name} is not supported in this build (have: {', '.join(self.names())}); "
+                f"a new one is a module in {self.package.replace('.', '/')}/ that registers it"
+            )
         return self._classes[name]
 
     def _discover(self) -> None:

@@ -3,6 +3,7 @@
 No tensors: token ids are lists of ints, log-probs float32 numpy arrays, so everything pickles
 through Ray and the controller never touches a device.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
@@ -22,8 +23,10 @@ GENERATED = {
     "sample_index": ("int64", "which of the rollout.n samples of that prompt (0..n-1)"),
     "response_ids": ("list<int64>", "generated token ids, at most rollout.max_response_length"),
     "response_text": ("string", "the response decoded"),
-    "rollout_log_probs": ("list<double>", "the engine's log-prob of each sampled token, nats after "
-                          "temperature; [] unless rollout.calculate_log_probs"),
+    "rollout_log_probs": (
+        "list<double>",
+        "the engine's log-prob of each sampled token, nats after temperature; [] unless rollout.calculate_log_probs",
+    ),
     "finish_reason": ("string", '"stop", or "length" when cut at rollout.max_response_length'),
     "engine": ("int64", "the data-parallel rollout engine that made it (added by the worker group)"),
 }
@@ -58,13 +61,25 @@ class SamplingSpec:
     @classmethod
     def for_training(cls, cfg: "GRPOConfig", seeds: list[int]) -> "SamplingSpec":
         r = cfg.rollout
-        return cls(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                   max_tokens=r.max_response_length, seeds=list(seeds))
+        return cls(
+            n=r.n,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_tokens=r.max_response_length,
+            seeds=list(seeds),
+        )
 
     @classmethod
     def for_eval(cls, cfg: "GRPOConfig", seeds: list[int]) -> "SamplingSpec":
-        return cls(n=1, temperature=cfg.rollout.val_temperature, top_p=1.0, top_k=-1,
-                   max_tokens=cfg.rollout.max_response_length, seeds=list(seeds))
+        return cls(
+            n=1,
+            temperature=cfg.rollout.val_temperature,
+            top_p=1.0,
+            top_k=-1,
+            max_tokens=cfg.rollout.max_response_length,
+            seeds=list(seeds),
+        )
 
     def with_seeds(self, seeds: list[int]) -> "SamplingSpec":
         """The same sampling for another share of the prompts."""
@@ -97,5 +112,11 @@ class UpdateBatch:
     def take(self, idx: list[int]) -> "UpdateBatch":
         """The rows `idx`, in that order (None columns stay None)."""
         pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
-        return UpdateBatch(pick(self.prompts), pick(self.responses), pick(self.old_log_probs),
-                           pick(self.advantages), pick(self.ref_log_probs), pick(self.truncated))
+        return UpdateBatch(
+            pick(self.prompts),
+            pick(self.responses),
+            pick(self.old_log_probs),
+            pick(self.advantages),
+            pick(self.ref_log_probs),
+            pick(self.truncated),
+        )

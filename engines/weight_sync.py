@@ -10,6 +10,7 @@ generates. The sleep level follows from what the trainer holds:
   moment of the copy, one tensor at a time, and puts them back.
 Off CUDA (or with rollout.free_cache_engine=false) the engine never sleeps and nothing is refilled.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager

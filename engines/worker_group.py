@@ -3,6 +3,7 @@
 The controller calls these methods as if there were one worker: lists are cut into contiguous,
 equal shares (one per rank, or per rollout engine), sent out, and gathered back in order.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,17 +35,27 @@ def init_ray(device: str = "cuda") -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
-                        # vLLM's per-call INFO lines drown the step summaries; set it to INFO to see them.
-                        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
+    env = {
+        "env_vars": {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "TOKENIZERS_PARALLELISM": "false",
+            # vLLM's per-call INFO lines drown the step summaries; set it to INFO to see them.
+            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+        }
+    }
     if device == "cpu":  # C++ warnings: on CPU only vLLM-CPU's NUMA binding note; WARNING shows them
         env["env_vars"]["TORCH_CPP_LOG_LEVEL"] = os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
     else:
         # address="local": a new local Ray even when another one runs on this machine.
-        ray.init(address="local", include_dashboard=False, runtime_env=env, log_to_driver=True,
-                 num_cpus=max(2, os.cpu_count() or 1))
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            runtime_env=env,
+            log_to_driver=True,
+            num_cpus=max(2, os.cpu_count() or 1),
+        )
 
 
 def local_gpu_count() -> int:
@@ -66,7 +77,8 @@ def check_resources(cfg: GRPOConfig) -> None:
         raise RuntimeError(
             f"recipe '{cfg.recipe}' needs {need} {kind}s (trainer.n_gpus_per_node={cfg.trainer.n_gpus_per_node} x "
             f"trainer.nnodes={cfg.trainer.nnodes}) but the Ray cluster has {have}; run it on a larger cluster "
-            f"(RAY_ADDRESS) or lower trainer.n_gpus_per_node")
+            f"(RAY_ADDRESS) or lower trainer.n_gpus_per_node"
+        )
 
 
 class WorkerOOMError(RuntimeError):
@@ -111,7 +123,8 @@ def check_host_memory(cfg: GRPOConfig, plan: dict, node: str, have_gib: float, s
             f"{plan['host_per_rank_gib']:.1f} GiB + Ray; `grpo plan {cfg.recipe}` itemises it) but has {have_gib:.1f} GiB "
             f"({source}; Ray kills workers past {RAY_MEMORY_THRESHOLD:.0%}); turn actor.param_offload/optimizer_offload "
             f"off where the GPU has room, run fewer ranks per node (trainer.n_gpus_per_node), or use a node with "
-            f"more RAM; if the OS reports less than the node can give, set trainer.node_ram_gb")
+            f"more RAM; if the OS reports less than the node can give, set trainer.node_ram_gb"
+        )
 
 
 def _first_line(e: BaseException) -> str:
@@ -138,12 +151,16 @@ def classify(e: BaseException, stage: str, rank: int, plan_gib: float | None) ->
     if is_oom(e):
         used = re.search(r"was ([\d.]+)GB used / ([\d.]+)GB limit", str(e))
         ram = f"node memory {used.group(1)} of {used.group(2)} GB used" if used else "node memory exhausted"
-        plan = (f"the plan needs {plan_gib:.1f} GiB per node" if plan_gib is not None else
-                "the plan has no figure for this model")
+        plan = (
+            f"the plan needs {plan_gib:.1f} GiB per node"
+            if plan_gib is not None
+            else "the plan has no figure for this model"
+        )
         return WorkerOOMError(
             f"{stage}: rank {rank} was killed by Ray's memory monitor ({ram}; {plan}; `grpo plan` itemises it); "
             "not retried: turn actor.param_offload/optimizer_offload off where the GPU has room, run fewer ranks "
-            "per node, or use a node with more RAM")
+            "per node, or use a node with more RAM"
+        )
     if isinstance(e, ValueError):
         return e
     text = _first_line(e)
@@ -221,8 +238,7 @@ class WorkerGroup:
         self.cfg, self.world_size = cfg, cfg.world_size
         gpu = cfg.trainer.device == "cuda"
         bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
-        self.pg = placement_group([bundle] * self.world_size,
-                                  strategy="PACK" if cfg.trainer.nnodes == 1 else "SPREAD")
+        self.pg = placement_group([bundle] * self.world_size, strategy="PACK" if cfg.trainer.nnodes == 1 else "SPREAD")
         ray.get(self.pg.ready(), timeout=120)
         # Ranks in node order: a node's ranks are consecutive, as are the ranks of a vLLM engine
         # (tensor parallel) and of a Ulysses group, whatever order Ray spread the bundles in.
@@ -230,19 +246,24 @@ class WorkerGroup:
         nodes = list(dict.fromkeys(node_of[i] for i in range(self.world_size)))
         bundles = sorted(range(self.world_size), key=lambda i: (nodes.index(node_of[i]), i))
         place = lambda rank: PlacementGroupSchedulingStrategy(  # noqa: E731
-            placement_group=self.pg, placement_group_bundle_index=bundles[rank])
+            placement_group=self.pg, placement_group_bundle_index=bundles[rank]
+        )
         try:
             self._check_host(model_dir, nodes, [node_of[bundles[r]] for r in range(self.world_size)], place)
         except BaseException:
             remove_placement_group(self.pg)
             raise
         # Rank 0's node and a free port there: every rank joins the process group at that address.
-        master = (ray.get(ray.remote(master_address).options(num_cpus=0, scheduling_strategy=place(0)).remote())
-                  if self.world_size > 1 else None)
+        master = (
+            ray.get(ray.remote(master_address).options(num_cpus=0, scheduling_strategy=place(0)).remote())
+            if self.world_size > 1
+            else None
+        )
         actor_cls = ray.remote(GRPOWorker)
         self.workers = [
-            actor_cls.options(num_cpus=1, num_gpus=1 if gpu else 0, scheduling_strategy=place(rank))
-            .remote(cfg.model_dump_json(), model_dir, rank, self.world_size, master)
+            actor_cls.options(num_cpus=1, num_gpus=1 if gpu else 0, scheduling_strategy=place(rank)).remote(
+                cfg.model_dump_json(), model_dir, rank, self.world_size, master
+            )
             for rank in range(self.world_size)
         ]
         # a failed start surfaces here
@@ -266,8 +287,9 @@ class WorkerGroup:
             if self.cfg.trainer.node_ram_gb is not None:
                 have, source = self.cfg.trainer.node_ram_gb, "trainer.node_ram_gb"
             else:
-                have = ray.get(ray.remote(node_memory_gib).options(num_cpus=0, scheduling_strategy=place(ranks[0]))
-                               .remote())
+                have = ray.get(
+                    ray.remote(node_memory_gib).options(num_cpus=0, scheduling_strategy=place(ranks[0])).remote()
+                )
                 source = "its total RAM"
             check_host_memory(self.cfg, plan, node, have, source)
 
@@ -275,8 +297,11 @@ class WorkerGroup:
         return gather([getattr(w, method).remote(*args, **kwargs) for w in self.workers], method, self.host_plan_gib)
 
     def _scatter(self, method: str, shares: list[tuple], **kwargs) -> list[Any]:
-        return gather([getattr(w, method).remote(*args, **kwargs) for w, args in zip(self.workers, shares)], method,
-                      self.host_plan_gib)
+        return gather(
+            [getattr(w, method).remote(*args, **kwargs) for w, args in zip(self.workers, shares)],
+            method,
+            self.host_plan_gib,
+        )
 
     # ---- what the flow asks for ---------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[dict]:
@@ -286,9 +311,13 @@ class WorkerGroup:
         tp = self.cfg.rollout.tensor_model_parallel_size
         shares = split(list(range(len(prompts))), self.world_size // tp)
         seeds = sampling.seeds
-        outs = self._scatter("generate", [([prompts[i] for i in shares[rank // tp]],
-                                           sampling.with_seeds([seeds[i] for i in shares[rank // tp]]))
-                                          for rank in range(self.world_size)])
+        outs = self._scatter(
+            "generate",
+            [
+                ([prompts[i] for i in shares[rank // tp]], sampling.with_seeds([seeds[i] for i in shares[rank // tp]]))
+                for rank in range(self.world_size)
+            ],
+        )
         merged = []
         for engine, share in enumerate(shares):
             for row in outs[engine * tp]:
@@ -302,9 +331,14 @@ class WorkerGroup:
         if len(prompts) % dp:  # sharded forwards are collectives: equal shares only
             raise ValueError(f"{len(prompts)} samples do not split evenly over {dp} data-parallel ranks")
         idx = split(list(range(len(prompts))), dp)
-        outs = self._scatter("compute_log_prob", [([prompts[i] for i in idx[rank // sp]],
-                                                   [responses[i] for i in idx[rank // sp]])
-                                                  for rank in range(self.world_size)], ref=ref)
+        outs = self._scatter(
+            "compute_log_prob",
+            [
+                ([prompts[i] for i in idx[rank // sp]], [responses[i] for i in idx[rank // sp]])
+                for rank in range(self.world_size)
+            ],
+            ref=ref,
+        )
         return [x for out in outs[::sp] for x in out]
 
     def update_actor(self, batch: UpdateBatch, seed: int) -> dict[str, float]:
@@ -321,8 +355,10 @@ class WorkerGroup:
             shares.append((batch.take(need), seed, [[local[int(i)] for i in s] for s in steps]))
         metrics = self._scatter("update_actor", shares)
         # Loss metrics are already global (summed over ranks in the trainer); memory is per rank.
-        return {k: float(np.max([m[k] for m in metrics]) if "memory" in k else np.mean([m[k] for m in metrics]))
-                for k in metrics[0]}
+        return {
+            k: float(np.max([m[k] for m in metrics]) if "memory" in k else np.mean([m[k] for m in metrics]))
+            for k in metrics[0]
+        }
 
     def sync_weights(self) -> float:
         """Every rank pushes its trainer's weights (LoRA: adapter) into its engine; the slowest's seconds."""
@@ -340,8 +376,10 @@ class WorkerGroup:
         """Peaks since the last call over every rank, GiB (GRPOWorker.memory): the largest GPU's and the
         largest worker process's resident memory."""
         peaks = self._all("memory")
-        return {"perf/max_memory_allocated_gb": max(p["gpu"] for p in peaks),
-                "perf/cpu_memory_used_gb": max(p["host"] for p in peaks)}
+        return {
+            "perf/max_memory_allocated_gb": max(p["gpu"] for p in peaks),
+            "perf/cpu_memory_used_gb": max(p["host"] for p in peaks),
+        }
 
     def shutdown(self) -> None:
         """Each rank cleans up (GRPOWorker.close), then the actors and the placement group go."""

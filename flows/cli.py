@@ -3,6 +3,7 @@
 Input errors (config, paths, data, model files) print one line naming the input and exit 2,
 before any Prefect, Ray or model work starts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,10 @@ def cmd_run(args) -> None:
 
     prepare(cfg)  # data and model errors surface here as one line; the flow's prep then hits the cache
     final = grpo(args.config, args.overrides)
-    print(f"done: recipe {cfg.recipe}, checkpoints in {cfg.checkpoint_dir}, "
-          f"final score {final.get('critic/score/mean', float('nan')):.3f}")
+    print(
+        f"done: recipe {cfg.recipe}, checkpoints in {cfg.checkpoint_dir}, "
+        f"final score {final.get('critic/score/mean', float('nan')):.3f}"
+    )
 
 
 def cmd_prep(args) -> None:
@@ -99,8 +102,10 @@ def cmd_plan(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="grpo", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, fn, help_ in (("run", cmd_run, "train: the grpo flow"),
-                            ("prep", cmd_prep, "build model files and GSM8K parquet only")):
+    for name, fn, help_ in (
+        ("run", cmd_run, "train: the grpo flow"),
+        ("prep", cmd_prep, "build model files and GSM8K parquet only"),
+    ):
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="recipe name (see `grpo recipes`) or YAML path")
         s.add_argument("overrides", nargs="*", help="dotted key=value, e.g. actor.lr=1e-5")
@@ -114,8 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("config", help="recipe name (see `grpo recipes`) or YAML path")
     s.add_argument("overrides", nargs="*", help="dotted key=value, e.g. actor.ppo_micro_batch_size_per_gpu=8")
     s.add_argument("--gpu", help="H100, H800, H200, H20 or A100 (default: from the recipe name, else H100)")
-    s.add_argument("--as-configured", action="store_true",
-                   help="model FSDP sharding and offload as the config states, not as the trainer does today")
+    s.add_argument(
+        "--as-configured",
+        action="store_true",
+        help="model FSDP sharding and offload as the config states, not as the trainer does today",
+    )
     s.add_argument("--json", action="store_true", help="print the numbers as JSON")
     s.set_defaults(fn=cmd_plan)
     sub.add_parser("recipes", help="list recipes").set_defaults(fn=cmd_recipes)

@@ -1,4 +1,5 @@
 """Flow `grpo-eval`: GSM8K test accuracy (greedy mean@1) of a model, outside training."""
+
 from __future__ import annotations
 
 import re
@@ -38,6 +39,8 @@ def checkpoint_export(target: Path) -> Path | None:
         return hf
     if not target.is_dir() or not (re.fullmatch(r"global_step_\d+", target.name) or (target / "actor").is_dir()):
         return None
-    raise ValueError(f"{target} has no HF export (huggingface/): checkpoints get one as trainer.export_hf says "
-                     "(default last: the final step's only); evaluate that one, or train with "
-                     "trainer.export_hf=every_save")
+    raise ValueError(
+        f"{target} has no HF export (huggingface/): checkpoints get one as trainer.export_hf says "
+        "(default last: the final step's only); evaluate that one, or train with "
+        "trainer.export_hf=every_save"
+    )

@@ -6,6 +6,7 @@
 The controller decides what happens; the Ray worker group (engines/) owns the model, optimizer,
 reference and vLLM engine and does it. Every iteration lands in one MLflow run.
 """
+
 from __future__ import annotations
 
 import sys
@@ -27,22 +28,36 @@ from runtime.tracking import Tracker, clip_text
 from tasks import stages
 
 REQUIRED_STEP_METRICS = (
-    "critic/score/mean", "actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/grad_norm",
-    "actor/pg_clipfrac", "actor/lr", "response_length/mean", "timing_s/gen", "timing_s/update_actor",
-    "timing_s/step", "perf/throughput")
+    "critic/score/mean",
+    "actor/pg_loss",
+    "actor/kl_loss",
+    "actor/entropy",
+    "actor/grad_norm",
+    "actor/pg_clipfrac",
+    "actor/lr",
+    "response_length/mean",
+    "timing_s/gen",
+    "timing_s/update_actor",
+    "timing_s/step",
+    "perf/throughput",
+)
 VAL_METRIC = "val-core/openai/gsm8k/reward/mean@1"
 SAMPLE_ROWS, SAMPLE_WIDTH = 8, 200  # the per-step sample table in MLflow: rows, characters per text cell
 
 
 def step_metrics(samples: pd.DataFrame) -> dict[str, float]:
     lengths = samples["response_ids"].map(len)
-    return {"critic/score/mean": samples["score"].mean(), "critic/score/max": samples["score"].max(),
-            "critic/score/min": samples["score"].min(),
-            "critic/advantages/mean": samples["advantage"].mean(),
-            "response_length/mean": lengths.mean(), "response_length/max": lengths.max(),
-            "response_length/clip_ratio": (samples["finish_reason"] == "length").mean(),
-            "prompt_length/mean": samples["prompt_ids"].map(len).mean(),
-            "reward/errors": samples.attrs.get("reward_errors", 0)}
+    return {
+        "critic/score/mean": samples["score"].mean(),
+        "critic/score/max": samples["score"].max(),
+        "critic/score/min": samples["score"].min(),
+        "critic/advantages/mean": samples["advantage"].mean(),
+        "response_length/mean": lengths.mean(),
+        "response_length/max": lengths.max(),
+        "response_length/clip_ratio": (samples["finish_reason"] == "length").mean(),
+        "prompt_length/mean": samples["prompt_ids"].map(len).mean(),
+        "reward/errors": samples.attrs.get("reward_errors", 0),
+    }
 
 
 def sample_table(samples: pd.DataFrame, batch: pd.DataFrame, step: int) -> dict[str, list]:
@@ -53,10 +68,15 @@ def sample_table(samples: pd.DataFrame, batch: pd.DataFrame, step: int) -> dict[
     group = int((samples["row"] == prompts[0]).sum())
     head = samples[samples["row"].isin(prompts[: max(1, SAMPLE_ROWS // group)])].head(2 * SAMPLE_ROWS)
     question = {row: m[-1]["content"] for row, m in zip(batch.index, batch["prompt"])}
-    return {"step": [step] * len(head), "prompt": [clip_text(question[r], SAMPLE_WIDTH) for r in head["row"]],
-            "response": [clip_text(t, SAMPLE_WIDTH) for t in head["response_text"]],
-            "ground_truth": list(head["ground_truth"]), "score": [float(x) for x in head["score"]],
-            "advantage": [float(x) for x in head["advantage"]], "finish_reason": list(head["finish_reason"])}
+    return {
+        "step": [step] * len(head),
+        "prompt": [clip_text(question[r], SAMPLE_WIDTH) for r in head["row"]],
+        "response": [clip_text(t, SAMPLE_WIDTH) for t in head["response_text"]],
+        "ground_truth": list(head["ground_truth"]),
+        "score": [float(x) for x in head["score"]],
+        "advantage": [float(x) for x in head["advantage"]],
+        "finish_reason": list(head["finish_reason"]),
+    }
 
 
 def prefect_api_url() -> str | None:
@@ -69,12 +89,19 @@ def _tags(cfg: GRPOConfig) -> dict[str, str]:
     """MLflow tags linking the run to its Prefect flow run: id and UI address on a lasting server;
     on the temporary one only the name, with `prefect.server=ephemeral` (the id would name
     nothing once the run ends)."""
-    tags = {"recipe": cfg.recipe, "prefect.flow_run_name": str(runtime.flow_run.name),
-            "prefect.deployment": str(runtime.deployment.name or "")}
+    tags = {
+        "recipe": cfg.recipe,
+        "prefect.flow_run_name": str(runtime.flow_run.name),
+        "prefect.deployment": str(runtime.deployment.name or ""),
+    }
     if prefect_api_url() is None:
         return {**tags, "prefect.server": "ephemeral (gone after the run: set PREFECT_API_URL to keep it)"}
-    return {**tags, "prefect.server": str(prefect_api_url()), "prefect.flow_run_id": str(runtime.flow_run.id),
-            "prefect.flow_run_url": str(runtime.flow_run.ui_url)}
+    return {
+        **tags,
+        "prefect.server": str(prefect_api_url()),
+        "prefect.flow_run_id": str(runtime.flow_run.id),
+        "prefect.flow_run_url": str(runtime.flow_run.ui_url),
+    }
 
 
 def announce(tracker: Tracker, log) -> None:
@@ -83,8 +110,11 @@ def announce(tracker: Tracker, log) -> None:
     for line in lines:
         log.info(line)
     try:
-        create_markdown_artifact(key="mlflow-run", description="the MLflow run of this flow run", markdown=(
-            f"**MLflow run** `{tracker.run_id}`\n\n" + "\n".join(f"- {line}" for line in lines[1:])))
+        create_markdown_artifact(
+            key="mlflow-run",
+            description="the MLflow run of this flow run",
+            markdown=(f"**MLflow run** `{tracker.run_id}`\n\n" + "\n".join(f"- {line}" for line in lines[1:])),
+        )
     except Exception as e:  # the link is a convenience: never stops training
         log.warning("could not record the MLflow run as a Prefect artifact (%s)", e)
 
@@ -94,6 +124,8 @@ def announce(tracker: Tracker, log) -> None:
 # retry, which Prefect runs in this process, raises the same error at once instead of rebuilding
 # the workers to fail the same way.
 _FINAL: dict[str, BaseException] = {}
+
+
 # A failed run (a worker killed, a node lost) is retried once in place: the retry restores the
 # newest valid checkpoint and reuses every persisted rollout, so it costs at most the lost step.
 @flow(name="grpo", log_prints=True, retries=1, retry_delay_seconds=5)
@@ -135,8 +167,15 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
             _evaluate(workers, tokenizer, test, cfg, tracker, step=0)
         last: dict[str, float] = {}
         # The bar only on a terminal (disable=None); log lines go above it, not into it.
-        bar = tqdm(range(start + 1, total + 1), desc="grpo", unit="step", file=sys.stderr,
-                   initial=start, total=total, disable=None)
+        bar = tqdm(
+            range(start + 1, total + 1),
+            desc="grpo",
+            unit="step",
+            file=sys.stderr,
+            initial=start,
+            total=total,
+            disable=None,
+        )
         with logging_redirect_tqdm():  # Prefect logs through the root logger's console handler
             for step in bar:
                 this = StepStages(step)  # each block: timed (timing_s/*) and a kill point
@@ -148,17 +187,24 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
                 with this.stage("update"):  # timed inside, per sub-stage
                     metrics = stages.update(workers, samples, cfg, step)
                 if metrics.get("actor/skipped_steps", 0) > cfg.trainer.max_bad_steps > 0:
-                    raise RuntimeError(f"step {step}: {int(metrics['actor/skipped_steps'])} updates skipped for a "
-                                       f"non-finite grad norm (> trainer.max_bad_steps={cfg.trainer.max_bad_steps})")
+                    raise RuntimeError(
+                        f"step {step}: {int(metrics['actor/skipped_steps'])} updates skipped for a "
+                        f"non-finite grad norm (> trainer.max_bad_steps={cfg.trainer.max_bad_steps})"
+                    )
                 last_step = step == total
                 if cfg.trainer.test_freq > 0 and (step % cfg.trainer.test_freq == 0 or last_step):
                     with this.stage("eval", timed="testing"):
                         metrics.update(_evaluate(workers, tokenizer, test, cfg, tracker, step=step, log_now=False))
                 timing = {**this.timing, "timing_s/step": this.elapsed()}
                 tokens = int(samples["response_ids"].map(len).sum() + samples["prompt_ids"].map(len).sum())
-                last = {**step_metrics(samples), **metrics, **timing,
-                        "perf/throughput": tokens / timing["timing_s/step"] / cfg.world_size,
-                        "perf/total_num_tokens": tokens, **workers.memory()}
+                last = {
+                    **step_metrics(samples),
+                    **metrics,
+                    **timing,
+                    "perf/throughput": tokens / timing["timing_s/step"] / cfg.world_size,
+                    "perf/total_num_tokens": tokens,
+                    **workers.memory(),
+                }
                 if step not in logged:
                     with this.stage("logging"):
                         tracker.log_table(sample_table(samples, batch, step), f"samples/step_{step:06d}.json")
@@ -168,8 +214,14 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
                 # (rollouts, update, eval, metrics) is on disk or in MLflow, so a resume leaves no gap.
                 if cfg.trainer.save_freq > 0 and step % cfg.trainer.save_freq == 0 or last_step:
                     with this.stage("checkpoint", timed="save_checkpoint"):
-                        stages.save_checkpoint(workers, cfg, step, root, {"mlflow_run_id": tracker.run_id,
-                                                                          "model": model_signature(cfg)}, last_step)
+                        stages.save_checkpoint(
+                            workers,
+                            cfg,
+                            step,
+                            root,
+                            {"mlflow_run_id": tracker.run_id, "model": model_signature(cfg)},
+                            last_step,
+                        )
                     tracker.log({"timing_s/save_checkpoint": this.timing["timing_s/save_checkpoint"]}, step)
         status = "FINISHED"
         return last
@@ -192,10 +244,12 @@ def _evaluate(workers, tokenizer, test, cfg, tracker, step: int, log_now: bool =
 
 def summary(step: int, total: int, m: dict[str, float]) -> str:
     val = f" val={m[VAL_METRIC]:.3f}" if VAL_METRIC in m else ""
-    return (f"step {step}/{total} score={m['critic/score/mean']:.3f} pg_loss={m['actor/pg_loss']:+.4f} "
-            f"kl={m['actor/kl_loss']:.4f} entropy={m['actor/entropy']:.3f} "
-            f"len={m['response_length/mean']:.0f} gen={m['timing_s/gen']:.1f}s "
-            f"update={m['timing_s/update_actor']:.1f}s step={m['timing_s/step']:.1f}s{val}")
+    return (
+        f"step {step}/{total} score={m['critic/score/mean']:.3f} pg_loss={m['actor/pg_loss']:+.4f} "
+        f"kl={m['actor/kl_loss']:.4f} entropy={m['actor/entropy']:.3f} "
+        f"len={m['response_length/mean']:.0f} gen={m['timing_s/gen']:.1f}s "
+        f"update={m['timing_s/update_actor']:.1f}s step={m['timing_s/step']:.1f}s{val}"
+    )
 
 
 if __name__ == "__main__":  # vLLM spawns engine processes: entry points need this guard

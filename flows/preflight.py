@@ -1,6 +1,7 @@
 """Before any work: every check that needs no Ray and no accelerator, each error one line naming
 the input and the fix (`preflight`), and whether a checkpoint left in trainer.default_local_dir
 fits this config (`model_signature`, `check_resumable`)."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,8 @@ def preflight(cfg: GRPOConfig) -> None:
         if have < cfg.world_size:
             raise ValueError(
                 f"recipe '{cfg.recipe}' needs {cfg.world_size} GPU(s) (trainer.device=cuda) but this machine "
-                f"has {have}; run it on a GPU machine or a Ray cluster (RAY_ADDRESS), or use a *-cpu recipe")
+                f"has {have}; run it on a GPU machine or a Ray cluster (RAY_ADDRESS), or use a *-cpu recipe"
+            )
     if cfg.model.source == "hf" and not is_hub_id(cfg.model.path):
         from engines.models import check_hf_dir
 
@@ -38,12 +40,16 @@ def preflight(cfg: GRPOConfig) -> None:
             check_hf_dir(Path(cfg.model.path))
         except ValueError as e:
             raise ValueError(f"model.path={cfg.model.path}: {e}") from None
-    if cfg.model.lora_rank > 0 and (cfg.model.source == "random" or
-                                    cfg.model.source == "hf" and not is_hub_id(cfg.model.path)):
+    if cfg.model.lora_rank > 0 and (
+        cfg.model.source == "random" or cfg.model.source == "hf" and not is_hub_id(cfg.model.path)
+    ):
         from engines.models import check_lora_targets
 
-        check_lora_targets(cfg.model.target_modules, arch=cfg.model.arch,
-                           model_dir=cfg.model.path if cfg.model.source == "hf" else None)
+        check_lora_targets(
+            cfg.model.target_modules,
+            arch=cfg.model.arch,
+            model_dir=cfg.model.path if cfg.model.source == "hf" else None,
+        )
     for key, path in (("trainer.default_local_dir", cfg.checkpoint_dir), ("data.dir", cfg.data.dir)):
         _check_writable(key, Path(path))
     check_tracking_uri(cfg)
@@ -54,8 +60,10 @@ def preflight(cfg: GRPOConfig) -> None:
     src = cfg.data.source
     if not is_hub_id(src):
         if not Path(src).expanduser().exists():
-            raise ValueError(f"data.source={src}: path does not exist; point it at a directory with "
-                             "train/test jsonl or parquet, or use the hub id openai/gsm8k")
+            raise ValueError(
+                f"data.source={src}: path does not exist; point it at a directory with "
+                "train/test jsonl or parquet, or use the hub id openai/gsm8k"
+            )
         load_raw_gsm8k(src)  # columns, emptiness, ground truths: checked before any work
 
 
@@ -67,12 +75,21 @@ def model_signature(cfg: GRPOConfig) -> dict:
 
     try:
         s, _ = model_shape(cfg)
-        shape = {"hidden": s.hidden, "layers": s.layers, "heads": s.heads, "kv_heads": s.kv_heads,
-                 "intermediate": s.intermediate}
+        shape = {
+            "hidden": s.hidden,
+            "layers": s.layers,
+            "heads": s.heads,
+            "kv_heads": s.kv_heads,
+            "intermediate": s.intermediate,
+        }
     except ValueError:  # a hub model outside the planner's table: its path stands in
         shape = None
-    return {"model.path": cfg.model.path, "shape": shape, "model.lora_rank": cfg.model.lora_rank,
-            "world_size": cfg.world_size}
+    return {
+        "model.path": cfg.model.path,
+        "shape": shape,
+        "model.lora_rank": cfg.model.lora_rank,
+        "world_size": cfg.world_size,
+    }
 
 
 def check_resumable(cfg: GRPOConfig) -> None:
@@ -97,7 +114,8 @@ def check_resumable(cfg: GRPOConfig) -> None:
         raise ValueError(
             f"trainer.default_local_dir={cfg.trainer.default_local_dir}: its checkpoint "
             f"{state_file.parent.name} was written for another model ({what}); use another "
-            "trainer.default_local_dir, or trainer.resume_mode=disable to start over there")
+            "trainer.default_local_dir, or trainer.resume_mode=disable to start over there"
+        )
 
 
 def _check_writable(key: str, path: Path) -> None:

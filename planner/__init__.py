@@ -7,6 +7,7 @@ node, from config numbers alone (no CUDA, no weights, no network; never runs on 
     hardware.py  the GPU table and the FLOP count, shared with the trainer's perf/mfu/actor
     shapes.py    the model's shape: config.json, a preset, or a published hub config
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -26,16 +27,25 @@ from planner.shapes import model_shape
 from planner.timing import ASSUMED_BW_EFF, ASSUMED_MFU, step_timing
 
 
-def plan(cfg: GRPOConfig, gpu: str | None = None, *, as_configured: bool = False,
-         micro_batch: int | None = None, fsdp: bool | None = None, features: dict | None = None,
-         logit_bytes: LogitBytes = LOGIT_BYTES) -> dict[str, Any]:
+def plan(
+    cfg: GRPOConfig,
+    gpu: str | None = None,
+    *,
+    as_configured: bool = False,
+    micro_batch: int | None = None,
+    fsdp: bool | None = None,
+    features: dict | None = None,
+    logit_bytes: LogitBytes = LOGIT_BYTES,
+) -> dict[str, Any]:
     """Every number of the plan, as a dict (GiB, seconds, FLOPs): for tables and for benchmarks.
 
     gpu: a GPUS name (default: from the recipe's name, else H100). as_configured: every feature on.
     features: what the trainer implements, over TRAINER_IMPLEMENTS (benchmarks/plan_check.py plans
     older trainers so). logit_bytes: the trainer's logits bytes per element (likewise). Raises
     ValueError for a model shape or GPU it does not know."""
-    features_now = {k: True for k in TRAINER_IMPLEMENTS} if as_configured else {**TRAINER_IMPLEMENTS, **(features or {})}
+    features_now = (
+        {k: True for k in TRAINER_IMPLEMENTS} if as_configured else {**TRAINER_IMPLEMENTS, **(features or {})}
+    )
     shape, shape_src = model_shape(cfg)
     gpu_spec, gpu_src = gpu_of(cfg, gpu)
     actor = cfg.actor
@@ -45,19 +55,35 @@ def plan(cfg: GRPOConfig, gpu: str | None = None, *, as_configured: bool = False
         # (engines/batching.py): at full-length samples, as planned here, that many rows (>= 1, the
         # config checks). Shorter prompts let more rows in, so the response logits (rows x R x vocab)
         # of a real micro-batch can exceed this plan's.
-        micro = (actor.ppo_max_token_len_per_gpu * actor.ulysses_sequence_parallel_size
-             // (cfg.data.max_prompt_length + cfg.rollout.max_response_length))
+        micro = (
+            actor.ppo_max_token_len_per_gpu
+            * actor.ulysses_sequence_parallel_size
+            // (cfg.data.max_prompt_length + cfg.rollout.max_response_length)
+        )
     mem = gpu_memory(cfg, shape, gpu_spec, features_now, micro, fsdp, logit_bytes=logit_bytes)
     host = host_memory(cfg, shape, mem["shard"])
     gpu_fits = mem.pop("fits")
-    return dict(gpu_fits=gpu_fits, fits=gpu_fits and host["host_fits"], **host,
-                recipe=cfg.recipe, mode="as-configured" if as_configured else "current trainer",
-                features=features_now, gpu=asdict(gpu_spec), gpu_source=gpu_src, shape=asdict(shape), shape_source=shape_src,
-                world_size=cfg.world_size, tp=cfg.rollout.tensor_model_parallel_size, micro_batch=micro,
-                samples_per_gpu_per_minibatch=(actor.ppo_mini_batch_size * cfg.rollout.n * actor.ulysses_sequence_parallel_size
-                                               // cfg.world_size),
-                largest_micro_batch=largest_micro_batch(cfg, shape, gpu_spec, features_now, logit_bytes=logit_bytes),
-                **mem, **step_timing(cfg, shape, gpu_spec, mem, micro))
+    return dict(
+        gpu_fits=gpu_fits,
+        fits=gpu_fits and host["host_fits"],
+        **host,
+        recipe=cfg.recipe,
+        mode="as-configured" if as_configured else "current trainer",
+        features=features_now,
+        gpu=asdict(gpu_spec),
+        gpu_source=gpu_src,
+        shape=asdict(shape),
+        shape_source=shape_src,
+        world_size=cfg.world_size,
+        tp=cfg.rollout.tensor_model_parallel_size,
+        micro_batch=micro,
+        samples_per_gpu_per_minibatch=(
+            actor.ppo_mini_batch_size * cfg.rollout.n * actor.ulysses_sequence_parallel_size // cfg.world_size
+        ),
+        largest_micro_batch=largest_micro_batch(cfg, shape, gpu_spec, features_now, logit_bytes=logit_bytes),
+        **mem,
+        **step_timing(cfg, shape, gpu_spec, mem, micro),
+    )
 
 
 def format_plan(result: dict[str, Any], other: dict[str, Any] | None = None) -> str:
@@ -71,19 +97,24 @@ def format_plan(result: dict[str, Any], other: dict[str, Any] | None = None) -> 
         f"tied {shape['tie']}) from {result['shape_source']}; trainable {result['n_trainable'] / 1e6:.1f}M",
         f"batch: micro {result['micro_batch']} x {result['seq_len']} tokens (prompt + response, padded worst case); "
         f"{result['samples_per_gpu_per_minibatch']} samples/GPU per mini-batch; rollout TP {result['tp']}",
-        "", f"{'item':44s} {'phase':8s} {'GiB':>9s}  note", "-" * 100]
+        "",
+        f"{'item':44s} {'phase':8s} {'GiB':>9s}  note",
+        "-" * 100,
+    ]
     for item in result["items"]:
         lines.append(f"{item['item']:44s} {item['phase']:8s} {item['gib']:9.2f}  {item['note']}")
     phases = result["trainer_phases_gib"]
-    lines += ["-" * 100,
-              f"{'trainer peak (max of update / log-prob / step)':53s} {result['trainer_peak_gib']:9.2f}  "
-              f"update {phases['update']:.2f}, log-prob {phases['log_prob']:.2f}, optimizer step {phases['optimizer_step']:.2f}",
-              f"{'vLLM budget (gpu_memory_utilization x GPU)':53s} {result['vllm_budget_gib']:9.2f}  "
-              f"KV holds {result['kv_full_seqs']:.0f} full-length sequences",
-              f"{'rollout phase':53s} {result['rollout_phase_gib']:9.2f}",
-              f"{'training phase':53s} {result['train_phase_gib']:9.2f}",
-              f"{'PEAK per GPU':53s} {result['peak_gib']:9.2f}  of {gpu['mem_gib']:.1f} GiB; "
-              f"torch.cuda.max_memory_allocated would read ~{result['torch_max_allocated_gib']:.2f}"]
+    lines += [
+        "-" * 100,
+        f"{'trainer peak (max of update / log-prob / step)':53s} {result['trainer_peak_gib']:9.2f}  "
+        f"update {phases['update']:.2f}, log-prob {phases['log_prob']:.2f}, optimizer step {phases['optimizer_step']:.2f}",
+        f"{'vLLM budget (gpu_memory_utilization x GPU)':53s} {result['vllm_budget_gib']:9.2f}  "
+        f"KV holds {result['kv_full_seqs']:.0f} full-length sequences",
+        f"{'rollout phase':53s} {result['rollout_phase_gib']:9.2f}",
+        f"{'training phase':53s} {result['train_phase_gib']:9.2f}",
+        f"{'PEAK per GPU':53s} {result['peak_gib']:9.2f}  of {gpu['mem_gib']:.1f} GiB; "
+        f"torch.cuda.max_memory_allocated would read ~{result['torch_max_allocated_gib']:.2f}",
+    ]
     lines += format_host(result)
     verdict = "FITS" if result["fits"] else "DOES NOT FIT"
     why = [] if result["vllm_kv_ok"] else ["vLLM weights + activations exceed its budget: no KV cache"]
@@ -92,22 +123,34 @@ def format_plan(result: dict[str, Any], other: dict[str, Any] | None = None) -> 
     if not result["gpu_fits"] and result["vllm_kv_ok"] and result["vllm_init_ok"]:
         why.append("GPU peak over the GPU's memory")
     if not result["host_fits"]:
-        why.append(f"host: {result['host_node_gib']:.1f} GiB per node over {result['node_ram_gib']:.1f} GiB x "
-                   f"{RAY_MEMORY_THRESHOLD:.0%}: turn actor.param_offload/optimizer_offload off where the GPU "
-                   "has room, fewer ranks per node, or a node with more RAM (trainer.node_ram_gb)")
-    lines.append(f"verdict: {verdict}" + (f" ({'; '.join(why)})" if why else "") +
-                 f"; largest ppo_micro_batch_size_per_gpu that fits: {result['largest_micro_batch']}")
+        why.append(
+            f"host: {result['host_node_gib']:.1f} GiB per node over {result['node_ram_gib']:.1f} GiB x "
+            f"{RAY_MEMORY_THRESHOLD:.0%}: turn actor.param_offload/optimizer_offload off where the GPU "
+            "has room, fewer ranks per node, or a node with more RAM (trainer.node_ram_gb)"
+        )
+    lines.append(
+        f"verdict: {verdict}"
+        + (f" ({'; '.join(why)})" if why else "")
+        + f"; largest ppo_micro_batch_size_per_gpu that fits: {result['largest_micro_batch']}"
+    )
     if other is not None:
-        lines.append(f"  {other['mode']}: peak {other['peak_gib']:.2f} GiB, "
-                     f"{'fits' if other['fits'] else 'does not fit'}, largest micro-batch {other['largest_micro_batch']}"
-                     f" (FSDP shard {other['shard']}, offload/empty_cache as configured)")
+        lines.append(
+            f"  {other['mode']}: peak {other['peak_gib']:.2f} GiB, "
+            f"{'fits' if other['fits'] else 'does not fit'}, largest micro-batch {other['largest_micro_batch']}"
+            f" (FSDP shard {other['shard']}, offload/empty_cache as configured)"
+        )
     seconds, flops = result["time_s"], result["flops"]
-    lines += ["", f"{'stage':16s} {'TFLOP (all GPUs)':>17s} {'est. s':>9s}   "
-              f"(MFU {ASSUMED_MFU:.0%} of {gpu['bf16_tflops']:.0f} TFLOP/s, decode at {ASSUMED_BW_EFF:.0%} of "
-              f"{gpu['hbm_tbs']} TB/s)"]
+    lines += [
+        "",
+        f"{'stage':16s} {'TFLOP (all GPUs)':>17s} {'est. s':>9s}   "
+        f"(MFU {ASSUMED_MFU:.0%} of {gpu['bf16_tflops']:.0f} TFLOP/s, decode at {ASSUMED_BW_EFF:.0%} of "
+        f"{gpu['hbm_tbs']} TB/s)",
+    ]
     for k, v in seconds.items():
         lines.append(f"{k:16s} {flops.get(k, 0) / 1e12:17.1f} {v:9.3f}")
-    lines.append(f"gen: {result['gen_concurrency']} sequences at a time per engine, {result['gen_waves']} wave(s); "
-                 f"worst case (every response at max length); update MFU as perf/mfu/actor "
-                 f"~{result['predicted_mfu_update']:.0%}")
+    lines.append(
+        f"gen: {result['gen_concurrency']} sequences at a time per engine, {result['gen_waves']} wave(s); "
+        f"worst case (every response at max length); update MFU as perf/mfu/actor "
+        f"~{result['predicted_mfu_update']:.0%}"
+    )
     return "\n".join(lines)

@@ -8,6 +8,7 @@ attention's two products over a sequence of S tokens (scores Q K^T and their wei
 each h x S multiply-adds per token and layer; L layers, hidden size h). Gradient checkpointing's
 recomputation is not counted: MFU counts model FLOPs, not hardware FLOPs.
 """
+
 from __future__ import annotations
 
 import re

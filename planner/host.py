@@ -21,6 +21,7 @@ What each rank keeps in host memory (engines/trainer/offload.py, engines/weight_
   counted here: Ray's monitor counts the node's used memory, total - available).
 Per rank = max(steady, load); per node = ranks on the node x per rank + RAY_AND_DRIVER_GIB.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,7 +56,12 @@ def vllm_weight_blocks(shape, tp: int, dtype_bytes: int = 2) -> list[int]:
     q_dim, hidden, inter = shape.heads * shape.d, shape.hidden, shape.intermediate
     vocab = math.ceil(shape.vocab / (64 * tp)) * 64  # vLLM pads the vocabulary to 64 per TP rank
     kv_rank = max(1, shape.kv_heads // tp) * shape.d  # KV heads are copied when fewer than TP ranks
-    per_layer = [hidden * (q_dim // tp + 2 * kv_rank), q_dim // tp * hidden, hidden * 2 * inter // tp, inter // tp * hidden]
+    per_layer = [
+        hidden * (q_dim // tp + 2 * kv_rank),
+        q_dim // tp * hidden,
+        hidden * 2 * inter // tp,
+        inter // tp * hidden,
+    ]
     blocks = [block * dtype_bytes for block in per_layer] * shape.layers
     blocks += [vocab * hidden * dtype_bytes] * (1 if shape.tie else 2)
     return blocks
@@ -70,8 +76,9 @@ def node_ram_gib(cfg) -> tuple[float, str]:
         import psutil
 
         return psutil.virtual_memory().total / GIB, "this machine (psutil)"
-    return NODE_RAM_GIB_PER_GPU * trainer.n_gpus_per_node, (f"assumed {NODE_RAM_GIB_PER_GPU:.1f} GiB per GPU "
-                                                     "(trainer.node_ram_gb to set it)")
+    return NODE_RAM_GIB_PER_GPU * trainer.n_gpus_per_node, (
+        f"assumed {NODE_RAM_GIB_PER_GPU:.1f} GiB per GPU (trainer.node_ram_gb to set it)"
+    )
 
 
 def host_memory(cfg, shape, shard: int, ranks_on_node: int | None = None) -> dict[str, Any]:
@@ -94,44 +101,75 @@ def host_memory(cfg, shape, shard: int, ranks_on_node: int | None = None) -> dic
         return nbytes
 
     shard_note = f" / {shard} (FSDP shard)" if shard > 1 else ""
-    steady = add("process (libraries, CUDA context)" if device == "cuda" else "process (libraries)",
-                 HOST_PROCESS_GIB[device] * GIB, "HOST_PROCESS_GIB (planner/host.py)")
+    steady = add(
+        "process (libraries, CUDA context)" if device == "cuda" else "process (libraries)",
+        HOST_PROCESS_GIB[device] * GIB,
+        "HOST_PROCESS_GIB (planner/host.py)",
+    )
     on_host_p = device == "cpu" or actor.param_offload
     on_host_o = device == "cpu" or actor.optimizer_offload
     why_p = "CPU trainer" if device == "cpu" else "actor.param_offload"
     why_o = "CPU trainer" if device == "cpu" else "actor.optimizer_offload"
     if on_host_p:
-        steady += add("actor weights (fp32 master)", 4 * n_params / shard, f"{why_p}: {n_params / 1e9:.3f}B x 4 B{shard_note}")
+        steady += add(
+            "actor weights (fp32 master)", 4 * n_params / shard, f"{why_p}: {n_params / 1e9:.3f}B x 4 B{shard_note}"
+        )
         if lora:
             steady += add("LoRA adapter (fp32)", 4 * n_lora / shard, f"{why_p}: {n_lora / 1e6:.1f}M x 4 B{shard_note}")
         steady += add("gradients (fp32)", 4 * n_train / shard, f"{why_p}: moved with the weights{shard_note}")
         if has_ref:
             ref_b = 4 if device == "cpu" and model.dtype == "float32" else 2
-            steady += add(f"reference model ({'fp32' if ref_b == 4 else 'bf16'})", ref_b * n_params / shard, f"{why_p}{shard_note}")
+            steady += add(
+                f"reference model ({'fp32' if ref_b == 4 else 'bf16'})",
+                ref_b * n_params / shard,
+                f"{why_p}{shard_note}",
+            )
     if on_host_o:
         steady += add("AdamW states (exp_avg, exp_avg_sq)", 8 * n_train / shard, f"{why_o}: 2 x 4 B{shard_note}")
     if device == "cpu":
         weight_bytes = 4 if model.dtype == "float32" else 2
-        steady += add("vLLM-CPU weights", weight_bytes * n_params / rollout_tp, f"{model.dtype}" + (f" / TP {rollout_tp}" if rollout_tp > 1 else ""))
-        steady += add("vLLM-CPU KV cache", rollout.gpu_memory_utilization * ram * GIB / trainer.n_gpus_per_node,
-                      f"rollout.gpu_memory_utilization {rollout.gpu_memory_utilization} x {ram:.1f} GiB / "
-                      f"{trainer.n_gpus_per_node} ranks")
+        steady += add(
+            "vLLM-CPU weights",
+            weight_bytes * n_params / rollout_tp,
+            f"{model.dtype}" + (f" / TP {rollout_tp}" if rollout_tp > 1 else ""),
+        )
+        steady += add(
+            "vLLM-CPU KV cache",
+            rollout.gpu_memory_utilization * ram * GIB / trainer.n_gpus_per_node,
+            f"rollout.gpu_memory_utilization {rollout.gpu_memory_utilization} x {ram:.1f} GiB / "
+            f"{trainer.n_gpus_per_node} ranks",
+        )
     elif rollout.free_cache_engine and lora:  # level 1: pinned copy of the weights, power-of-two blocks
         blocks = vllm_weight_blocks(shape, rollout_tp)
-        steady += add("vLLM weights asleep (level 1, pinned)", sum(pow2(block) for block in blocks),
-                      f"{sum(blocks) / GIB:.2f} GiB bf16" + (f" / TP {rollout_tp}" if rollout_tp > 1 else "") +
-                      ", each block rounded up to a power of two by torch's pinned allocator")
+        steady += add(
+            "vLLM weights asleep (level 1, pinned)",
+            sum(pow2(block) for block in blocks),
+            f"{sum(blocks) / GIB:.2f} GiB bf16"
+            + (f" / TP {rollout_tp}" if rollout_tp > 1 else "")
+            + ", each block rounded up to a power of two by torch's pinned allocator",
+        )
     elif rollout.free_cache_engine:
         add("vLLM weights asleep (level 2)", 0, "dropped; refilled from the trainer")
     load = HOST_PROCESS_GIB[device] * GIB + 4 * n_params
-    add("(load peak: whole fp32 model before sharding)", load,
-        f"from_pretrained(dtype=float32) on every rank: {n_params / 1e9:.3f}B x 4 B + process; not summed")
+    add(
+        "(load peak: whole fp32 model before sharding)",
+        load,
+        f"from_pretrained(dtype=float32) on every rank: {n_params / 1e9:.3f}B x 4 B + process; not summed",
+    )
     per_rank = max(steady, load)
     node = ranks * per_rank + RAY_AND_DRIVER_GIB * GIB
     limit = RAY_MEMORY_THRESHOLD * ram * GIB
-    return dict(host_items=items, host_steady_gib=steady / GIB, host_load_gib=load / GIB,
-                host_per_rank_gib=per_rank / GIB, host_ranks_per_node=ranks, host_node_gib=node / GIB,
-                node_ram_gib=ram, node_ram_source=ram_src, host_fits=node <= limit)
+    return dict(
+        host_items=items,
+        host_steady_gib=steady / GIB,
+        host_load_gib=load / GIB,
+        host_per_rank_gib=per_rank / GIB,
+        host_ranks_per_node=ranks,
+        host_node_gib=node / GIB,
+        node_ram_gib=ram,
+        node_ram_source=ram_src,
+        host_fits=node <= limit,
+    )
 
 
 def format_host(result: dict[str, Any]) -> list[str]:
@@ -139,10 +177,12 @@ def format_host(result: dict[str, Any]) -> list[str]:
     lines = ["", f"{'host memory, per rank':44s} {'GiB':>9s}  note", "-" * 100]
     for item in result["host_items"]:
         lines.append(f"{item['item']:44s} {item['gib']:9.2f}  {item['note']}")
-    lines += ["-" * 100,
-              f"{'per rank (max of steady / load peak)':44s} {result['host_per_rank_gib']:9.2f}  "
-              f"steady {result['host_steady_gib']:.2f}, load {result['host_load_gib']:.2f}",
-              f"{'PER NODE':44s} {result['host_node_gib']:9.2f}  {result['host_ranks_per_node']} ranks + "
-              f"{RAY_AND_DRIVER_GIB:.0f} GiB Ray/driver, of {result['node_ram_gib']:.1f} GiB ({result['node_ram_source']}); "
-              f"Ray kills workers past {RAY_MEMORY_THRESHOLD:.0%}"]
+    lines += [
+        "-" * 100,
+        f"{'per rank (max of steady / load peak)':44s} {result['host_per_rank_gib']:9.2f}  "
+        f"steady {result['host_steady_gib']:.2f}, load {result['host_load_gib']:.2f}",
+        f"{'PER NODE':44s} {result['host_node_gib']:9.2f}  {result['host_ranks_per_node']} ranks + "
+        f"{RAY_AND_DRIVER_GIB:.0f} GiB Ray/driver, of {result['node_ram_gib']:.1f} GiB ({result['node_ram_source']}); "
+        f"Ray kills workers past {RAY_MEMORY_THRESHOLD:.0%}",
+    ]
     return lines

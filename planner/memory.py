@@ -12,6 +12,7 @@ Peak, the number that must fit on one GPU, is trainer peak + vLLM's budget (util
   rollout: the same sum must fit. With offload (or empty_cache between phases) the trainer
   releases its cache, so peak = max(rollout phase, training phase).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,8 +31,14 @@ VLLM_NON_TORCH_GIB = 0.5
 # What the trainer (engines/trainer/) does today with the knobs the schema has: the default
 # `features` of every function here. Flip an entry when the trainer implements it;
 # `grpo plan --as-configured` passes all True.
-TRAINER_IMPLEMENTS = {"fsdp_shard": True, "fused_adamw": True, "param_offload": True, "optimizer_offload": True,
-                      "dynamic_bsz": True, "empty_cache_between_phases": False}
+TRAINER_IMPLEMENTS = {
+    "fsdp_shard": True,
+    "fused_adamw": True,
+    "param_offload": True,
+    "optimizer_offload": True,
+    "dynamic_bsz": True,
+    "empty_cache_between_phases": False,
+}
 
 
 # ---- activations -------------------------------------------------------------------------------
@@ -45,7 +52,9 @@ def layer_act_bytes_per_token(shape: Shape) -> int:
     hidden, q_dim, kv_dim, inter = shape.hidden, shape.heads * shape.d, shape.kv_heads * shape.d, shape.intermediate
     fp32_h = 4 * (1 + 2 + 1 + 2)  # residual in, norm1 (normed + out), residual mid, norm2
     bf16_h = 2 * (1 + 1 + 1 + 1)  # casts into qkv and mlp, o_proj out, down_proj out
-    attn = 2 * (q_dim + 2 * kv_dim + q_dim + kv_dim + 2 * q_dim + q_dim + q_dim) + 4 * shape.heads  # q,k,v, rope q/k, repeat k/v, out, o_in; lse
+    attn = (
+        2 * (q_dim + 2 * kv_dim + q_dim + kv_dim + 2 * q_dim + q_dim + q_dim) + 4 * shape.heads
+    )  # q,k,v, rope q/k, repeat k/v, out, o_in; lse
     mlp = 2 * 4 * inter
     return fp32_h * hidden + bf16_h * hidden + attn + mlp
 
@@ -79,8 +88,15 @@ def logits_elems(shape: Shape, batch: int, resp: int) -> int:
     return batch * (resp + 1) * shape.vocab
 
 
-def gpu_memory(cfg: GRPOConfig, shape: Shape, gpu: GPU, features: dict, micro: int, fsdp: bool | None = None,
-               logit_bytes: LogitBytes = LOGIT_BYTES) -> dict[str, Any]:
+def gpu_memory(
+    cfg: GRPOConfig,
+    shape: Shape,
+    gpu: GPU,
+    features: dict,
+    micro: int,
+    fsdp: bool | None = None,
+    logit_bytes: LogitBytes = LOGIT_BYTES,
+) -> dict[str, Any]:
     """Itemised per-GPU bytes for a micro-batch of `micro` samples, the phase totals and the peak. fsdp: the trainer
     runs FSDP2 (default: when sharded over several GPUs; True also plans FSDP2 on one GPU)."""
     actor, rollout, model = cfg.actor, cfg.rollout, cfg.model
@@ -102,9 +118,19 @@ def gpu_memory(cfg: GRPOConfig, shape: Shape, gpu: GPU, features: dict, micro: i
 
     shard_note = f" / {shard} (FSDP shard)" if shard > 1 else ""
     # Resident trainer state: fp32 master weights whatever model.dtype (the trainer loads float32).
-    weights = add("actor weights (fp32 master)", "both", 4 * n_params / shard, f"{n_params / 1e9:.3f}B params x 4 B{shard_note}")
-    lora_weights = add("LoRA adapter (fp32)", "both", 4 * n_lora / shard,
-             f"r={model.lora_rank} on {model.target_modules}: {n_lora / 1e6:.1f}M params") if lora else 0
+    weights = add(
+        "actor weights (fp32 master)", "both", 4 * n_params / shard, f"{n_params / 1e9:.3f}B params x 4 B{shard_note}"
+    )
+    lora_weights = (
+        add(
+            "LoRA adapter (fp32)",
+            "both",
+            4 * n_lora / shard,
+            f"r={model.lora_rank} on {model.target_modules}: {n_lora / 1e6:.1f}M params",
+        )
+        if lora
+        else 0
+    )
     grads = add("gradients (fp32)", "both", 4 * n_train / shard, "kept between steps (zero_grad at next step)")
     opt = add("AdamW states (exp_avg, exp_avg_sq)", "both", 8 * n_train / shard, f"2 x 4 B x {n_train / 1e6:.1f}M")
     ref = add("reference model (bf16 copy)", "both", 2 * n_params / shard, "full FT with KL loss") if has_ref else 0
@@ -130,21 +156,48 @@ def gpu_memory(cfg: GRPOConfig, shape: Shape, gpu: GPU, features: dict, micro: i
         cast_note = "autocast cache of every Linear during the forward"
     # Ulysses: a GPU holds 1/sp of every sequence's columns in the decoder, 1/sp of the rows' logits.
     sp = actor.ulysses_sequence_parallel_size
-    act = activation_bytes(shape, tokens // sp, checkpointing, input_bytes=2 if fsdp else 4)  # FSDP2: bf16 residual stream
+    act = activation_bytes(
+        shape, tokens // sp, checkpointing, input_bytes=2 if fsdp else 4
+    )  # FSDP2: bf16 residual stream
     logit_elems = logits_elems(shape, -(-micro // sp), resp)
     add("bf16 weight copies", "train", cast_fwd, cast_note)
     # FSDP2 does not reshard the root after the forward: embedding + lm_head stay gathered (bf16).
-    root = add("FSDP2 root unit (bf16, gathered)", "train", 2 * shape.vocab * shape.hidden * (1 if shape.tie else 2),
-               "embedding + lm_head, kept gathered after the forward") if fsdp else 0
-    add(f"activations, checkpointing {'on' if checkpointing else 'off'}", "train", act, f"micro-batch {micro} x {seq} tokens" + (f" / Ulysses {sp}" if sp > 1 else ""))
-    add(f"(activations if checkpointing {'off' if checkpointing else 'on'})", "-", activation_bytes(shape, tokens // sp, not checkpointing),
-        "for comparison only")
+    root = (
+        add(
+            "FSDP2 root unit (bf16, gathered)",
+            "train",
+            2 * shape.vocab * shape.hidden * (1 if shape.tie else 2),
+            "embedding + lm_head, kept gathered after the forward",
+        )
+        if fsdp
+        else 0
+    )
+    add(
+        f"activations, checkpointing {'on' if checkpointing else 'off'}",
+        "train",
+        act,
+        f"micro-batch {micro} x {seq} tokens" + (f" / Ulysses {sp}" if sp > 1 else ""),
+    )
+    add(
+        f"(activations if checkpointing {'off' if checkpointing else 'on'})",
+        "-",
+        activation_bytes(shape, tokens // sp, not checkpointing),
+        "for comparison only",
+    )
     mask = add("attention mask", "train", 3 * micro * seq * seq, "[B,1,T,T] bool + bf16 SDPA bias (padded batch)")
     train_bytes, row = logit_bytes.train, logit_bytes.row * (resp + 1) * shape.vocab
-    logits = add("logits (fwd+bwd) + one row's fp32", "train", train_bytes * logit_elems + row,
-             f"{micro} x {resp + 1} x vocab {shape.vocab} x {train_bytes} B + {logit_bytes.row} B x one row")
-    step_temp = add("optimizer step temporary", "train", 0 if features["fused_adamw"] else 4 * n_train / shard,
-              "none: fused AdamW" if features["fused_adamw"] else "foreach AdamW sqrt(exp_avg_sq)")
+    logits = add(
+        "logits (fwd+bwd) + one row's fp32",
+        "train",
+        train_bytes * logit_elems + row,
+        f"{micro} x {resp + 1} x vocab {shape.vocab} x {train_bytes} B + {logit_bytes.row} B x one row",
+    )
+    step_temp = add(
+        "optimizer step temporary",
+        "train",
+        0 if features["fused_adamw"] else 4 * n_train / shard,
+        "none: fused AdamW" if features["fused_adamw"] else "foreach AdamW sqrt(exp_avg_sq)",
+    )
 
     in_update = resident - (ref if off_p else 0)  # offload between uses: the ref leaves during the update
     # zero_grad(set_to_none) opens each update: while the logits peak, only lm_head's grad exists.
@@ -155,13 +208,30 @@ def gpu_memory(cfg: GRPOConfig, shape: Shape, gpu: GPU, features: dict, micro: i
         # recompute (with its gathered units) comes after the logits are freed.
         per_layer = layer_act_bytes_per_token(shape) * tokens // sp if checkpointing else 0
         final_norm_out = 2 * shape.hidden * tokens // sp
-        update_peak = in_update - grads + root + mask + act - per_layer + final_norm_out + max(logits + head_grad, per_layer + cast_fwd)
-        log_prob_peak = resident + root + mask + max(2 * logit_elems + final_norm_out, logit_bytes.nograd * logit_elems + row)
+        update_peak = (
+            in_update
+            - grads
+            + root
+            + mask
+            + act
+            - per_layer
+            + final_norm_out
+            + max(logits + head_grad, per_layer + cast_fwd)
+        )
+        log_prob_peak = (
+            resident + root + mask + max(2 * logit_elems + final_norm_out, logit_bytes.nograd * logit_elems + row)
+        )
     else:
         # forward end (weight casts + bf16 logits) vs logits stage (casts freed, fp32 logits and grads)
         update_peak = in_update - grads + mask + act + max(cast_fwd + 2 * logit_elems, saved_cast + logits + head_grad)
         nograd_cast = 0 if lora else cast_fwd  # trainable weights are cached under no_grad too
-        log_prob_peak = resident + mask + max(nograd_cast + 2 * logit_elems + 4 * shape.hidden * tokens // sp, logit_bytes.nograd * logit_elems + row)
+        log_prob_peak = (
+            resident
+            + mask
+            + max(
+                nograd_cast + 2 * logit_elems + 4 * shape.hidden * tokens // sp, logit_bytes.nograd * logit_elems + row
+            )
+        )
     step = in_update + step_temp
     trainer_peak = max(update_peak, log_prob_peak, step)
 
@@ -172,12 +242,19 @@ def gpu_memory(cfg: GRPOConfig, shape: Shape, gpu: GPU, features: dict, micro: i
         rank = next((x for x in VLLM_MAX_LORA_RANKS if model.lora_rank <= x), 10**9)
         vllm_weights += 2 * shape.lora_params(rank, "all-linear") / rollout_tp
     max_tok = rollout.max_num_batched_tokens or max(rollout.max_model_len or seq, 8192)
-    vllm_act = max_tok * (4 * shape.intermediate // rollout_tp + 8 * shape.hidden) + 8 * rollout.max_num_seqs * shape.vocab
+    vllm_act = (
+        max_tok * (4 * shape.intermediate // rollout_tp + 8 * shape.hidden) + 8 * rollout.max_num_seqs * shape.vocab
+    )
     other = vllm_act + VLLM_NON_TORCH_GIB * GIB
     kv_cache = budget - vllm_weights - other
     add("vLLM weights (bf16)", "rollout", vllm_weights, f"/ TP {rollout_tp}" if rollout_tp > 1 else "whole model")
     add("vLLM activations + CUDA graphs", "rollout", other, f"profiled at {max_tok} tokens")
-    add("vLLM KV cache", "rollout", max(kv_cache, 0), f"rest of util {rollout.gpu_memory_utilization} x {gpu.mem_gib:.1f} GiB")
+    add(
+        "vLLM KV cache",
+        "rollout",
+        max(kv_cache, 0),
+        f"rest of util {rollout.gpu_memory_utilization} x {gpu.mem_gib:.1f} GiB",
+    )
 
     if features["empty_cache_between_phases"] or offloaded:  # engines/trainer/offload.py empties the cache
         rollout_phase = resident - offloaded + budget
@@ -188,23 +265,38 @@ def gpu_memory(cfg: GRPOConfig, shape: Shape, gpu: GPU, features: dict, micro: i
     # vLLM starts after the trainer loads (and offloads), before any gradient or AdamW state exists
     at_init = resident - grads - opt - (weights + lora_weights + ref if off_p else 0)
     total = gpu.mem_gib * GIB
-    return dict(items=items, shard=shard, n_params=n_params, n_trainable=n_train, seq_len=seq,
-                trainer_phases_gib=dict(update=update_peak / GIB, log_prob=log_prob_peak / GIB, optimizer_step=step / GIB),
-                trainer_resident_gib=resident / GIB, trainer_peak_gib=trainer_peak / GIB,
-                vllm_budget_gib=budget / GIB, vllm_weights_gib=vllm_weights / GIB, vllm_kv_gib=max(kv_cache, 0) / GIB,
-                rollout_phase_gib=rollout_phase / GIB, train_phase_gib=train_phase / GIB, peak_gib=peak / GIB,
-                torch_max_allocated_gib=(trainer_peak + budget - other + vllm_act) / GIB,
-                vllm_init_ok=at_init + budget <= total, vllm_kv_ok=kv_cache > 0,
-                fits=peak <= total and kv_cache > 0 and at_init + budget <= total)
+    return dict(
+        items=items,
+        shard=shard,
+        n_params=n_params,
+        n_trainable=n_train,
+        seq_len=seq,
+        trainer_phases_gib=dict(update=update_peak / GIB, log_prob=log_prob_peak / GIB, optimizer_step=step / GIB),
+        trainer_resident_gib=resident / GIB,
+        trainer_peak_gib=trainer_peak / GIB,
+        vllm_budget_gib=budget / GIB,
+        vllm_weights_gib=vllm_weights / GIB,
+        vllm_kv_gib=max(kv_cache, 0) / GIB,
+        rollout_phase_gib=rollout_phase / GIB,
+        train_phase_gib=train_phase / GIB,
+        peak_gib=peak / GIB,
+        torch_max_allocated_gib=(trainer_peak + budget - other + vllm_act) / GIB,
+        vllm_init_ok=at_init + budget <= total,
+        vllm_kv_ok=kv_cache > 0,
+        fits=peak <= total and kv_cache > 0 and at_init + budget <= total,
+    )
 
 
-def largest_micro_batch(cfg: GRPOConfig, shape: Shape, gpu: GPU, features: dict, cap: int = 1 << 16,
-                        logit_bytes: LogitBytes = LOGIT_BYTES) -> int:
+def largest_micro_batch(
+    cfg: GRPOConfig, shape: Shape, gpu: GPU, features: dict, cap: int = 1 << 16, logit_bytes: LogitBytes = LOGIT_BYTES
+) -> int:
     """Largest b whose plan fits (0: not even 1). Memory grows with b, so bisect."""
     if not gpu_memory(cfg, shape, gpu, features, 1, logit_bytes=logit_bytes)["fits"]:
         return 0
     lo, hi = 1, cap
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if gpu_memory(cfg, shape, gpu, features, mid, logit_bytes=logit_bytes)["fits"] else (lo, mid - 1)
+        lo, hi = (
+            (mid, hi) if gpu_memory(cfg, shape, gpu, features, mid, logit_bytes=logit_bytes)["fits"] else (lo, mid - 1)
+        )
     return lo

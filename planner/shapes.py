@@ -1,5 +1,6 @@
 """The shape of a Qwen2/Llama decoder as the planner sees it (config.json fields), and where a
 recipe's shape comes from: a local config.json, a random-init preset, or a published hub config."""
+
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from engines.models import ARCH_PRESETS
 @dataclass(frozen=True)
 class Shape:
     """The config.json fields that size a Qwen2/Llama decoder."""
+
     hidden: int
     layers: int
     heads: int
@@ -30,9 +32,15 @@ class Shape:
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each Linear in one decoder layer, named as in transformers."""
         hidden, q_dim, kv_dim, inter = self.hidden, self.heads * self.d, self.kv_heads * self.d, self.intermediate
-        return {"q_proj": (hidden, q_dim), "k_proj": (hidden, kv_dim), "v_proj": (hidden, kv_dim),
-                "o_proj": (q_dim, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
-                "down_proj": (inter, hidden)}
+        return {
+            "q_proj": (hidden, q_dim),
+            "k_proj": (hidden, kv_dim),
+            "v_proj": (hidden, kv_dim),
+            "o_proj": (q_dim, hidden),
+            "gate_proj": (hidden, inter),
+            "up_proj": (hidden, inter),
+            "down_proj": (inter, hidden),
+        }
 
     def n_params(self) -> int:
         per_layer = sum(a * b for a, b in self.linears().values()) + 2 * self.hidden  # + 2 RMSNorms
@@ -59,11 +67,17 @@ class Shape:
 
 def shape_from_hf(conf: dict) -> Shape:
     heads = conf["num_attention_heads"]
-    return Shape(hidden=conf["hidden_size"], layers=conf["num_hidden_layers"], heads=heads,
-                 kv_heads=conf.get("num_key_value_heads") or heads, intermediate=conf["intermediate_size"],
-                 vocab=conf["vocab_size"], tie=bool(conf.get("tie_word_embeddings", False)),
-                 head_dim=conf.get("head_dim") or 0,
-                 qkv_bias=conf.get("model_type") == "qwen2" or bool(conf.get("attention_bias", False)))
+    return Shape(
+        hidden=conf["hidden_size"],
+        layers=conf["num_hidden_layers"],
+        heads=heads,
+        kv_heads=conf.get("num_key_value_heads") or heads,
+        intermediate=conf["intermediate_size"],
+        vocab=conf["vocab_size"],
+        tie=bool(conf.get("tie_word_embeddings", False)),
+        head_dim=conf.get("head_dim") or 0,
+        qkv_bias=conf.get("model_type") == "qwen2" or bool(conf.get("attention_bias", False)),
+    )
 
 
 # PUBLISHED_HUB_CONFIGS: the config.json fields that size each hub model the reference recipes
@@ -71,16 +85,29 @@ def shape_from_hf(conf: dict) -> Shape:
 # (the public config.json numbers, also what model.source=random builds); Qwen2 7B/72B share the
 # Qwen2.5 shapes of their sizes; SmolLM2 (model.source=gguf builds it) is a Llama.
 _HUB_PRESETS = {
-    "Qwen/Qwen2.5-0.5B-Instruct": "0.5b", "Qwen/Qwen2.5-1.5B-Instruct": "1.5b", "Qwen/Qwen2.5-3B-Instruct": "3b",
-    "Qwen/Qwen2.5-7B-Instruct": "7b", "Qwen/Qwen2.5-14B-Instruct": "14b", "Qwen/Qwen2.5-32B-Instruct": "32b",
-    "Qwen/Qwen2.5-32B": "32b", "Qwen/Qwen2.5-72B-Instruct": "72b", "Qwen/Qwen2-7B-Instruct": "7b",
+    "Qwen/Qwen2.5-0.5B-Instruct": "0.5b",
+    "Qwen/Qwen2.5-1.5B-Instruct": "1.5b",
+    "Qwen/Qwen2.5-3B-Instruct": "3b",
+    "Qwen/Qwen2.5-7B-Instruct": "7b",
+    "Qwen/Qwen2.5-14B-Instruct": "14b",
+    "Qwen/Qwen2.5-32B-Instruct": "32b",
+    "Qwen/Qwen2.5-32B": "32b",
+    "Qwen/Qwen2.5-72B-Instruct": "72b",
+    "Qwen/Qwen2-7B-Instruct": "7b",
     "Qwen/Qwen2-72B-Instruct": "72b",
 }
 PUBLISHED_HUB_CONFIGS: dict[str, dict] = {
     **{hub: {"model_type": "qwen2", **ARCH_PRESETS[arch]} for hub, arch in _HUB_PRESETS.items()},
     "HuggingFaceTB/SmolLM2-135M-Instruct": dict(
-        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, model_type="llama"),
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        model_type="llama",
+    ),
 }
 
 
@@ -100,5 +127,7 @@ def model_shape(cfg: GRPOConfig) -> tuple[Shape, str]:
         return shape_from_hf(PUBLISHED_HUB_CONFIGS["HuggingFaceTB/SmolLM2-135M-Instruct"]), "SmolLM2 table"
     if model.path in PUBLISHED_HUB_CONFIGS:
         return shape_from_hf(PUBLISHED_HUB_CONFIGS[model.path]), "PUBLISHED_HUB_CONFIGS"
-    raise ValueError(f"model.path={model.path}: no config.json there and not a known hub id; give a local "
-                     f"HF dir or one of: {', '.join(PUBLISHED_HUB_CONFIGS)}")
+    raise ValueError(
+        f"model.path={model.path}: no config.json there and not a known hub id; give a local "
+        f"HF dir or one of: {', '.join(PUBLISHED_HUB_CONFIGS)}"
+    )

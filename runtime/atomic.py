@@ -1,5 +1,6 @@
 """Write a file so that readers (and a process killed mid-write) see the old version or the new
 one, never half: a temp file in the same directory, optionally fsynced, then renamed."""
+
 from __future__ import annotations
 
 import os

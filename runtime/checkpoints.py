@@ -11,6 +11,7 @@ a checkpoint's files digest them as they finish (`describe`), in parallel; `writ
 what its `fill` did not describe, so no byte of a checkpoint is read twice while saving.
 Manifests of earlier builds (sha256, no `algorithm`) still verify.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -113,8 +114,10 @@ def write(root: Path, step: int, fill: Callable[[Path], dict | None], keep: int 
         atomic_text(tmp / MANIFEST, json.dumps(manifest, indent=1), durable=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"writing checkpoint global_step_{step} under {root} failed ({e}); "
-                      f"the previous checkpoint ({read_latest(root)}) is intact") from e
+        raise OSError(
+            f"writing checkpoint global_step_{step} under {root} failed ({e}); "
+            f"the previous checkpoint ({read_latest(root)}) is intact"
+        ) from e
     if final.exists():  # a re-run of the same step: the old copy goes only once the new one is whole
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -144,7 +147,8 @@ def check_space(root: Path, step: int, margin: float = 1.05) -> None:
             f"trainer.default_local_dir={root}: {free / 2**30:.1f} GiB free, but checkpoint global_step_{step} "
             f"needs about {need / 2**30:.1f} GiB (the size of global_step_{prev}; older ones are removed only "
             "once it is whole); free space there, lower trainer.max_actor_ckpt_to_keep, or set "
-            "trainer.export_hf=never or last")
+            "trainer.export_hf=never or last"
+        )
 
 
 def _written_ns(ckpt: Path) -> int:
@@ -156,8 +160,9 @@ def _written_ns(ckpt: Path) -> int:
 
 def _rotate(root: Path, step: int, keep: int) -> None:
     lineage = [step_dir(root, s) for s in _steps(root) if s <= step]
-    newest_first = sorted(lineage, key=lambda p: (p.name == f"global_step_{step}", _written_ns(p), step_of(p)),
-                          reverse=True)
+    newest_first = sorted(
+        lineage, key=lambda p: (p.name == f"global_step_{step}", _written_ns(p), step_of(p)), reverse=True
+    )
     for old in newest_first[keep:]:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -13,6 +13,7 @@ killer does to the flow process, and what resume must survive.
 makes that rank's worker sleep <seconds> on entering that method (every call), the others going on
 into their collectives: a hung rank, for the collective-timeout test (`hang_point`).
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,11 @@ def kill_point(stage: str, step: int = 0):
     t0 = time.perf_counter()
 
     def die(where: str) -> None:
-        print(f"killpoint: SIGKILL in {stage} at step {step}, {time.perf_counter() - t0:.3f} s in ({where})",
-              file=sys.stderr, flush=True)
+        print(
+            f"killpoint: SIGKILL in {stage} at step {step}, {time.perf_counter() - t0:.3f} s in ({where})",
+            file=sys.stderr,
+            flush=True,
+        )
         os.kill(os.getpid(), signal.SIGKILL)
 
     timer = threading.Timer(target[2], die, args=("timer",))

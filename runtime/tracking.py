@@ -5,6 +5,7 @@ The run also gets what MLflow users expect of `mlflow.start_run`: source, user a
 system metrics (CPU, RAM, disk, network; GPUs with nvidia-ml-py), the datasets as run inputs and
 per-step sample tables.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,11 @@ def run_tags(extra: dict[str, str]) -> dict[str, str]:
     )
 
     tags = resolve_tags(extra)
-    for key, get in ((MLFLOW_GIT_COMMIT, git_utils.get_git_commit), (MLFLOW_GIT_BRANCH, git_utils.get_git_branch),
-                     (MLFLOW_GIT_REPO_URL, git_utils.get_git_repo_url)):
+    for key, get in (
+        (MLFLOW_GIT_COMMIT, git_utils.get_git_commit),
+        (MLFLOW_GIT_BRANCH, git_utils.get_git_branch),
+        (MLFLOW_GIT_REPO_URL, git_utils.get_git_repo_url),
+    ):
         value = get(str(CODE_DIR))
         if value:
             tags[key] = value
@@ -73,16 +77,20 @@ def check_tracking_uri(cfg: GRPOConfig) -> None:
     if uri.startswith("sqlite:///"):
         parent = Path(uri.removeprefix("sqlite:///")).expanduser().absolute().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise ValueError(f"tracking.tracking_uri={uri}: directory {parent} does not exist or is not "
-                             "writable; point it at a writable place")
+            raise ValueError(
+                f"tracking.tracking_uri={uri}: directory {parent} does not exist or is not "
+                "writable; point it at a writable place"
+            )
     elif uri.startswith(("http://", "https://")):
         import urllib.request
 
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5)
         except OSError as e:
-            raise ValueError(f"tracking.tracking_uri={uri}: no MLflow server answers there ({e}); start it "
-                             "(mlflow server --host 127.0.0.1) or unset it to log to sqlite:///mlflow.db") from None
+            raise ValueError(
+                f"tracking.tracking_uri={uri}: no MLflow server answers there ({e}); start it "
+                "(mlflow server --host 127.0.0.1) or unset it to log to sqlite:///mlflow.db"
+            ) from None
 
 
 class Tracker:
@@ -101,14 +109,19 @@ class Tracker:
             if id_file.exists():
                 run_id = json.loads(id_file.read_text())["run_id"]
             else:  # killed between creating the run and writing its id: an empty run with our tag
-                found = self.client.search_runs([exp.experiment_id], f"tags.`grpo.run_dir` = '{run_dir}'",
-                                                order_by=["attributes.start_time DESC"], max_results=1)
+                found = self.client.search_runs(
+                    [exp.experiment_id],
+                    f"tags.`grpo.run_dir` = '{run_dir}'",
+                    order_by=["attributes.start_time DESC"],
+                    max_results=1,
+                )
                 if found and not found[0].data.params and not found[0].data.metrics:
                     run_id = found[0].info.run_id
         self.resumed = bool(run_id and self._exists(run_id))
         if not self.resumed:
-            run_id = self.client.create_run(exp.experiment_id, run_name=cfg.tracking.run_name,
-                                            tags=run_tags({"grpo.run_dir": run_dir})).info.run_id
+            run_id = self.client.create_run(
+                exp.experiment_id, run_name=cfg.tracking.run_name, tags=run_tags({"grpo.run_dir": run_dir})
+            ).info.run_id
             run_root.mkdir(parents=True, exist_ok=True)
             atomic_text(id_file, json.dumps({"run_id": run_id}))
         if EXPERIMENT_KIND_TAG not in exp.tags:  # the UI then opens it on its runs table
@@ -145,9 +158,11 @@ class Tracker:
                 uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).expanduser().absolute())
             base, ui = UI_ADDRESS, f"mlflow ui --backend-store-uri {uri}"
         page = f"{base}/#/experiments/{self.experiment_id}"
-        return [f"MLflow run {self.run_id} in {uri} ({'resumed' if self.resumed else 'new'})",
-                f"view it: {ui}, then {page}/runs/{self.run_id}",
-                f"all runs (compare them): {page}/runs?{ML_VIEW_QUERY}"]
+        return [
+            f"MLflow run {self.run_id} in {uri} ({'resumed' if self.resumed else 'new'})",
+            f"view it: {ui}, then {page}/runs/{self.run_id}",
+            f"all runs (compare them): {page}/runs?{ML_VIEW_QUERY}",
+        ]
 
     def log_dataset(self, df, source: str, name: str, context: str) -> None:
         """`df` (the parquet at `source`) as a run input (name, digest, schema, row count) under
@@ -189,8 +204,14 @@ class Tracker:
             try:
                 self.mlflow.log_metrics(metrics, step=step)
             except Exception as e:  # network, server, locked database: all the same to training
-                log.warning("MLflow store %s did not take step %d (%s: %s); %d step(s) queued",
-                            self.uri, step, type(e).__name__, str(e)[:200], len(self._pending))
+                log.warning(
+                    "MLflow store %s did not take step %d (%s: %s); %d step(s) queued",
+                    self.uri,
+                    step,
+                    type(e).__name__,
+                    str(e)[:200],
+                    len(self._pending),
+                )
                 self._save_pending()
                 return False
             self._pending.pop(0)
@@ -199,8 +220,9 @@ class Tracker:
 
     def _save_pending(self) -> None:
         if self._pending:
-            atomic_text(self._pending_file,
-                        "".join(json.dumps({"step": s, "metrics": m}) + "\n" for s, m in self._pending))
+            atomic_text(
+                self._pending_file, "".join(json.dumps({"step": s, "metrics": m}) + "\n" for s, m in self._pending)
+            )
         else:
             self._pending_file.unlink(missing_ok=True)
 
@@ -217,8 +239,11 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         if not self.flush():
-            log.warning("%d step(s) of metrics stay in %s; the next run with this directory sends them",
-                        len(self._pending), self._pending_file)
+            log.warning(
+                "%d step(s) of metrics stay in %s; the next run with this directory sends them",
+                len(self._pending),
+                self._pending_file,
+            )
         try:
             self.mlflow.end_run(status=status)
         except Exception as e:

@@ -1,4 +1,5 @@
 """Print every metric of the newest MLflow run, one row per step: `python scripts/mlflow_summary.py URI [RUN_NAME]`."""
+
 import sys
 
 from mlflow import MlflowClient

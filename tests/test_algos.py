@@ -237,9 +237,7 @@ def test_agg_micro_batches_sum_to_full_batch(mode, split):
     close(g_tok, 6.0, tol=0)
     close(g_seq, 3.0, tol=0)
     parts = [(LB[:split], MB[:split]), (LB[split:], MB[split:])]
-    total = sum(
-        agg_loss(loss, m, mode, global_tokens=g_tok, global_seqs=g_seq, norm_len=3) for loss, m in parts
-    )
+    total = sum(agg_loss(loss, m, mode, global_tokens=g_tok, global_seqs=g_seq, norm_len=3) for loss, m in parts)
     close(total, FULL[mode])
 
 

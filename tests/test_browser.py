@@ -2,6 +2,7 @@
 on it, headless Chromium (Debian's `chromium` package) renders the runs page's chart view and the
 compare page, and the charts are in the rendered DOM. Skipped where Chromium is not installed
 (`apt-get install chromium`, or GRPO_CHROMIUM=/path/to/chromium)."""
+
 import os
 import shutil
 import subprocess
@@ -21,20 +22,42 @@ def rendered_dom(url: str) -> str:
     """The DOM of `url` after its scripts ran: Chromium headless, --dump-dom. The virtual time
     budget lets the page's fetches and renders finish (60 s of page time, about 5 s of real time
     on 2 cores); the window is tall so that lazily drawn charts are in view."""
-    res = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,3000",
-                          "--virtual-time-budget=60000", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=180)
+    res = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=1400,3000",
+            "--virtual-time-budget=60000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     return res.stdout
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not found: apt-get install chromium "
-                    "(Debian's package), or set GRPO_CHROMIUM=/path/to/chromium")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="headless Chromium not found: apt-get install chromium "
+    "(Debian's package), or set GRPO_CHROMIUM=/path/to/chromium",
+)
 def test_mlflow_runs_and_compare_pages_draw_the_demo_runs_charts(tmp_path, gsm8k):
     names = {"lr-2e-3": "2.0e-3", "lr-5e-4": "5.0e-4"}
     for name, lr in names.items():  # the demo, shortened: charts need a few points, not 20
-        run_grpo(tmp_path, f"actor.lr={lr}", f"tracking.run_name={name}", "trainer.total_training_steps=4",
-                 "trainer.test_freq=2", f"trainer.default_local_dir={tmp_path / name}", config="tiny-cpu-demo")
+        run_grpo(
+            tmp_path,
+            f"actor.lr={lr}",
+            f"tracking.run_name={name}",
+            "trainer.total_training_steps=4",
+            "trainer.test_freq=2",
+            f"trainer.default_local_dir={tmp_path / name}",
+            config="tiny-cpu-demo",
+        )
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -42,16 +65,29 @@ def test_mlflow_runs_and_compare_pages_draw_the_demo_runs_charts(tmp_path, gsm8k
     runs = {r.info.run_name: r.info.run_id for r in client.search_runs([exp.experiment_id])}
     assert set(runs) == set(names)
     port = free_port()
-    ui = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri",
-                           f"sqlite:///{tmp_path / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port)],
-                          cwd=tmp_path, stdout=open(tmp_path / "mlflow-ui.log", "w"), stderr=subprocess.STDOUT,
-                          start_new_session=True)
+    ui = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=tmp_path,
+        stdout=open(tmp_path / "mlflow-ui.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/health", ui)
         # The runs page as the README gives it, in chart view: a chart per metric, both runs in each.
-        page = rendered_dom(f"{base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
-                            "&compareRunsMode=CHART")
+        page = rendered_dom(
+            f"{base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning&compareRunsMode=CHART"
+        )
         assert page.count(PLOT) >= 5 and "critic/score/mean" in page, "no metric charts on the runs page"
         assert all(name in page for name in names)
         # The compare page of the two runs: its parallel-coordinates chart and both runs.

@@ -1,4 +1,5 @@
 """Atomic, checksummed checkpoints: a damaged newest one is detected and the previous one used."""
+
 import errno
 import json
 import logging
@@ -14,6 +15,7 @@ def _fill(payload: bytes):
         (tmp / "actor").mkdir(parents=True)
         (tmp / "actor" / "model.safetensors").write_bytes(payload)
         (tmp / "actor" / "optim.pt").write_bytes(payload[::-1])
+
     return fill
 
 
@@ -45,12 +47,15 @@ def _flip(p):
     p.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage,reason", [
-    (lambda d: _truncate(d / "actor" / "model.safetensors"), "bytes, manifest says"),
-    (lambda d: _flip(d / "actor" / "optim.pt"), "checksum mismatch"),
-    (lambda d: (d / "manifest.json").unlink(), "manifest.json missing"),
-    (lambda d: (d / "actor" / "optim.pt").unlink(), "optim.pt missing"),
-])
+@pytest.mark.parametrize(
+    "damage,reason",
+    [
+        (lambda d: _truncate(d / "actor" / "model.safetensors"), "bytes, manifest says"),
+        (lambda d: _flip(d / "actor" / "optim.pt"), "checksum mismatch"),
+        (lambda d: (d / "manifest.json").unlink(), "manifest.json missing"),
+        (lambda d: (d / "actor" / "optim.pt").unlink(), "optim.pt missing"),
+    ],
+)
 def test_damaged_newest_checkpoint_falls_back_to_previous(root, damage, reason, caplog):
     damage(root / "global_step_2")
     assert reason in ck.verify(root / "global_step_2")
@@ -117,7 +122,11 @@ def test_foreign_directories_are_neither_resumed_nor_rotated(root):
     ck.write(root, 3, _fill(b"three" * 100), keep=1)
     assert ck.newest_valid(root) == root / "global_step_3"
     assert {p.name for p in root.iterdir() if not p.name.startswith(("latest", "global_step_3"))} == {
-        "global_step_9.bak", "global_step_x", "global_step_", "global_step_7"}
+        "global_step_9.bak",
+        "global_step_x",
+        "global_step_",
+        "global_step_7",
+    }
 
 
 def test_manifest_names_its_algorithm_and_old_sha256_manifests_verify(root):
@@ -131,9 +140,13 @@ def test_manifest_names_its_algorithm_and_old_sha256_manifests_verify(root):
     data = (ckpt / "actor" / "optim.pt").read_bytes()
     assert manifest["files"]["actor/optim.pt"]["blake3"] == blake3.blake3(data).hexdigest()
     # An earlier build's manifest: sha256 digests and no "algorithm" key.
-    old = {"global_step": 2, "files": {rel: {"size": (ckpt / rel).stat().st_size,
-                                             "sha256": hashlib.sha256((ckpt / rel).read_bytes()).hexdigest()}
-                                       for rel in manifest["files"]}}
+    old = {
+        "global_step": 2,
+        "files": {
+            rel: {"size": (ckpt / rel).stat().st_size, "sha256": hashlib.sha256((ckpt / rel).read_bytes()).hexdigest()}
+            for rel in manifest["files"]
+        },
+    }
     (ckpt / "manifest.json").write_text(json.dumps(old))
     assert ck.verify(ckpt) is None
     _flip(ckpt / "actor" / "optim.pt")
@@ -142,6 +155,7 @@ def test_manifest_names_its_algorithm_and_old_sha256_manifests_verify(root):
 
 def test_digests_reported_by_writers_are_trusted_not_recomputed(tmp_path, monkeypatch):
     """What the writing ranks described is not read again; files they did not describe are."""
+
     def fill(tmp):
         _fill(b"w" * 1000)(tmp)
         return ck.describe([tmp / "actor" / "model.safetensors"], tmp)
@@ -174,8 +188,11 @@ def test_a_disk_too_small_for_the_next_checkpoint_is_one_error_before_writing(ro
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 6000, 6000))
-    with pytest.raises(ValueError, match=r"0\.0 GiB free, but checkpoint global_step_3 needs about 0\.0 GiB "
-                                         r"\(the size of global_step_2.*trainer.max_actor_ckpt_to_keep"):
+    with pytest.raises(
+        ValueError,
+        match=r"0\.0 GiB free, but checkpoint global_step_3 needs about 0\.0 GiB "
+        r"\(the size of global_step_2.*trainer.max_actor_ckpt_to_keep",
+    ):
         ck.write(root, 3, _fill(b"three" * 1000))
     assert ck.read_latest(root) == 2 and not list(root.glob("*global_step_3*"))
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 6400, 6400))  # 6,000 x 1.05 = 6,300

@@ -1,4 +1,5 @@
 """Config schema, recipe files and the CLI's answers to bad input (no Ray, no vLLM needed)."""
+
 import json
 import os
 import subprocess
@@ -23,8 +24,11 @@ RECIPES_MD = ROOT.parent / "shared" / "docs" / "recipes.md"
 
 def test_every_reference_recipe_has_a_config_that_validates():
     names = set(recipe_names())
-    expected = {line.split("|")[1].strip() for line in RECIPES_MD.read_text().splitlines()
-                if line.startswith("| qwen2-")} if RECIPES_MD.exists() else set()
+    expected = (
+        {line.split("|")[1].strip() for line in RECIPES_MD.read_text().splitlines() if line.startswith("| qwen2-")}
+        if RECIPES_MD.exists()
+        else set()
+    )
     assert expected <= names and len(expected) == 12
     assert {"tiny-cpu", "smollm2-135m-cpu"} <= names
     for name in names:
@@ -32,12 +36,15 @@ def test_every_reference_recipe_has_a_config_that_validates():
         assert cfg.recipe == name and cfg.tracking.run_name == name
 
 
-@pytest.mark.parametrize("name,gpus,batch,micro,tp,util,n,lr", [
-    ("qwen2-0.5b-lora-1xh100", 1, 116, 116, 1, 0.1, 5, 3e-5),
-    ("qwen2-32b-lora-4xh100", 4, 180, 45, 4, 0.3, 5, 3e-5),
-    ("qwen2-14b-4xh800", 4, 1024, 16, 4, 0.5, 5, 1e-6),
-    ("qwen2-70b-32xh800", 32, 1024, 1, 16, 0.6, 5, 1e-6),
-])
+@pytest.mark.parametrize(
+    "name,gpus,batch,micro,tp,util,n,lr",
+    [
+        ("qwen2-0.5b-lora-1xh100", 1, 116, 116, 1, 0.1, 5, 3e-5),
+        ("qwen2-32b-lora-4xh100", 4, 180, 45, 4, 0.3, 5, 3e-5),
+        ("qwen2-14b-4xh800", 4, 1024, 16, 4, 0.5, 5, 1e-6),
+        ("qwen2-70b-32xh800", 32, 1024, 1, 16, 0.6, 5, 1e-6),
+    ],
+)
 def test_recipes_carry_the_reference_hyperparameters(name, gpus, batch, micro, tp, util, n, lr):
     c = load_config(name)
     assert (c.world_size, c.data.train_batch_size, c.actor.ppo_micro_batch_size_per_gpu) == (gpus, batch, micro)
@@ -54,41 +61,71 @@ def test_lora_recipe_fixes_the_reference_debug_leftover():
 
 def test_overrides_parse_yaml_scalars_and_nest():
     assert parse_overrides(["rollout.n=4", "data.shuffle=false", "tracking.run_name=a=b"]) == {
-        "rollout": {"n": 4}, "data": {"shuffle": False}, "tracking": {"run_name": "a=b"}}
+        "rollout": {"n": 4},
+        "data": {"shuffle": False},
+        "tracking": {"run_name": "a=b"},
+    }
     cfg = load_config("tiny-cpu", ["rollout.n=2", "actor.ppo_micro_batch_size_per_gpu=2", "actor.lr=1e-5"])
     assert cfg.rollout.n == 2 and cfg.actor.ppo_micro_batch_size_per_gpu == 2 and cfg.actor.lr == 1e-5
     flat = flatten(cfg)
     assert flat["rollout.n"] == "2" and flat["model.arch"] == "tiny"
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    (["actor.lrr=1"], "unknown key 'actor.lrr'"),
-    (["nosuchsection.x=1"], "unknown key 'nosuchsection'"),
-    (["actor.lr=fast"], "actor.lr"),
-    (["rollout.n=0"], "rollout.n"),
-    (["trainer.device=tpu"], "trainer.device"),
-    (["data.train_batch_size=6"], "must be a multiple of actor.ppo_mini_batch_size=4"),
-    (["actor.ppo_micro_batch_size_per_gpu=5"], "actor.ppo_micro_batch_size_per_gpu=5"),
-    (["actor.use_dynamic_bsz=true", "actor.ppo_max_token_len_per_gpu=100", "data.max_prompt_length=64",
-      "rollout.max_response_length=64"],
-     "actor.ppo_max_token_len_per_gpu=100 must be at least data.max_prompt_length+rollout.max_response_length=128"),
-    (["actorlr"], "section.key=value"),
-    (["trainer.n_gpus_per_node=2", "actor.ulysses_sequence_parallel_size=4"],
-     "actor.ulysses_sequence_parallel_size=4 must divide the 2 GPUs"),
-    (["trainer.n_gpus_per_node=4", "actor.ppo_micro_batch_size_per_gpu=1", "rollout.tensor_model_parallel_size=3"],
-     "rollout.tensor_model_parallel_size=3 must divide trainer.n_gpus_per_node=4"),
-    (["trainer.n_gpus_per_node=4", "trainer.nnodes=2", "actor.ppo_micro_batch_size_per_gpu=1",
-      "rollout.tensor_model_parallel_size=6"],
-     "rollout.tensor_model_parallel_size=6 must divide trainer.n_gpus_per_node=4 (or be a multiple of it"),
-    # issue 13 (4): vLLM's context must hold the longest prompt and response
-    (["rollout.max_model_len=64"], "rollout.max_model_len=64 is less than data.max_prompt_length+"
-                                   "rollout.max_response_length="),
-    (["rollout.max_num_batched_tokens=100"], "rollout.max_num_batched_tokens=100 is less than the context length"),
-    (["rollout.max_num_batched_tokens=1024", "rollout.max_num_seqs=2048"],
-     "rollout.max_num_batched_tokens=1024 is less than rollout.max_num_seqs=2048"),
-    # issue 13 (5): greedy sampling gives GRPO nothing to learn from
-    (["rollout.temperature=0"], "rollout.temperature=0 samples greedily"),
-])
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["actor.lrr=1"], "unknown key 'actor.lrr'"),
+        (["nosuchsection.x=1"], "unknown key 'nosuchsection'"),
+        (["actor.lr=fast"], "actor.lr"),
+        (["rollout.n=0"], "rollout.n"),
+        (["trainer.device=tpu"], "trainer.device"),
+        (["data.train_batch_size=6"], "must be a multiple of actor.ppo_mini_batch_size=4"),
+        (["actor.ppo_micro_batch_size_per_gpu=5"], "actor.ppo_micro_batch_size_per_gpu=5"),
+        (
+            [
+                "actor.use_dynamic_bsz=true",
+                "actor.ppo_max_token_len_per_gpu=100",
+                "data.max_prompt_length=64",
+                "rollout.max_response_length=64",
+            ],
+            "actor.ppo_max_token_len_per_gpu=100 must be at least data.max_prompt_length+rollout.max_response_length=128",
+        ),
+        (["actorlr"], "section.key=value"),
+        (
+            ["trainer.n_gpus_per_node=2", "actor.ulysses_sequence_parallel_size=4"],
+            "actor.ulysses_sequence_parallel_size=4 must divide the 2 GPUs",
+        ),
+        (
+            [
+                "trainer.n_gpus_per_node=4",
+                "actor.ppo_micro_batch_size_per_gpu=1",
+                "rollout.tensor_model_parallel_size=3",
+            ],
+            "rollout.tensor_model_parallel_size=3 must divide trainer.n_gpus_per_node=4",
+        ),
+        (
+            [
+                "trainer.n_gpus_per_node=4",
+                "trainer.nnodes=2",
+                "actor.ppo_micro_batch_size_per_gpu=1",
+                "rollout.tensor_model_parallel_size=6",
+            ],
+            "rollout.tensor_model_parallel_size=6 must divide trainer.n_gpus_per_node=4 (or be a multiple of it",
+        ),
+        # issue 13 (4): vLLM's context must hold the longest prompt and response
+        (
+            ["rollout.max_model_len=64"],
+            "rollout.max_model_len=64 is less than data.max_prompt_length+rollout.max_response_length=",
+        ),
+        (["rollout.max_num_batched_tokens=100"], "rollout.max_num_batched_tokens=100 is less than the context length"),
+        (
+            ["rollout.max_num_batched_tokens=1024", "rollout.max_num_seqs=2048"],
+            "rollout.max_num_batched_tokens=1024 is less than rollout.max_num_seqs=2048",
+        ),
+        # issue 13 (5): greedy sampling gives GRPO nothing to learn from
+        (["rollout.temperature=0"], "rollout.temperature=0 samples greedily"),
+    ],
+)
 def test_bad_config_names_the_key(overrides, needle):
     with pytest.raises(ConfigError, match=None) as e:
         load_config("tiny-cpu", overrides)
@@ -101,8 +138,10 @@ def test_context_length_of_a_lora_recipe():
     assert cfg.rollout.max_model_len == cfg.data.max_prompt_length + cfg.rollout.max_response_length == 1536
     with pytest.raises(ConfigError) as e:
         load_config("qwen2-0.5b-lora-1xh100", ["data.max_prompt_length=1024"])
-    assert ("rollout.max_model_len=1536 is less than data.max_prompt_length+rollout.max_response_length=2048"
-            in str(e.value)) and "\n" not in str(e.value)
+    assert (
+        "rollout.max_model_len=1536 is less than data.max_prompt_length+rollout.max_response_length=2048"
+        in str(e.value)
+    ) and "\n" not in str(e.value)
     # chunked prefill on (CUDA): a smaller token budget is vLLM's to chunk; off, it must hold a whole prompt
     load_config("qwen2-0.5b-lora-1xh100", ["rollout.enable_chunked_prefill=true", "rollout.max_num_batched_tokens=512"])
     with pytest.raises(ConfigError, match="rollout.max_num_batched_tokens=512 is less than the context length 1536"):
@@ -122,8 +161,9 @@ def test_malformed_yaml_and_unknown_recipe(tmp_path):
 
 def run_cli(tmp_path, *args, env=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def _bad_dataset_dirs(tmp_path):
@@ -144,24 +184,50 @@ def _bad_model_dirs(tmp_path):
     (partial / "config.json").write_text("{}")
     no_template = tmp_path / "no-template"
     no_template.mkdir()
-    for name, text in (("config.json", "{}"), ("model.safetensors", ""), ("tokenizer.json", "{}"),
-                       ("tokenizer_config.json", "{}")):
+    for name, text in (
+        ("config.json", "{}"),
+        ("model.safetensors", ""),
+        ("tokenizer.json", "{}"),
+        ("tokenizer_config.json", "{}"),
+    ):
         (no_template / name).write_text(text)
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("extends: tiny-cpu.yaml\nactor: {lr: [1,\n")
     return partial, no_template, bad_yaml
 
 
-CASES = ["missing_data", "no_columns", "bad_truth", "unknown_key", "wrong_type", "missing_model",
-         "partial_model", "no_chat_template", "malformed_yaml", "batch_divisibility", "unwritable_ckpt",
-         "mlflow_unreachable", "lora_target", "gpu_recipe", "megatron_recipe", "multi_gpu_recipe", "empty_dataset",
-         "all_prompts_overlong", "ckpt_other_model", "bad_reward_fn"]
+CASES = [
+    "missing_data",
+    "no_columns",
+    "bad_truth",
+    "unknown_key",
+    "wrong_type",
+    "missing_model",
+    "partial_model",
+    "no_chat_template",
+    "malformed_yaml",
+    "batch_divisibility",
+    "unwritable_ckpt",
+    "mlflow_unreachable",
+    "lora_target",
+    "gpu_recipe",
+    "megatron_recipe",
+    "multi_gpu_recipe",
+    "empty_dataset",
+    "all_prompts_overlong",
+    "ckpt_other_model",
+    "bad_reward_fn",
+]
 
 
 def _foreign_checkpoint(root: Path, **model) -> Path:
     """A checkpoint dir as another run left it: written for another model shape."""
-    sig = {"model.path": "models/tiny-qwen2", "model.lora_rank": 0, "world_size": 1,
-           "shape": {"hidden": 128, "layers": 2, "heads": 2, "kv_heads": 1, "intermediate": 384}}
+    sig = {
+        "model.path": "models/tiny-qwen2",
+        "model.lora_rank": 0,
+        "world_size": 1,
+        "shape": {"hidden": 128, "layers": 2, "heads": 2, "kv_heads": 1, "intermediate": 384},
+    }
     sig.update(model)
     (root / "global_step_2").mkdir(parents=True)
     (root / "global_step_2" / "trainer_state.json").write_text(json.dumps({"global_step": 2, "model": sig}))
@@ -180,24 +246,43 @@ def test_cli_bad_input_one_clear_line_nothing_written(tmp_path, case):
     empty.mkdir()
     (empty / "train.jsonl").write_text("")
     (empty / "test.jsonl").write_text("")
-    other_model = _foreign_checkpoint(tmp_path / "ckpt-a", shape={"hidden": 896, "layers": 24, "heads": 14, "kv_heads": 2, "intermediate": 4864})
+    other_model = _foreign_checkpoint(
+        tmp_path / "ckpt-a", shape={"hidden": 896, "layers": 24, "heads": 14, "kv_heads": 2, "intermediate": 4864}
+    )
     model = f"model.path={ROOT / 'models' / 'tiny-qwen2'}"
     args, needle = {
-        "all_prompts_overlong": (["run", "tiny-cpu", model, f"data.source={GSM8K}", f"data.dir={tmp_path / 'data'}",
-                                  "data.max_prompt_length=8"], "data.max_prompt_length=8"),
+        "all_prompts_overlong": (
+            [
+                "run",
+                "tiny-cpu",
+                model,
+                f"data.source={GSM8K}",
+                f"data.dir={tmp_path / 'data'}",
+                "data.max_prompt_length=8",
+            ],
+            "data.max_prompt_length=8",
+        ),
         "bad_reward_fn": (["run", "tiny-cpu", "reward.function=nosuch.module:fn"], "module 'nosuch.module' not found"),
-        "ckpt_other_model": (["run", "tiny-cpu", model, f"trainer.default_local_dir={other_model}"],
-                             "another model (shape"),
+        "ckpt_other_model": (
+            ["run", "tiny-cpu", model, f"trainer.default_local_dir={other_model}"],
+            "another model (shape",
+        ),
         "partial_model": (["run", "tiny-cpu", "model.source=hf", f"model.path={partial}"], "no weights"),
         "no_chat_template": (["run", "tiny-cpu", "model.source=hf", f"model.path={no_template}"], "chat template"),
         "malformed_yaml": (["run", str(bad_yaml)], "not valid YAML"),
         "batch_divisibility": (["run", "tiny-cpu", "data.train_batch_size=6"], "data.train_batch_size=6"),
-        "unwritable_ckpt": (["run", "tiny-cpu", "trainer.default_local_dir=/etc/hostname/ckpt"],
-                            "trainer.default_local_dir=/etc/hostname/ckpt"),
-        "mlflow_unreachable": (["run", "tiny-cpu", "tracking.tracking_uri=http://127.0.0.1:9"],
-                               "tracking.tracking_uri=http://127.0.0.1:9"),
-        "lora_target": (["run", "tiny-cpu", "model.lora_rank=8", "model.target_modules=[q_proj,qkv_proj]"],
-                        "['qkv_proj'] not in the model"),
+        "unwritable_ckpt": (
+            ["run", "tiny-cpu", "trainer.default_local_dir=/etc/hostname/ckpt"],
+            "trainer.default_local_dir=/etc/hostname/ckpt",
+        ),
+        "mlflow_unreachable": (
+            ["run", "tiny-cpu", "tracking.tracking_uri=http://127.0.0.1:9"],
+            "tracking.tracking_uri=http://127.0.0.1:9",
+        ),
+        "lora_target": (
+            ["run", "tiny-cpu", "model.lora_rank=8", "model.target_modules=[q_proj,qkv_proj]"],
+            "['qkv_proj'] not in the model",
+        ),
         "empty_dataset": (["run", "tiny-cpu", f"data.source={empty}"], str(empty)),
         "missing_data": (["run", "tiny-cpu", "data.source=/no/such/gsm8k"], "data.source=/no/such/gsm8k"),
         "no_columns": (["run", "tiny-cpu", f"data.source={no_cols}"], "answer"),
@@ -230,12 +315,18 @@ def test_eval_of_a_lora_checkpoint_is_not_refused_by_the_training_resume_guard(t
     from engines.models import materialize
     from flows.cli import _load, eval_target
 
-    model_dir = materialize("random", str(tmp_path / "m" / "tiny"),
-                            corpus=[f"Tom has {i} apples. #### {i}" for i in range(200)])
+    model_dir = materialize(
+        "random", str(tmp_path / "m" / "tiny"), corpus=[f"Tom has {i} apples. #### {i}" for i in range(200)]
+    )
     root = _foreign_checkpoint(tmp_path / "ckpt", **{"model.lora_rank": 8})  # a LoRA run's checkpoint
     shutil.copytree(model_dir, root / "global_step_2" / "huggingface")
-    base = [f"trainer.default_local_dir={root}", f"data.source={GSM8K}", f"data.dir={tmp_path / 'data'}",
-            f"model.path={model_dir}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    base = [
+        f"trainer.default_local_dir={root}",
+        f"data.source={GSM8K}",
+        f"data.dir={tmp_path / 'data'}",
+        f"model.path={model_dir}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
     with pytest.raises(ValueError, match="model.lora_rank: checkpoint 8 vs config 0"):
         _load("tiny-cpu", base)  # training there with another LoRA rank: refused, as before
     config, overrides = eval_target(str(root / "global_step_2"), "tiny-cpu", base)
@@ -251,14 +342,26 @@ def test_top_k_below_minus_one_is_a_config_error():
     assert load_config("tiny-cpu", ["rollout.top_k=-1"]).rollout.top_k == -1
 
 
-@pytest.mark.parametrize("overrides,line", [
-    (["algorithm.use_kl_in_reward=true"], "algorithm.use_kl_in_reward=true (a KL penalty in the reward) is not "
-     "supported in this build; GRPO puts the KL in the loss: actor.use_kl_loss=true, actor.kl_loss_coef"),
-    (["actor.megatron_tensor_parallel_size=8"], "actor.megatron_tensor_parallel_size=8 is read only by "
-     "actor.strategy=megatron, not by actor.strategy=fsdp2; set it to 1 (FSDP2 shards over every GPU)"),
-    (["algorithm.adv_estimator=gae"], "algorithm.adv_estimator=gae is not supported in this build (choose 'grpo')"),
-    (["rollout.layered_summon=true"], "unknown key 'rollout.layered_summon' (check the spelling; see configs/schema.py)"),
-])
+@pytest.mark.parametrize(
+    "overrides,line",
+    [
+        (
+            ["algorithm.use_kl_in_reward=true"],
+            "algorithm.use_kl_in_reward=true (a KL penalty in the reward) is not "
+            "supported in this build; GRPO puts the KL in the loss: actor.use_kl_loss=true, actor.kl_loss_coef",
+        ),
+        (
+            ["actor.megatron_tensor_parallel_size=8"],
+            "actor.megatron_tensor_parallel_size=8 is read only by "
+            "actor.strategy=megatron, not by actor.strategy=fsdp2; set it to 1 (FSDP2 shards over every GPU)",
+        ),
+        (["algorithm.adv_estimator=gae"], "algorithm.adv_estimator=gae is not supported in this build (choose 'grpo')"),
+        (
+            ["rollout.layered_summon=true"],
+            "unknown key 'rollout.layered_summon' (check the spelling; see configs/schema.py)",
+        ),
+    ],
+)
 def test_knobs_this_build_does_not_implement_are_one_error_line(overrides, line):
     """Issue 15 (6): a key is implemented or refused, never accepted and ignored. (actor.strategy and
     rollout.name name backends: tests/test_seams.py.)"""

@@ -1,5 +1,6 @@
 """The user's path: a real Prefect server on loopback, a process work pool and worker,
 `prefect deploy --all` from prefect.yaml, `prefect deployment run grpo/tiny-cpu`."""
+
 import json
 import os
 import subprocess
@@ -25,15 +26,26 @@ PREFECT = str(Path(sys.executable).parent / "prefect")
 def test_prefect_deployment_run_reaches_completed(tmp_path, gsm8k):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PYTHONPATH": str(ROOT),
+    }
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = []
 
     def start(name, *args):
-        p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=open(logs / f"{name}.log", "w"),
-                             stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=env,
+            stdout=open(logs / f"{name}.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         procs.append(p)
         return p
 
@@ -49,11 +61,23 @@ def test_prefect_deployment_run_reaches_completed(tmp_path, gsm8k):
         out = cli("--no-prompt", "deploy", "--all")
         assert "grpo/tiny-cpu" in out and "grpo/qwen2-14b-4xh800" in out
         start("worker", PREFECT, "worker", "start", "--pool", "grpo-process", "--limit", "1")
-        overrides = cached_inputs() + [f"tracking.tracking_uri={mlflow_uri(tmp_path)}",
-                                       f"trainer.default_local_dir={tmp_path / 'ckpt'}",
-                                       "trainer.total_training_steps=2", "trainer.test_freq=2"]
-        out = cli("deployment", "run", "grpo/tiny-cpu", "--params", json.dumps({"overrides": overrides}),
-                  "--watch", "--watch-timeout", "1200", timeout=1300)
+        overrides = cached_inputs() + [
+            f"tracking.tracking_uri={mlflow_uri(tmp_path)}",
+            f"trainer.default_local_dir={tmp_path / 'ckpt'}",
+            "trainer.total_training_steps=2",
+            "trainer.test_freq=2",
+        ]
+        out = cli(
+            "deployment",
+            "run",
+            "grpo/tiny-cpu",
+            "--params",
+            json.dumps({"overrides": overrides}),
+            "--watch",
+            "--watch-timeout",
+            "1200",
+            timeout=1300,
+        )
         assert "Completed" in out, out[-3000:]
         artifact = cli("artifact", "inspect", "eval-tiny-cpu-step-2")
         assert "GSM8K eval at step 2" in artifact and "ground_truth" in artifact

@@ -1,6 +1,7 @@
 """What a save writes and what reads it: the LoRA export merged in fp32 (issue 13 fault 8), a save
 without the HF export whose ranks checksum their own files, `grpo eval` of a checkpoint without
 an export, and the per-step host memory peak."""
+
 import json
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def test_lora_export_merges_a_small_delta_in_fp32(model_dir, tmp_path, dtype):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(q.lora_A["default"].weight.shape, generator=g, dtype=torch.float64)
     # (B@A)_ij ~ N(0, r s^2): s so that scale * sqrt(r) * s = 1e-4 * std(W).
-    s = 1e-4 * w.std().item() / (ALPHA / RANK * RANK ** 0.5)
+    s = 1e-4 * w.std().item() / (ALPHA / RANK * RANK**0.5)
     b = torch.randn(q.lora_B["default"].weight.shape, generator=g, dtype=torch.float64) * s
     with torch.no_grad():
         q.lora_A["default"].weight.copy_(a)
@@ -83,8 +84,16 @@ def test_save_without_export_checksums_every_file_on_the_writing_rank(model_dir,
     ckpt = ck.write(tmp_path / "ckpt", 1, fill)
     assert not (ckpt / "huggingface").exists()
     manifest = json.loads((ckpt / "manifest.json").read_text())
-    assert set(reported) == set(manifest["files"]) >= {"actor/.metadata", "actor/__0_0.distcp", "actor/extra_state.pt",
-                                                        "actor/lora_adapter/adapter_model.safetensors"}
+    assert (
+        set(reported)
+        == set(manifest["files"])
+        >= {
+            "actor/.metadata",
+            "actor/__0_0.distcp",
+            "actor/extra_state.pt",
+            "actor/lora_adapter/adapter_model.safetensors",
+        }
+    )
     assert ck.verify(ckpt) is None
 
 

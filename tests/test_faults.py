@@ -1,5 +1,6 @@
 """Faults mid-run: a Ray worker SIGKILLed during training; the flow's retry rebuilds the worker
 group from the last checkpoint and the run completes with each step logged once."""
+
 import os
 import signal
 import subprocess
@@ -14,16 +15,26 @@ pytestmark = pytest.mark.slow
 
 
 def test_killed_worker_is_rebuilt_from_the_last_checkpoint(tmp_path, gsm8k):
-    args = [sys.executable, "-m", "flows.cli", "run", "tiny-cpu", *cached_inputs(), "trainer.save_freq=1",
-            "trainer.test_freq=-1", f"tracking.tracking_uri={mlflow_uri(tmp_path)}",
-            f"trainer.default_local_dir={tmp_path / 'ckpt'}"]
+    args = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        "tiny-cpu",
+        *cached_inputs(),
+        "trainer.save_freq=1",
+        "trainer.test_freq=-1",
+        f"tracking.tracking_uri={mlflow_uri(tmp_path)}",
+        f"trainer.default_local_dir={tmp_path / 'ckpt'}",
+    ]
     log = open(tmp_path / "run.log", "w+")
-    proc = subprocess.Popen(args, cwd=tmp_path, env=flow_env(),
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(args, cwd=tmp_path, env=flow_env(), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 900
     # Kill once step 1's checkpoint is whole (a step's last act), so the retry has one to restore.
-    while "step 1/3" not in (tmp_path / "run.log").read_text() or \
-            not (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").exists():
+    while (
+        "step 1/3" not in (tmp_path / "run.log").read_text()
+        or not (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").exists()
+    ):
         assert proc.poll() is None and time.time() < deadline, (tmp_path / "run.log").read_text()[-3000:]
         time.sleep(0.5)
     pids = subprocess.run(["pgrep", "-f", "ray::GRPOWorker"], capture_output=True, text=True).stdout.split()
@@ -48,9 +59,20 @@ def test_one_rank_killed_mid_update_recovers_from_the_checkpoint(tmp_path, gsm8k
     checkpoint, reuses step 2's persisted rollouts and completes; each step is in MLflow once."""
     import re
 
-    args = [sys.executable, "-m", "flows.cli", "run", "tiny-cpu", *cached_inputs(), "trainer.n_gpus_per_node=2",
-            "trainer.total_training_steps=2", "trainer.save_freq=1", "trainer.test_freq=-1",
-            f"tracking.tracking_uri={mlflow_uri(tmp_path)}", f"trainer.default_local_dir={tmp_path / 'ckpt'}"]
+    args = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        "tiny-cpu",
+        *cached_inputs(),
+        "trainer.n_gpus_per_node=2",
+        "trainer.total_training_steps=2",
+        "trainer.save_freq=1",
+        "trainer.test_freq=-1",
+        f"tracking.tracking_uri={mlflow_uri(tmp_path)}",
+        f"trainer.default_local_dir={tmp_path / 'ckpt'}",
+    ]
     log_path = tmp_path / "run.log"
     env = {**flow_env(), "GRPO_HANG_AT": "update_actor:1:4"}
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
@@ -80,10 +102,18 @@ def test_one_rank_killed_mid_update_recovers_from_the_checkpoint(tmp_path, gsm8k
 def test_too_little_host_ram_is_one_error_line_and_not_retried(tmp_path, gsm8k):
     """The worker group refuses a node with less RAM than planned (trainer.node_ram_gb=1 stands in
     for a small node); the flow's retry re-raises it at once instead of rebuilding the workers."""
-    args = [sys.executable, "-m", "flows.cli", "run", "tiny-cpu", *cached_inputs(), "trainer.node_ram_gb=1",
-            f"tracking.tracking_uri={mlflow_uri(tmp_path)}", f"trainer.default_local_dir={tmp_path / 'ckpt'}"]
-    res = subprocess.run(args, cwd=tmp_path, env=flow_env(), capture_output=True,
-                         text=True, timeout=900)
+    args = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        "tiny-cpu",
+        *cached_inputs(),
+        "trainer.node_ram_gb=1",
+        f"tracking.tracking_uri={mlflow_uri(tmp_path)}",
+        f"trainer.default_local_dir={tmp_path / 'ckpt'}",
+    ]
+    res = subprocess.run(args, cwd=tmp_path, env=flow_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 2, (res.stdout + res.stderr)[-4000:]
     out = res.stdout + res.stderr
     errors = [x for x in res.stderr.splitlines() if x.startswith("error:")]  # Prefect's own lines may follow

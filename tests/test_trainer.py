@@ -1,5 +1,6 @@
 """The trainer engine on CPU without vLLM: micro-batching does not change the update, a
 non-finite gradient skips the step, LoRA trains only the adapter, checkpoints round-trip."""
+
 import copy
 import dataclasses
 
@@ -14,8 +15,9 @@ from engines.types import UpdateBatch
 
 
 def _trainer(model_dir, *overrides, master_dtype=torch.float32):
-    cfg = load_config("tiny-cpu", ["rollout.n=2", "actor.ppo_mini_batch_size=4", "actor.lr=1e-3",
-                                   "trainer.device=cpu", *overrides])
+    cfg = load_config(
+        "tiny-cpu", ["rollout.n=2", "actor.ppo_mini_batch_size=4", "actor.lr=1e-3", "trainer.device=cpu", *overrides]
+    )
     torch.manual_seed(0)
     return FSDPTrainer(cfg, model_dir, "cpu", master_dtype=master_dtype)
 
@@ -43,8 +45,13 @@ def _batch(trainer, n=8):
     responses = [rng.integers(5, 200, size=rng.integers(2, 7)).tolist() for _ in range(n)]
     old = trainer.compute_log_prob(prompts, responses)
     ref = trainer.compute_log_prob(prompts, responses, ref=True)
-    return UpdateBatch(prompts=prompts, responses=responses, old_log_probs=old, ref_log_probs=ref,
-                       advantages=rng.normal(size=n).astype(np.float32).tolist())
+    return UpdateBatch(
+        prompts=prompts,
+        responses=responses,
+        old_log_probs=old,
+        ref_log_probs=ref,
+        advantages=rng.normal(size=n).astype(np.float32).tolist(),
+    )
 
 
 def _params(trainer):
@@ -64,8 +71,12 @@ def test_micro_batch_size_does_not_change_the_update(model_dir, mode):
 def _micro_8_and_2(model_dir, mode):
     results = []
     for micro in (8, 2):
-        t = _trainer(model_dir, f"actor.ppo_micro_batch_size_per_gpu={micro}", f"actor.loss_agg_mode={mode}",
-                     master_dtype=torch.float64)
+        t = _trainer(
+            model_dir,
+            f"actor.ppo_micro_batch_size_per_gpu={micro}",
+            f"actor.loss_agg_mode={mode}",
+            master_dtype=torch.float64,
+        )
         metrics = t.update(_batch(t), seed=0)
         results.append((_params(t), metrics))
     return results
@@ -78,7 +89,9 @@ def test_a_per_micro_batch_normalisation_is_caught(model_dir, monkeypatch):
 
     for name in ("policy_loss", "agg_loss"):
         real = getattr(algos, name)
-        monkeypatch.setattr(algos, name, lambda *a, _real=real, global_tokens=None, global_seqs=None, **k: _real(*a, **k))
+        monkeypatch.setattr(
+            algos, name, lambda *a, _real=real, global_tokens=None, global_seqs=None, **k: _real(*a, **k)
+        )
     (p8, m8), (p2, m2) = _micro_8_and_2(model_dir, "token-mean")
     assert abs(m8["actor/grad_norm"] / m2["actor/grad_norm"] - 1) > 1e4 * METRIC_REL
     assert max((p8[k] - p2[k]).abs().max().item() for k in p8) > 1e4 * W_ATOL
@@ -150,7 +163,9 @@ def test_lora_checkpoint_holds_the_adapter_and_refuses_a_full_model(model_dir, t
 
     q = t.model.get_base_model().model.layers[0].self_attn.q_proj
     merged = (q.base_layer.weight + q.get_delta_weight("default")).detach()
-    exported = load_file(tmp_path / "ck" / "huggingface" / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    exported = load_file(tmp_path / "ck" / "huggingface" / "model.safetensors")[
+        "model.layers.0.self_attn.q_proj.weight"
+    ]
     assert not torch.equal(merged, q.base_layer.weight) and torch.allclose(exported, merged, atol=1e-6)
 
 
@@ -190,8 +205,13 @@ def test_dynamic_bsz_does_not_change_log_probs_or_the_update(model_dir, mode):
     lengths = ["data.max_prompt_length=8", "rollout.max_response_length=6", f"actor.loss_agg_mode={mode}"]
     plain = _trainer(model_dir, "actor.ppo_micro_batch_size_per_gpu=8", *lengths, master_dtype=torch.float64)
     batch = _batch(plain)
-    dyn = _trainer(model_dir, "actor.use_dynamic_bsz=true", "actor.ppo_max_token_len_per_gpu=24", *lengths,
-                   master_dtype=torch.float64)
+    dyn = _trainer(
+        model_dir,
+        "actor.use_dynamic_bsz=true",
+        "actor.ppo_max_token_len_per_gpu=24",
+        *lengths,
+        master_dtype=torch.float64,
+    )
     groups = dyn._micro_batches(batch.prompts, batch.responses)
     assert sorted(len(g) for g in groups) == [1, 1, 2, 2, 2] and sum(groups, []) != list(range(8))
     for ref in (False, True):

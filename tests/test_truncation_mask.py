@@ -1,5 +1,6 @@
 """actor.mask_truncated_completions (issue 13 (3)): a response cut at max_response_length is left
 out of the loss as if it were not in the mini-batch; off, the flags change nothing."""
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +13,17 @@ TRUNCATED = [False, True, False, False, True, False, False, False]
 
 
 def _grads(model_dir, batch, steps, mask: bool, mode: str):
-    cfg = load_config("tiny-cpu", [f"actor.loss_agg_mode={mode}", "rollout.n=2", "actor.ppo_mini_batch_size=4", "actor.ppo_micro_batch_size_per_gpu=2",
-                                   "actor.entropy_coeff=0.01", f"actor.mask_truncated_completions={str(mask).lower()}"])
+    cfg = load_config(
+        "tiny-cpu",
+        [
+            f"actor.loss_agg_mode={mode}",
+            "rollout.n=2",
+            "actor.ppo_mini_batch_size=4",
+            "actor.ppo_micro_batch_size_per_gpu=2",
+            "actor.entropy_coeff=0.01",
+            f"actor.mask_truncated_completions={str(mask).lower()}",
+        ],
+    )
     torch.manual_seed(0)
     trainer = FSDPTrainer(cfg, model_dir, "cpu")
     metrics = trainer.update(batch, seed=0, steps=steps)
@@ -28,8 +38,14 @@ def test_truncated_samples_weigh_nothing(model_dir, mode):
     prompts = [rng.integers(5, 200, size=rng.integers(4, 9)).tolist() for _ in range(n)]
     responses = [rng.integers(5, 200, size=rng.integers(2, 7)).tolist() for _ in range(n)]
     old = [rng.normal(-5, 0.1, size=len(r)).astype(np.float32) for r in responses]
-    batch = UpdateBatch(prompts=prompts, responses=responses, old_log_probs=old, ref_log_probs=old,
-                        advantages=rng.normal(size=n).astype(np.float32).tolist(), truncated=TRUNCATED)
+    batch = UpdateBatch(
+        prompts=prompts,
+        responses=responses,
+        old_log_probs=old,
+        ref_log_probs=old,
+        advantages=rng.normal(size=n).astype(np.float32).tolist(),
+        truncated=TRUNCATED,
+    )
     kept = [i for i in range(n) if not TRUNCATED[i]]
     masked, g_masked = _grads(model_dir, batch, [np.arange(n)], mask=True, mode=mode)
     without, g_without = _grads(model_dir, batch, [np.array(kept)], mask=False, mode=mode)  # the cut ones left out
@@ -41,4 +57,6 @@ def test_truncated_samples_weigh_nothing(model_dir, mode):
         torch.testing.assert_close(g, g_without[k], rtol=1e-5, atol=1e-5 * float(g.abs().max()) + 1e-12)
     # the flags alone change nothing while the option is off, and the cut samples did count then
     assert unmasked["actor/pg_loss"] != pytest.approx(masked["actor/pg_loss"], rel=1e-2)
-    assert max(float((g - g_unmasked[k]).abs().max() / g.abs().max()) for k, g in g_masked.items()) > 1e-4  # 30x the rounding bound
+    assert (
+        max(float((g - g_unmasked[k]).abs().max() / g.abs().max()) for k, g in g_masked.items()) > 1e-4
+    )  # 30x the rounding bound

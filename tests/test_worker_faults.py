@@ -4,6 +4,7 @@ trainer.collective_timeout_s naming the stage and the ranks; a worker killed by 
 monitor becomes one WorkerOOMError line, not retried. The actors here run the project's
 init_distributed, hang_point and gather; they are not GRPOWorkers (no model, no vLLM), which keeps
 the test to seconds."""
+
 import os
 import subprocess
 import sys
@@ -63,8 +64,9 @@ def test_a_rank_working_alone_after_the_others_answered_is_not_cut_short(ranks):
     # export alone): no deadline applies once a rank has answered. Runs before the hang test, which
     # keeps rank 1 asleep.
     t0 = time.monotonic()
-    assert gather([a.save_checkpoint.remote(2 * TIMEOUT_S if r == 1 else 0) for r, a in enumerate(ranks)],
-                  "save_checkpoint") == [0, 1]
+    assert gather(
+        [a.save_checkpoint.remote(2 * TIMEOUT_S if r == 1 else 0) for r, a in enumerate(ranks)], "save_checkpoint"
+    ) == [0, 1]
     assert time.monotonic() - t0 >= 2 * TIMEOUT_S
 
 
@@ -130,8 +132,14 @@ OOM_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow  # its own Ray instance: ~20 s
 def test_a_worker_killed_by_rays_memory_monitor_is_one_line_and_not_transient(tmp_path):
-    res = subprocess.run([sys.executable, "-c", OOM_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=180,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    res = subprocess.run(
+        [sys.executable, "-c", OOM_SCRIPT],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     line = next((x for x in res.stdout.splitlines() if x.startswith("RAISED")), None)
     assert line, res.stdout[-2000:] + res.stderr[-3000:]
     kind, msg = line.removeprefix("RAISED ").split(" | ", 1)

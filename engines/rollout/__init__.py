@@ -5,6 +5,7 @@
 An engine is one module here whose class subclasses RolloutEngine and carries
 `@ROLLOUTS.register("<name>")`; nothing else changes (engines/registry.py finds it).
 """
+
 from __future__ import annotations
 
 from configs.schema import GRPOConfig

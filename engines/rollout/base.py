@@ -3,6 +3,7 @@ weights or a new adapter. The weight sync (engines/weight_sync.py) decides when 
 
 The ranks of one engine (tensor parallel) make every call together, with the same arguments.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -21,8 +22,17 @@ class RolloutEngine(ABC):
     asleep: set[str]
 
     @abstractmethod
-    def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 top_k: int, max_tokens: int, seeds: list[int]) -> list[dict]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        max_tokens: int,
+        seeds: list[int],
+    ) -> list[dict]:
         """n samples for each prompt (token ids), prompt i drawn with its own seed seeds[i]
         (temperature 0: greedy; top_k -1: all tokens; max_tokens: response tokens at most). One row
         per sample, prompt by prompt: the columns of engines/types.py GENERATED (prompt_index,

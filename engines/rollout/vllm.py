@@ -5,6 +5,7 @@ from the trainer's tensors without a copy through another process. It sleeps whi
 works, on platforms that support it (CUDA): which level, and when the weights are refilled, is the
 weight sync's decision (engines/weight_sync.py).
 """
+
 from __future__ import annotations
 
 import os
@@ -37,15 +38,22 @@ class VLLMRollout(RolloutEngine):
         self.adapters = AdapterDirs() if self.is_lora else None
         max_len = r.max_model_len or (cfg.data.max_prompt_length + r.max_response_length)
         kwargs = dict(
-            model=model_dir, dtype=cfg.model.dtype, tensor_parallel_size=r.tensor_model_parallel_size,
-            gpu_memory_utilization=r.gpu_memory_utilization, enforce_eager=r.enforce_eager,
-            max_model_len=max_len, max_num_seqs=r.max_num_seqs, seed=cfg.trainer.seed,
-            enable_sleep_mode=self.sleep_mode, enable_prefix_caching=False,
+            model=model_dir,
+            dtype=cfg.model.dtype,
+            tensor_parallel_size=r.tensor_model_parallel_size,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            enforce_eager=r.enforce_eager,
+            max_model_len=max_len,
+            max_num_seqs=r.max_num_seqs,
+            seed=cfg.trainer.seed,
+            enable_sleep_mode=self.sleep_mode,
+            enable_prefix_caching=False,
             # On CPU, a prefill split across scheduler steps rewinds the per-request seeded
             # generator, which CPU generators cannot do ("does not use offset"): keep it whole.
             enable_chunked_prefill=r.enable_chunked_prefill and device != "cpu",
             # Log-probs after temperature, so they match the trainer's logits / temperature.
-            logprobs_mode="processed_logprobs", load_format=r.load_format,
+            logprobs_mode="processed_logprobs",
+            load_format=r.load_format,
         )
         if r.tensor_model_parallel_size > 1:
             # vLLM joins the process group the trainer made (ranks 0..tp-1 form the first engine,
@@ -61,8 +69,9 @@ class VLLMRollout(RolloutEngine):
             # node's ranks (an engine or an engine's TP shard each) split that share of the RAM.
             import psutil
 
-            kwargs["kv_cache_memory_bytes"] = int(r.gpu_memory_utilization * psutil.virtual_memory().total
-                                                  / cfg.trainer.n_gpus_per_node)
+            kwargs["kv_cache_memory_bytes"] = int(
+                r.gpu_memory_utilization * psutil.virtual_memory().total / cfg.trainer.n_gpus_per_node
+            )
         if r.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = r.max_num_batched_tokens
         if self.is_lora:
@@ -71,8 +80,17 @@ class VLLMRollout(RolloutEngine):
         self.asleep: set[str] = set()
 
     # ---- generation -------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 top_k: int, max_tokens: int, seeds: list[int]) -> list[dict]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        max_tokens: int,
+        seeds: list[int],
+    ) -> list[dict]:
         """n samples per prompt: token ids, text, finish reason (and sampling log-probs, nats after
         temperature, if rollout.calculate_log_probs; else []).
 
@@ -86,22 +104,39 @@ class VLLMRollout(RolloutEngine):
         greedy = temperature == 0.0
         # flat_logprobs: vLLM keeps each request's log-probs in a few flat lists instead of one
         # dict + Logprob object per generated token (benchmarks/BENCHMARKS.md, rollout row).
-        common = dict(n=n, temperature=temperature, top_p=1.0 if greedy else top_p,
-                      top_k=-1 if greedy else top_k, max_tokens=max_tokens,
-                      logprobs=0 if r.calculate_log_probs else None, flat_logprobs=True)
+        common = dict(
+            n=n,
+            temperature=temperature,
+            top_p=1.0 if greedy else top_p,
+            top_k=-1 if greedy else top_k,
+            max_tokens=max_tokens,
+            logprobs=0 if r.calculate_log_probs else None,
+            flat_logprobs=True,
+        )
         params = [SamplingParams(**common, seed=s) for s in seeds]
         # vLLM draws from the global generators too (CPU); the trainer's stream, saved in
         # checkpoints, must not depend on how much was generated.
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-            outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                                     lora_request=self._lora_request(), use_tqdm=False)
+            outs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=p) for p in prompts],
+                params,
+                lora_request=self._lora_request(),
+                use_tqdm=False,
+            )
         results = []
         for i, out in enumerate(outs):
             for j, c in enumerate(out.outputs):
                 ids = list(c.token_ids)
-                results.append({"prompt_index": i, "sample_index": j, "response_ids": ids,
-                                "response_text": c.text, "rollout_log_probs": _sampled_logprobs(c.logprobs, ids),
-                                "finish_reason": c.finish_reason or "length"})
+                results.append(
+                    {
+                        "prompt_index": i,
+                        "sample_index": j,
+                        "response_ids": ids,
+                        "response_text": c.text,
+                        "rollout_log_probs": _sampled_logprobs(c.logprobs, ids),
+                        "finish_reason": c.finish_reason or "length",
+                    }
+                )
         return results
 
     # ---- memory -----------------------------------------------------------------------------
@@ -187,7 +222,7 @@ class AdapterDirs:
 def _remove_orphans(base: str, prefix: str) -> None:
     """Remove `<base>/<prefix><pid>-*` directories whose process is gone (killed before its close)."""
     for name in os.listdir(base):
-        pid = name[len(prefix):].split("-", 1)[0]
+        pid = name[len(prefix) :].split("-", 1)[0]
         if not (name.startswith(prefix) and pid.isdigit()):
             continue
         try:
@@ -217,8 +252,10 @@ def _sampled_logprobs(lp, ids: list[int]) -> list[float]:
     if hasattr(lp, "start_indices"):  # FlatLogprobs: flat token_ids / logprobs, ranges per position
         if len(lp.logprobs) == len(ids) and list(lp.token_ids) == ids:  # logprobs=0: just the sampled token
             return [float(x) for x in lp.logprobs]
-        return [next(lp.logprobs[k] for k in range(s, e) if lp.token_ids[k] == t)
-                for s, e, t in zip(lp.start_indices, lp.end_indices, ids)]
+        return [
+            next(lp.logprobs[k] for k in range(s, e) if lp.token_ids[k] == t)
+            for s, e, t in zip(lp.start_indices, lp.end_indices, ids)
+        ]
     return [d[t].logprob for d, t in zip(lp, ids)]
 
 

@@ -5,6 +5,7 @@
 A backend is one module here whose class subclasses TrainerBackend and carries
 `@TRAINERS.register("<strategy>")`; nothing else changes (engines/registry.py finds it).
 """
+
 from __future__ import annotations
 
 from configs.schema import GRPOConfig

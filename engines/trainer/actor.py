@@ -8,6 +8,7 @@ how the model is laid out: `_forward` (per-token log-probs of a micro-batch), `_
 over the whole mini-batch, all ranks together, so the result depends neither on the micro-batch
 size nor on the world size.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,12 @@ class GRPOActor(TrainerBackend):
         """LR multiplier per optimizer step: linear warmup (algos.warmup_lambda) over the run's
         updates, steps x train_batch_size / ppo_mini_batch_size x ppo_epochs."""
         a, c = self.cfg.actor, self.cfg
-        return algos.warmup_lambda(a.lr_warmup_steps, a.lr_warmup_steps_ratio, c.trainer.total_training_steps,
-                                   (c.data.train_batch_size // a.ppo_mini_batch_size) * a.ppo_epochs)
+        return algos.warmup_lambda(
+            a.lr_warmup_steps,
+            a.lr_warmup_steps_ratio,
+            c.trainer.total_training_steps,
+            (c.data.train_batch_size // a.ppo_mini_batch_size) * a.ppo_epochs,
+        )
 
     def update(self, batch: UpdateBatch, seed: int, steps: list | None = None) -> dict[str, float]:
         """PPO epochs over mini-batches; one optimizer step per mini-batch.
@@ -95,8 +100,9 @@ class GRPOActor(TrainerBackend):
             keep = [0.0 if t else 1.0 for t in mini.truncated]
         keep_t = torch.tensor(keep, dtype=torch.float32, device=self.device)
         # Global counts; the sp ranks of a Ulysses group hold the same samples.
-        n_tokens, n_seqs = (x / self.sp for x in self._sum([float(sum(len(r) * k for r, k in zip(responses, keep))),
-                                                           float(sum(keep))]))
+        n_tokens, n_seqs = (
+            x / self.sp for x in self._sum([float(sum(len(r) * k for r, k in zip(responses, keep))), float(sum(keep))])
+        )
         glob = dict(global_tokens=n_tokens, global_seqs=n_seqs, norm_len=self.cfg.rollout.max_response_length)
         agg = dict(loss_agg_mode=a.loss_agg_mode, **glob)
         self.optimizer.zero_grad(set_to_none=True)
@@ -106,13 +112,25 @@ class GRPOActor(TrainerBackend):
             g = [g[i] for i in rows]  # the samples of this rank's rows
             mask = mask * keep_t[g].unsqueeze(1)
             old_t = _pad_float(_take(old, g), logp.shape[1], self.device)
-            out = algos.policy_loss(logp, old_t, adv[g], mask, clip_ratio_low=a.clip_ratio_low,
-                                    clip_ratio_high=a.clip_ratio_high, clip_ratio_c=a.clip_ratio_c, **agg)
+            out = algos.policy_loss(
+                logp,
+                old_t,
+                adv[g],
+                mask,
+                clip_ratio_low=a.clip_ratio_low,
+                clip_ratio_high=a.clip_ratio_high,
+                clip_ratio_c=a.clip_ratio_c,
+                **agg,
+            )
             entropy = algos.agg_loss(ent, mask, a.loss_agg_mode, **glob)
             loss = out["pg_loss"] - a.entropy_coeff * entropy
-            share = {"actor/pg_loss": out["pg_loss"], "actor/entropy": entropy,
-                     "actor/pg_clipfrac": out["pg_clipfrac"], "actor/ppo_kl": out["ppo_kl"],
-                     "actor/pg_clipfrac_lower": out["pg_clipfrac_lower"]}
+            share = {
+                "actor/pg_loss": out["pg_loss"],
+                "actor/entropy": entropy,
+                "actor/pg_clipfrac": out["pg_clipfrac"],
+                "actor/ppo_kl": out["ppo_kl"],
+                "actor/pg_clipfrac_lower": out["pg_clipfrac_lower"],
+            }
             if ref is not None:
                 kl = algos.kl_penalty(logp, _pad_float(_take(ref, g), logp.shape[1], self.device), a.kl_loss_type)
                 kl_loss = algos.agg_loss(kl, mask, a.loss_agg_mode, **glob)
@@ -145,8 +163,12 @@ class GRPOActor(TrainerBackend):
         if peak and elapsed > 0:
             c = self.hf_config
             seq_lens = [len(p) + len(r) for p, r in zip(batch.prompts, batch.responses)]
-            flops = train_flops(self.n_params, tokens, c.num_hidden_layers, c.hidden_size, seq_lens,
-                                self.cfg.actor.ppo_epochs) / self.sp
+            flops = (
+                train_flops(
+                    self.n_params, tokens, c.num_hidden_layers, c.hidden_size, seq_lens, self.cfg.actor.ppo_epochs
+                )
+                / self.sp
+            )
             out["perf/mfu/actor"] = flops / elapsed / (peak * 1e12)
         return out
 

@@ -3,6 +3,7 @@
 Every method is called on every rank at once; a sharded backend's methods are collectives.
 Token ids are plain lists, log-probs float32 numpy arrays: no tensor crosses into the worker group.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -25,8 +26,9 @@ class TrainerBackend(ABC):
     n_params: int
 
     @abstractmethod
-    def compute_log_prob(self, prompts: list[list[int]], responses: list[list[int]],
-                         ref: bool = False) -> list[np.ndarray]:
+    def compute_log_prob(
+        self, prompts: list[list[int]], responses: list[list[int]], ref: bool = False
+    ) -> list[np.ndarray]:
         """Per-token log-probs (nats, float32, len(responses[i]) each) of each response after its
         prompt, under the policy (old_log_prob) or with ref=True the reference; logits divided by
         rollout.temperature. In the order given."""
@@ -78,8 +80,9 @@ class TrainerBackend(ABC):
         """Whether the weights are offloaded now (weights_for_rollout must bring them back)."""
 
 
-def init_distributed(rank: int, world_size: int, master: tuple[str, int], device: str,
-                     timeout_s: float = 300.0) -> None:
+def init_distributed(
+    rank: int, world_size: int, master: tuple[str, int], device: str, timeout_s: float = 300.0
+) -> None:
     """The trainer's process group: gloo on CPU; on CUDA nccl, with gloo for CPU-side counts.
 
     Made before vLLM starts, so each colocated engine sees it as an external data-parallel rank.
@@ -95,5 +98,10 @@ def init_distributed(rank: int, world_size: int, master: tuple[str, int], device
     backend = "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
     if device == "cuda":
         torch.cuda.set_device(0)  # Ray shows each actor only its own GPU
-    dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{master[0]}:{master[1]}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )

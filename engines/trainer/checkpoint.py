@@ -3,6 +3,7 @@ torch.distributed.checkpoint (each rank its shards; reshards on load), the LoRA 
 format, the HF export streamed to safetensors; and the file writers they use, which record what
 each rank wrote so that it can checksum its own files (runtime/checkpoints.py writes the manifest).
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,8 +32,7 @@ class RecordingWriter(FileSystemWriter):
         return fut
 
 
-def write_safetensors(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], write: bool,
-                      shard_bytes: int) -> None:
+def write_safetensors(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], write: bool, shard_bytes: int) -> None:
     """Stream tensors to model.safetensors, or to shard_bytes-sized files + the HF index: host
     memory holds one file's worth, never the whole model. write=False only drains the stream
     (the other ranks' side of each gather)."""
@@ -66,8 +66,9 @@ def _train_state(trainer) -> dict:
     sharded, keyed by parameter name. A fresh optimizer gets zero moments first, as a template."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    model, optim = get_state_dict(trainer.model, trainer.optimizer,
-                                  options=StateDictOptions(ignore_frozen_params=trainer.is_lora))
+    model, optim = get_state_dict(
+        trainer.model, trainer.optimizer, options=StateDictOptions(ignore_frozen_params=trainer.is_lora)
+    )
     return {"model": model, "optim": optim}
 
 
@@ -86,8 +87,14 @@ def save_state(trainer, ckpt_dir: str) -> list[Path]:
     dcp.save(_train_state(trainer), storage_writer=writer, no_dist=not dist.is_initialized())
     written = [actor / f for f in writer.written]
     if trainer.rank == 0:
-        torch.save({"scheduler": trainer.scheduler.state_dict(), "bad_steps": trainer.bad_steps,
-                    "torch_rng": torch.get_rng_state()}, actor / "extra_state.pt")
+        torch.save(
+            {
+                "scheduler": trainer.scheduler.state_dict(),
+                "bad_steps": trainer.bad_steps,
+                "torch_rng": torch.get_rng_state(),
+            },
+            actor / "extra_state.pt",
+        )
         written += [actor / ".metadata", actor / "extra_state.pt"]
     return written
 
@@ -105,8 +112,9 @@ def save_exports(trainer, ckpt_dir: str, export_hf: bool = True) -> list[Path]:
         write_hf_export(trainer, str(root / "huggingface"), adapter_dir=actor / "lora_adapter")
     if trainer.rank != 0:
         return []
-    return sorted(p for d in (actor / "lora_adapter", root / "huggingface") if d.is_dir()
-                  for p in d.rglob("*") if p.is_file())
+    return sorted(
+        p for d in (actor / "lora_adapter", root / "huggingface") if d.is_dir() for p in d.rglob("*") if p.is_file()
+    )
 
 
 def write_hf_export(trainer, out_dir: str, adapter_dir: Path) -> None:
@@ -124,8 +132,12 @@ def write_hf_export(trainer, out_dir: str, adapter_dir: Path) -> None:
             merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
             merged.to(trainer.compute_dtype).save_pretrained(out_dir)
     else:
-        write_safetensors(Path(out_dir), trainer.full_state(trainer.compute_dtype, files=True),
-                          write=trainer.rank == 0, shard_bytes=SHARD_BYTES)
+        write_safetensors(
+            Path(out_dir),
+            trainer.full_state(trainer.compute_dtype, files=True),
+            write=trainer.rank == 0,
+            shard_bytes=SHARD_BYTES,
+        )
         if trainer.rank == 0:
             conf = copy.deepcopy(trainer.hf_config)
             conf.dtype, conf.use_cache = trainer.compute_dtype, True
@@ -143,18 +155,27 @@ def load(trainer, ckpt_dir: str) -> None:
 
     actor = Path(ckpt_dir) / "actor"
     if not (actor / ".metadata").is_file():
-        raise ValueError(f"{actor} is not a checkpoint this build can resume (no DCP .metadata; earlier "
-                         f"builds wrote optim.pt). Its weights are in {Path(ckpt_dir) / 'huggingface'}: "
-                         "start from them with model.path=<that dir> trainer.resume_mode=disable")
+        raise ValueError(
+            f"{actor} is not a checkpoint this build can resume (no DCP .metadata; earlier "
+            f"builds wrote optim.pt). Its weights are in {Path(ckpt_dir) / 'huggingface'}: "
+            "start from them with model.path=<that dir> trainer.resume_mode=disable"
+        )
     state = _train_state(trainer)
     try:
         dcp.load(state, checkpoint_id=actor, no_dist=not dist.is_initialized())
     except CheckpointException as e:  # a BaseException: name the checkpoint and the model
-        raise ValueError(f"checkpoint {actor} does not match model {trainer.model_dir} "
-                         f"(lora_rank={trainer.cfg.model.lora_rank}): {str(e)[:500]}") from None
-    set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   # LoRA: the frozen base stays as loaded from model_dir (dcp.load checked the adapter)
-                   options=StateDictOptions(ignore_frozen_params=trainer.is_lora, strict=not trainer.is_lora))
+        raise ValueError(
+            f"checkpoint {actor} does not match model {trainer.model_dir} "
+            f"(lora_rank={trainer.cfg.model.lora_rank}): {str(e)[:500]}"
+        ) from None
+    set_state_dict(
+        trainer.model,
+        trainer.optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        # LoRA: the frozen base stays as loaded from model_dir (dcp.load checked the adapter)
+        options=StateDictOptions(ignore_frozen_params=trainer.is_lora, strict=not trainer.is_lora),
+    )
     extra = torch.load(actor / "extra_state.pt", weights_only=True)
     trainer.scheduler.load_state_dict(extra["scheduler"])
     trainer.bad_steps = extra["bad_steps"]

@@ -13,6 +13,7 @@ the root) over a process group that `init_distributed` made; one rank runs unsha
 tensors leave the trainer one at a time (`DTensor.full_tensor()`), never the whole model at once.
 Checkpoints and the HF export: engines/trainer/checkpoint.py; offload: engines/trainer/offload.py.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -42,8 +43,7 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> torch.Tensor:
     """[len(seqs), longest] int64: each sequence padded with pad_id on the left or the right."""
     width = max((len(s) for s in seqs), default=0)
-    rows = [([pad_id] * (width - len(s)) + list(s)) if left else (list(s) + [pad_id] * (width - len(s)))
-            for s in seqs]
+    rows = [([pad_id] * (width - len(s)) + list(s)) if left else (list(s) + [pad_id] * (width - len(s))) for s in seqs]
     return torch.tensor(rows, dtype=torch.long)
 
 
@@ -51,8 +51,14 @@ def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> torch.Tensor:
 class FSDPTrainer(GRPOActor):
     """Holds the policy, its optimizer and (for full fine-tuning) a frozen reference copy."""
 
-    def __init__(self, cfg: GRPOConfig, model_dir: str, device: str | None = None, shard: bool | None = None,
-                 master_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        cfg: GRPOConfig,
+        model_dir: str,
+        device: str | None = None,
+        shard: bool | None = None,
+        master_dtype: torch.dtype = torch.float32,
+    ):
         """device: "cuda" or "cpu" (default: cfg.trainer.device). shard: FSDP2 even on one rank (to
         test the sharded path on one GPU, in a 1-rank process group); by default exactly when
         cfg.world_size > 1.
@@ -97,14 +103,20 @@ class FSDPTrainer(GRPOActor):
         if self.is_lora:
             from peft import LoraConfig, get_peft_model
 
-            lora = LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha,
-                              target_modules=cfg.model.target_modules, lora_dropout=0.0,
-                              bias="none", task_type="CAUSAL_LM")
+            lora = LoraConfig(
+                r=cfg.model.lora_rank,
+                lora_alpha=cfg.model.lora_alpha,
+                target_modules=cfg.model.target_modules,
+                lora_dropout=0.0,
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
             try:
                 model = get_peft_model(model, lora)
             except ValueError as e:
-                raise ValueError(f"model.target_modules={cfg.model.target_modules!r} does not fit "
-                                 f"{model_dir}: {e}") from None
+                raise ValueError(
+                    f"model.target_modules={cfg.model.target_modules!r} does not fit {model_dir}: {e}"
+                ) from None
         self.n_params = sum(p.numel() for p in model.parameters())
         self.model = self._shard(model)
         self.ref = None
@@ -118,12 +130,18 @@ class FSDPTrainer(GRPOActor):
         a = cfg.actor
         # CUDA: the fused kernel, one pass and no temporaries (foreach AdamW materialises a copy of
         # every moment, 4 B/param: the 7B full fine-tune's OOM on one H200). CPU keeps foreach.
-        self.optimizer = torch.optim.AdamW(params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay,
-                                           fused=self.device.type == "cuda")
+        self.optimizer = torch.optim.AdamW(
+            params, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay, fused=self.device.type == "cuda"
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda())
         self.bad_steps = 0
-        self._offload = Offloader([m for m in (self.model, self.ref) if m is not None], self.optimizer,
-                                  self.device, a.param_offload, a.optimizer_offload)
+        self._offload = Offloader(
+            [m for m in (self.model, self.ref) if m is not None],
+            self.optimizer,
+            self.device,
+            a.param_offload,
+            a.optimizer_offload,
+        )
 
     def _shard(self, model):
         """FSDP2: each decoder layer its own unit (gathered just in time), the rest at the root.
@@ -134,8 +152,11 @@ class FSDPTrainer(GRPOActor):
             return model
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = (MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
-              if self.device.type == "cuda" else MixedPrecisionPolicy())
+        mp = (
+            MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+            if self.device.type == "cuda"
+            else MixedPrecisionPolicy()
+        )
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
         layer_types = set(getattr(hf, "_no_split_modules", None) or ())
         layers = [m for m in hf.modules() if type(m).__name__ in layer_types]
@@ -174,8 +195,8 @@ class FSDPTrainer(GRPOActor):
             prompts, responses = _take(prompts, rows), _take(responses, rows)
         p = _pad(prompts, self.pad_id, left=True)
         r = _pad(responses, self.pad_id, left=False)
-        p_mask = (_pad([[1] * len(x) for x in prompts], 0, left=True))
-        r_mask = (_pad([[1] * len(x) for x in responses], 0, left=False))
+        p_mask = _pad([[1] * len(x) for x in prompts], 0, left=True)
+        r_mask = _pad([[1] * len(x) for x in responses], 0, left=False)
         r_mask[n:] = 0
         if self.sp > 1:  # more left padding: sp equal column slices
             extra = -(p.shape[1] + r.shape[1]) % self.sp
@@ -187,15 +208,21 @@ class FSDPTrainer(GRPOActor):
         with self._autocast():
             if self.sp > 1:
                 k, cols, b = ulysses.rank(), ids.shape[1] // self.sp, len(rows) // self.sp
-                logits = model(input_ids=ids[:, k * cols:(k + 1) * cols], attention_mask=ulysses.full_mask(attn),
-                               position_ids=pos[:, k * cols:(k + 1) * cols], logits_to_keep=R + 1,
-                               use_cache=False).logits  # this rank's rows, whole (engines/trainer/ulysses.py)
-                ids, r_mask, rows = ids[k * b:(k + 1) * b], r_mask[k * b:(k + 1) * b], rows[k * b:(k + 1) * b]
+                logits = model(
+                    input_ids=ids[:, k * cols : (k + 1) * cols],
+                    attention_mask=ulysses.full_mask(attn),
+                    position_ids=pos[:, k * cols : (k + 1) * cols],
+                    logits_to_keep=R + 1,
+                    use_cache=False,
+                ).logits  # this rank's rows, whole (engines/trainer/ulysses.py)
+                ids, r_mask, rows = ids[k * b : (k + 1) * b], r_mask[k * b : (k + 1) * b], rows[k * b : (k + 1) * b]
             else:
-                logits = model(input_ids=ids, attention_mask=attn, position_ids=pos,
-                               logits_to_keep=R + 1, use_cache=False).logits
-        logp, ent = algos.token_logprobs(logits[:, :-1], ids[:, -R:], max(self.cfg.rollout.temperature, 1e-6),
-                                         with_entropy)
+                logits = model(
+                    input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=R + 1, use_cache=False
+                ).logits
+        logp, ent = algos.token_logprobs(
+            logits[:, :-1], ids[:, -R:], max(self.cfg.rollout.temperature, 1e-6), with_entropy
+        )
         return logp, ent, r_mask.to(self.device, logp.dtype), rows
 
     def _micro_batches(self, prompts, responses) -> list[list[int]]:
@@ -205,16 +232,20 @@ class FSDPTrainer(GRPOActor):
         each forward is a collective; a rank with fewer samples than that cannot (no empty forward)."""
         a, n = self.cfg.actor, len(prompts)
         if not a.use_dynamic_bsz:
-            return [list(range(i, min(i + a.ppo_micro_batch_size_per_gpu, n)))
-                    for i in range(0, n, a.ppo_micro_batch_size_per_gpu)]
+            return [
+                list(range(i, min(i + a.ppo_micro_batch_size_per_gpu, n)))
+                for i in range(0, n, a.ppo_micro_batch_size_per_gpu)
+            ]
         shapes = [(len(p), len(r)) for p, r in zip(prompts, responses)]
         budget = a.ppo_max_token_len_per_gpu * self.sp  # Ulysses: each GPU holds 1/sp of the columns
         need, minus_fewest = self._max([batching.count(shapes, budget), -n])
         k, fewest = int(need), int(-minus_fewest)
         if k > fewest:  # the same verdict on every rank: all raise, none waits
-            raise ValueError(f"use_dynamic_bsz: a rank needs {k} micro-batches within actor.ppo_max_token_len_per_gpu="
-                             f"{a.ppo_max_token_len_per_gpu} but another has only {fewest} samples; "
-                             "give every rank the same number of samples")
+            raise ValueError(
+                f"use_dynamic_bsz: a rank needs {k} micro-batches within actor.ppo_max_token_len_per_gpu="
+                f"{a.ppo_max_token_len_per_gpu} but another has only {fewest} samples; "
+                "give every rank the same number of samples"
+            )
         return batching.micro_batches(shapes, budget, k)
 
     @torch.no_grad()
@@ -247,8 +278,9 @@ class FSDPTrainer(GRPOActor):
         return float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
 
     # ---- weights out ------------------------------------------------------------------------
-    def full_state(self, dtype: torch.dtype | None = None, lora_only: bool = False,
-                    files: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    def full_state(
+        self, dtype: torch.dtype | None = None, lora_only: bool = False, files: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """HF-named full tensors, gathered one at a time; every rank must drain it (collectives).
         files: without the tied output embedding (vLLM's in-place reload wants it, files do not)."""
         for name, t in self.model.state_dict().items():
@@ -289,5 +321,3 @@ class FSDPTrainer(GRPOActor):
     @property
     def weights_on_host(self) -> bool:
         return self._offload.params_on_host
-
-

@@ -11,6 +11,7 @@ through its caching host allocator: every block rounded up to the next power of 
 121 GiB per rank for 64 GiB of state (planner/host.py, tests/test_plan.py): the 113-119 GB per
 worker that Ray's memory monitor killed in issue 12.
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,6 +56,7 @@ class HostPool:
 def _host_copy(pool: HostPool):
     """A `Module._apply` function: the tensor copied into a pool buffer (a DTensor keeps its spec,
     its local shard copied), as `Tensor.to("cpu")` would return it."""
+
     def fn(t: torch.Tensor) -> torch.Tensor:
         if isinstance(t, DTensor):
             local = t._local_tensor
@@ -64,6 +66,7 @@ def _host_copy(pool: HostPool):
         buf = pool.take(t)
         buf.copy_(t, non_blocking=True)
         return buf
+
     return fn
 
 
@@ -111,8 +114,14 @@ class Offloader:
 
     modules: the trainer's models (policy, and the reference if it has one); optimizer: its AdamW."""
 
-    def __init__(self, modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer, device: torch.device,
-                 param_offload: bool, optimizer_offload: bool):
+    def __init__(
+        self,
+        modules: list[torch.nn.Module],
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        param_offload: bool,
+        optimizer_offload: bool,
+    ):
         cuda = device.type == "cuda"
         self.modules, self.optimizer = modules, optimizer
         self.params = cuda and param_offload

@@ -8,6 +8,7 @@ rank then holds whole sequences of 1/sp of the micro-batch's rows, so the logits
 and the loss are computed exactly as without sequence parallelism, on fewer rows.
 All three all-to-alls have autograd (their backward is the reverse all-to-all).
 """
+
 from __future__ import annotations
 
 import torch
@@ -71,8 +72,10 @@ def check_heads(config, sp: int) -> None:
     multiple of) its key-value heads: each rank of a group takes heads / sp of them."""
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     if heads % sp or (kv % sp and sp % kv):
-        raise ValueError(f"actor.ulysses_sequence_parallel_size={sp} must divide the model's {heads} attention "
-                         f"heads and divide (or be a multiple of) its {kv} key-value heads")
+        raise ValueError(
+            f"actor.ulysses_sequence_parallel_size={sp} must divide the model's {heads} attention "
+            f"heads and divide (or be a multiple of) its {kv} key-value heads"
+        )
 
 
 def full_mask(attn: torch.Tensor) -> torch.Tensor:
