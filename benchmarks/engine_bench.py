@@ -10,7 +10,7 @@ each Ray worker holds them) on a random-init Qwen2 of the given shape, then meas
            process. Variants: ours with log-probs (rollout.calculate_log_probs, the default before
            688dc48), and bare + per-prompt seeds.
   sync     weight sync trainer -> vLLM: full = worker.sync_weights() (wake weights + reload_weights
-           of trainer.full_state_for_rollout()) after the sleep that ends each generate, for both
+           of trainer.weights_for_rollout()) after the sleep that ends each generate, for both
            sleep levels (1: weights offloaded to host and copied back on wake; 2: dropped, as the
            worker now does for full fine-tuning), with the level-1 wake / reload split; LoRA = the
            adapter save (sync_weights) + vLLM's load of the new adapter at the next generate
@@ -149,14 +149,14 @@ def bench_rollout(w, a, cfg) -> dict:
         common = dict(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=max_tokens,
                       ignore_eos=True, logprobs=logprobs)
         params = [SamplingParams(**common, seed=s) for s in seeds] if seeded else SamplingParams(**common)
-        ro.wake_up()  # a standalone engine is always awake: waking is not timed here
+        w.sync.wake()  # a standalone engine is always awake: waking is not timed here
         _sync()
         t = time.perf_counter()
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora_request=lora,
                             use_tqdm=False)
         _sync()
         dt = time.perf_counter() - t
-        ro.sleep()  # back to the state our stage starts from
+        w.sync.sleep()  # back to the state our stage starts from
         toks = sum(len(c.token_ids) for o in outs for c in o.outputs)
         return dict(seconds=dt, tokens=toks, tok_s=toks / dt, samples=sum(len(o.outputs) for o in outs))
 
@@ -221,17 +221,17 @@ def bench_sync(w, a, cfg) -> dict:
             return time.perf_counter() - t
 
         for i in range(a.sync_reps):
-            ro.wake_up()
-            ro.sleep()  # as after a generate
+            w.sync.wake()
+            w.sync.sleep()  # as after a generate
             with torch.no_grad():  # a changed adapter each time, as after an update
                 for name, p in tr.model.named_parameters():
                     if "lora_B" in name:
                         p.add_(1e-4)
             save_s = w.sync_weights()  # = timing_s/update_weights in the flow
-            ro.wake_up()  # (the next generate wakes it; not part of the adapter's cost)
+            w.sync.wake()  # (the next generate wakes it; not part of the adapter's cost)
             first = gen_once()  # vLLM loads the new adapter (from the saved files) + 1 token
             again = gen_once()  # same adapter, already loaded
-            ro.sleep()
+            w.sync.sleep()
             rep = dict(save_adapter_s=save_s, first_generate_s=first, second_generate_s=again,
                        vllm_adapter_load_s=first - again, total_s=save_s + first - again)
             res["reps"].append(rep)
@@ -239,39 +239,39 @@ def bench_sync(w, a, cfg) -> dict:
     else:
         uniq = {t.data_ptr(): t.numel() for t in tr.model.state_dict().values()}  # tied embeddings once
         res["state_bytes_bf16"] = sum(uniq.values()) * 2
-        refill = ro.refill
+        level0 = w.sync.level  # engines/weight_sync.py: 1 keeps the engine's weights asleep, 2 drops them
         for level in (1, 2):
-            ro.refill = refill if level == 2 else None  # None: sleep keeps the weights (level 1)
+            w.sync.level = level
             for i in range(a.sync_reps):
-                ro.wake_up()
+                w.sync.wake()  # a level-2 sleep's weights refilled from the trainer, as before each generate
                 _sync()
                 t = time.perf_counter()
-                ro.sleep()  # what the end of each generate does
+                w.sync.sleep()  # what the end of each generate does
                 _sync()
                 sleep_s = time.perf_counter() - t
                 sync_s = w.sync_weights()  # wake weights + reload (= timing_s/update_weights in the flow)
                 rep = dict(level=level, sleep_s=sleep_s, sync_s=sync_s)
                 if level == 1:  # the same, split: wake weights (host -> GPU copy) vs reload
-                    ro.wake_up()
-                    ro.sleep()
+                    w.sync.wake()
+                    w.sync.sleep()
                     _sync()
                     t = time.perf_counter()
                     ro.wake_up(("weights",))
                     _sync()
                     rep["wake_weights_s"] = time.perf_counter() - t
                     t = time.perf_counter()
-                    ro.load_weights(tr.full_state_for_rollout())
+                    ro.load_weights(tr.weights_for_rollout())
                     _sync()
                     rep["reload_s"] = time.perf_counter() - t
                 res["reps"].append(rep)
                 print(f"[sync] full rep {i}: {rep}", flush=True)
-        ro.refill = refill
+        w.sync.level = level0
         for level in (1, 2):
             vals = [r["sync_s"] for r in res["reps"] if r["level"] == level][1:]
             res[f"sync_s_median_level{level}"] = float(np.median(vals)) if vals else None
         res["GB_per_s_reload"] = [res["state_bytes_bf16"] / r["reload_s"] / 1e9 for r in res["reps"] if "reload_s" in r]
-    ro.wake_up()
-    ro.sleep()  # fully asleep again, as during the trainer's work
+    w.sync.wake()
+    w.sync.sleep()  # fully asleep again, as during the trainer's work
     key = "total_s" if tr.is_lora else "sync_s"
     reps = [r for r in res["reps"] if r.get("level", 2) == 2]  # full: the level the worker uses
     vals = [r[key] for r in reps[1:]] or [r[key] for r in reps]

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from configs.load import load_config
 from engines.models import ARCH_PRESETS
 from planner import plan
-from engines.trainer import ActorTrainer
+from engines.trainer.fsdp import FSDPTrainer as ActorTrainer
 
 OUT = os.environ.get("OUT", "/tmp")
 props = torch.cuda.get_device_properties(0)
