@@ -8,10 +8,9 @@ from pathlib import Path
 from prefect import flow
 
 from configs.load import load_config
-from flows.grpo import VAL_METRIC
 from flows.preflight import preflight
 from tasks import stages
-from tasks.stages import prep
+from tasks.stages import VAL_METRIC, prep
 
 
 @flow(name="grpo-eval", log_prints=True)

@@ -26,6 +26,7 @@ from runtime import checkpoints
 from runtime.killpoints import StepStages
 from runtime.tracking import Tracker, clip_text
 from tasks import stages
+from tasks.stages import VAL_METRIC
 
 REQUIRED_STEP_METRICS = (
     "critic/score/mean",
@@ -41,7 +42,6 @@ REQUIRED_STEP_METRICS = (
     "timing_s/step",
     "perf/throughput",
 )
-VAL_METRIC = "val-core/openai/gsm8k/reward/mean@1"
 SAMPLE_ROWS, SAMPLE_WIDTH = 8, 200  # the per-step sample table in MLflow: rows, characters per text cell
 
 

@@ -223,6 +223,11 @@ def reusable_rollouts(path: Path, fingerprint: dict, n_samples: int, log) -> pd.
 
 
 # ---- stages -------------------------------------------------------------------------------------
+VAL_METRIC = "val-core/openai/gsm8k/reward/mean@1"
+"""The eval's headline metric: reward.function's mean@1, or the reference scorer's (strict `####`)
+with the built-in reward, comparable with published numbers. MLflow logs it as .../mean_at_1."""
+
+
 @task(
     name="rollout",
     task_run_name="rollout-step-{step}",
@@ -380,7 +385,7 @@ def evaluate(workers, tokenizer, test: pd.DataFrame, cfg: GRPOConfig, step: int)
     extra = reward_extra_info(test.get("extra_info"), [o["finish_reason"] for o in out])
     args = (list(test["data_source"]), texts, truths, extra)
     scores, _ = rewards.score_samples(rewards.load_reward_fn(cfg.reward.function), *args, on_error=cfg.reward.on_error)
-    metrics = {"val-core/openai/gsm8k/reward/mean@1": float(np.mean(scores))}
+    metrics = {VAL_METRIC: float(np.mean(scores))}
     table = {
         "question": [m[0]["content"][:300] for m in test["prompt"]],
         "response": texts,
@@ -412,7 +417,6 @@ def evaluate(workers, tokenizer, test: pd.DataFrame, cfg: GRPOConfig, step: int)
     create_table_artifact(
         key=f"eval-{slug}-step-{step}",
         table=shown,
-        description=f"GSM8K eval at step {step}: mean@1 = "
-        f"{metrics['val-core/openai/gsm8k/reward/mean@1']:.3f} on {len(texts)} prompts",
+        description=f"GSM8K eval at step {step}: mean@1 = {metrics[VAL_METRIC]:.3f} on {len(texts)} prompts",
     )
     return metrics, table
