@@ -23,6 +23,7 @@ from configs.load import load_config  # noqa: E402
 from engines.models import materialize  # noqa: E402
 from engines.worker import GRPOWorker  # noqa: E402
 from tasks.prep import INSTRUCTION, load_raw_gsm8k  # noqa: E402
+from tasks.stages import chat_ids  # noqa: E402
 
 
 def token_logps(model, prompt, response, dtype):
@@ -49,9 +50,7 @@ def main():
     w = GRPOWorker(cfg.model_dump_json(), model_dir, rank=0, world_size=1)
     tok = w.trainer.tokenizer
     qs = list(load_raw_gsm8k(a.data)["test"]["question"][: a.n])
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q + INSTRUCTION}], add_generation_prompt=True,
-                                       tokenize=True) for q in qs]
-    prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]
+    prompts = [chat_ids(tok, [{"role": "user", "content": q + INSTRUCTION}]) for q in qs]  # as the flow
     sampling = dict(n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=128, seeds=list(range(len(prompts))))
 
     def diff():
