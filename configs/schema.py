@@ -100,8 +100,8 @@ class ActorConfig(_Section):
     (Megatron: the next issue) is one module there that registers its name; an unknown name is one
     error line before any work."""
     lr: float = Field(1e-6, gt=0)
-    lr_warmup_steps: int = -1
-    """Linear warmup length in optimizer steps; -1 derives it from lr_warmup_steps_ratio."""
+    lr_warmup_steps: int = Field(-1, ge=-1)
+    """Linear warmup length in optimizer steps (0: none); -1 derives it from lr_warmup_steps_ratio."""
     lr_warmup_steps_ratio: float = Field(0.0, ge=0.0, le=1.0)
     weight_decay: float = Field(0.01, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -187,10 +187,10 @@ class TrainerConfig(_Section):
     total_epochs: int = Field(1, ge=1)
     total_training_steps: int | None = Field(None, ge=1)
     """Overrides total_epochs when set."""
-    save_freq: int = -1
-    """Checkpoint every N steps (and at the last step); -1: only at the last step."""
-    test_freq: int = -1
-    """Evaluate every N steps (and at the last step); -1: never during training."""
+    save_freq: int = Field(-1, ge=-1)
+    """Checkpoint every N >= 1 steps (and at the last step); -1: only at the last step."""
+    test_freq: int = Field(-1, ge=-1)
+    """Evaluate every N >= 1 steps (and at the last step); -1: never during training."""
     val_before_train: bool = True
     """Evaluate before the first update (logged as step 0: the baseline the run's curve starts
     from), as the reference framework does by default; skipped when resuming past step 0."""
@@ -223,6 +223,15 @@ class TrainerConfig(_Section):
     (`init_process_group(timeout=...)`; NCCL's own default is 10 min or more): a rank hung or dead
     mid-step makes the others fail within this time, and the controller then fails the stage at
     once, naming it, the failed rank and the ranks that had not answered."""
+
+    @model_validator(mode="after")
+    def _frequencies(self) -> "TrainerConfig":
+        for key, what in (("save_freq", "checkpoint only at the last step"), ("test_freq", "never evaluate")):
+            if getattr(self, key) == 0:
+                raise ValueError(
+                    f"trainer.{key}=0 is not a frequency; use N >= 1 (every N steps) or -1 ({what} during training)"
+                )
+        return self
 
 
 class TrackingConfig(_Section):

@@ -27,6 +27,7 @@ __all__ = [
     "check_vllm_compatible",
     "is_hub_id",
     "materialize",
+    "tokenizer_fingerprint",
 ]
 
 # Shape presets. "tiny" is for tests and CPU smoke runs; the rest copy the public Qwen2.5
@@ -206,6 +207,20 @@ def materialize(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """sha256 of what makes a tokenizer tokenize a chat prompt as it does: its vocabulary, merges,
+    normalizer and pre-tokenizer (a fast tokenizer's serialized JSON; else its vocabulary), special
+    tokens and chat template. Not its path: the same tokenizer copied into a checkpoint's HF export
+    gives the same fingerprint, so `grpo eval CHECKPOINT` reuses the training run's prepared data."""
+    import hashlib
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    special = json.dumps(tok.special_tokens_map, sort_keys=True, default=str)
+    parts = [body, special, str(tok.chat_template), str(len(tok))]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
 def is_hub_id(name: str) -> bool:

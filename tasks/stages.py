@@ -51,7 +51,7 @@ def prepare(cfg: GRPOConfig, log=logging.getLogger("grpo")):
     """Build (once) the model files and the train/test parquet; both are cached by content."""
     from transformers import AutoTokenizer
 
-    from engines.models import materialize
+    from engines.models import materialize, tokenizer_fingerprint
 
     with kill_point("prep"):
         corpus = None
@@ -66,7 +66,7 @@ def prepare(cfg: GRPOConfig, log=logging.getLogger("grpo")):
             prompt_length=lambda m: len(chat_ids(tok, m)),
             max_prompt_length=cfg.data.max_prompt_length,
             overlong="filter" if cfg.data.filter_overlong_prompts else "error",
-            tokenizer_fingerprint=f"{model_dir}:{len(tok)}:{tok.chat_template}",
+            tokenizer_fingerprint=tokenizer_fingerprint(tok),
         )
     log.info(
         "prep: %d train / %d test prompts (%d / %d over max_prompt_length=%d filtered)%s",

@@ -124,6 +124,11 @@ def test_overrides_parse_yaml_scalars_and_nest():
         ),
         # issue 13 (5): greedy sampling gives GRPO nothing to learn from
         (["rollout.temperature=0"], "rollout.temperature=0 samples greedily"),
+        # a fresh clone's review: negative lengths and a zero frequency were accepted and did nothing
+        (["trainer.save_freq=-5"], "trainer.save_freq"),
+        (["trainer.test_freq=0"], "trainer.test_freq=0 is not a frequency; use N >= 1 (every N steps) or -1"),
+        (["trainer.save_freq=0"], "trainer.save_freq=0 is not a frequency"),
+        (["actor.lr_warmup_steps=-5"], "actor.lr_warmup_steps"),
     ],
 )
 def test_bad_config_names_the_key(overrides, needle):

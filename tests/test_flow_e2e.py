@@ -76,7 +76,10 @@ def test_tiny_cpu_end_to_end(tmp_path, gsm8k):
         assert len(rollouts) == cfg.data.train_batch_size * cfg.rollout.n
         assert set(rollouts.columns) == set(GENERATED) | set(ADDED)  # the declared resume format
 
-    # `grpo eval CHECKPOINT`: the HF export of the last checkpoint, evaluated on its own.
+    # `grpo eval CHECKPOINT`: the HF export of the last checkpoint, evaluated on its own, reusing the
+    # prepared data (its tokenizer is the training run's, copied: the prep cache keys on content).
+    manifest = ROOT / "data" / "gsm8k-tiny" / "prep_manifest.json"
+    written = json.loads(manifest.read_text())["written_at"]
     res = subprocess.run(
         [sys.executable, "-m", "flows.cli", "eval", str(step3), *cached_inputs()[:2]],
         cwd=tmp_path,
@@ -87,6 +90,7 @@ def test_tiny_cpu_end_to_end(tmp_path, gsm8k):
     )
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert "GSM8K mean@1 = " in res.stdout
+    assert json.loads(manifest.read_text())["written_at"] == written, "grpo eval rewrote the shared data/ parquet"
 
 
 def _check_what_users_expect(client, run, tmp_path, output):

@@ -190,3 +190,23 @@ def test_gguf_smollm2_converts_and_generates():
     text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert text.strip()
     assert "48" in text or "clip" in text.lower()  # a real model stays on topic; random weights would not
+
+
+def test_tokenizer_fingerprint_follows_content_not_path(tiny, tmp_path):
+    """The prep cache keys on it: a tokenizer copied elsewhere (a checkpoint's HF export) keeps the
+    fingerprint, so `grpo eval CHECKPOINT` reuses the prepared data instead of rewriting it; another
+    chat template or vocabulary changes it."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from engines.models import tokenizer_fingerprint
+
+    copy = shutil.copytree(tiny, tmp_path / "copy")
+    a, b = AutoTokenizer.from_pretrained(tiny), AutoTokenizer.from_pretrained(copy)
+    assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
+    b.chat_template = b.chat_template + " "
+    assert tokenizer_fingerprint(a) != tokenizer_fingerprint(b)
+    b = AutoTokenizer.from_pretrained(copy)
+    b.add_tokens(["<|new|>"])
+    assert tokenizer_fingerprint(a) != tokenizer_fingerprint(b)
