@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from engines.trainer.megatron_weights import QwenShape, hf_to_mcore
-from tests.test_megatron_weights import SHAPE, _free_port
+from tests.conftest import free_port
+from tests.test_megatron_weights import SHAPE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 RTOL = 1e-4
@@ -27,7 +28,7 @@ def megatron_tp1():
     from megatron.core import parallel_state as mpu
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     torch.cuda.set_device(0)
     torch.distributed.init_process_group("nccl", rank=0, world_size=1)
     mpu.initialize_model_parallel(tensor_model_parallel_size=1)

@@ -20,13 +20,13 @@ started, a wrong layout included.
 """
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from engines.trainer.megatron_weights import QwenShape, hf_to_mcore, mcore_to_hf, merge_tp_shards
+from tests.conftest import free_port
 
 ATOL = 1e-11
 SHAPE = dict(
@@ -101,12 +101,6 @@ def test_a_tp_size_that_does_not_divide_the_groups_is_one_error():
 
 
 # ---- through megatron-core's own modules, on gloo ranks ------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _mcore_model(cfg, tp: int):
     from engines.trainer.megatron_model import build_gpt_model, transformer_config
 
@@ -186,7 +180,7 @@ def _rank_main(rank: int, tp: int, port: int, tied: bool, family: str, wrong_qkv
 
 def _layout_errors(tmp_path, tp: int, tied: bool, family: str = "qwen2", wrong_qkv: bool = False) -> list[dict]:
     pytest.importorskip("megatron.core", reason="megatron-core is not installed")
-    mp.spawn(_rank_main, args=(tp, _free_port(), tied, family, wrong_qkv, str(tmp_path)), nprocs=tp)
+    mp.spawn(_rank_main, args=(tp, free_port(), tied, family, wrong_qkv, str(tmp_path)), nprocs=tp)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(tp)]
 
 

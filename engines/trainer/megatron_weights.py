@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QwenShape", "hf_to_mcore", "mcore_param_is_tp_sharded", "mcore_to_hf", "merge_tp_shards"]
+__all__ = ["QwenShape", "hf_to_mcore", "mcore_to_hf", "merge_tp_shards", "tp_split_dim"]
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ _REPLICATED_LAYER = {
 }
 
 
-def mcore_param_is_tp_sharded(name: str) -> int | None:
+def tp_split_dim(name: str) -> int | None:
     """The dim along which megatron-core splits ``name`` across tensor-parallel ranks, None if replicated."""
     if name in _VOCAB_PARALLEL:
         return 0
@@ -154,7 +154,7 @@ def hf_to_mcore(
     out: dict[str, torch.Tensor] = {}
 
     def shard(name: str, full: torch.Tensor) -> torch.Tensor:
-        dim = mcore_param_is_tp_sharded(name)
+        dim = tp_split_dim(name)
         return full if dim is None else full.chunk(tp, dim=dim)[tp_rank]
 
     if first_stage:
@@ -189,7 +189,7 @@ def hf_to_mcore(
 def merge_tp_shards(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     """The full megatron-core tensor ``name`` from its tensor-parallel shards (rank order);
     a replicated tensor is returned as the first shard."""
-    dim = mcore_param_is_tp_sharded(name)
+    dim = tp_split_dim(name)
     return shards[0] if dim is None or len(shards) == 1 else torch.cat(shards, dim=dim)
 
 
