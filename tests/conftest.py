@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from engines.compile_cache import keyed_inductor_cache
+
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = Path(os.environ.get("GSM8K_DIR", ROOT.parent / "shared" / "data" / "gsm8k"))
 DEVICE = os.environ.get("GRPO_TEST_DEVICE", "cpu")  # cuda: run the device-aware tests on a GPU
@@ -28,6 +30,7 @@ VLLM_LOGP_ATOL_CPU = 1e-4
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+keyed_inductor_cache()  # flow subprocesses and in-process vLLM inherit it (engines/compile_cache.py)
 
 
 def cached_inputs() -> list[str]:

