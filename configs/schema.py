@@ -49,6 +49,11 @@ class ModelConfig(_Section):
     target_modules: str | list[str] = "all-linear"
     enable_gradient_checkpointing: bool = True
     """Recompute activations in backward: less memory for ~30% more compute."""
+    use_remove_padding: bool = False
+    """Pack each micro-batch into one row without padding (position ids restarting per sample,
+    attention within each sample: FlashAttention varlen on CUDA, a block-diagonal SDPA mask on
+    CPU); token budgets (actor.ppo_max_token_len_per_gpu) then count real tokens. False: the
+    padded [prompt | response] layout. verl: actor_rollout_ref.model.use_remove_padding."""
 
 
 class RolloutConfig(_Section):

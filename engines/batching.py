@@ -2,12 +2,12 @@
 over the ranks: `minibatch_schedule`) and, inside a rank's share, token-budget micro-batches
 (one forward/backward each: `actor.use_dynamic_bsz`, `actor.ppo_max_token_len_per_gpu`).
 
-A sample is its (prompt length, response length). The trainer lays a micro-batch out as
+A sample is its (prompt length, response length). The padded trainer lays a micro-batch out as
 [left-padded prompt | right-padded response], so what a forward holds is rows x (longest
-prompt + longest response): `padded_tokens`, the cost the budget bounds here. verl bounds the
-sum of sequence lengths instead, because it packs sequences without padding; with padding that
-sum under-counts (samples of 10+1 and 1+10 tokens lay out 2 x 20, not 22). The padded count is
-never below the sum, so a micro-batch within this budget is within verl's too.
+prompt + longest response): `padded_tokens`, the cost the budget bounds by default. With
+model.use_remove_padding the samples are packed into one row (engines/trainer/packing.py) and a
+forward holds the sum of their lengths, the count verl bounds too (`packed=True` here); with
+padding that sum under-counts (samples of 10+1 and 1+10 tokens lay out 2 x 20, not 22).
 
 Samples are sorted by length and cut into runs of neighbours, so similar lengths share a
 micro-batch and padding stays small. verl's balanced LPT partition spreads the longest samples
@@ -35,32 +35,39 @@ def padded_tokens(shapes: list[Shape]) -> int:
     return len(shapes) * (max(p for p, _ in shapes) + max(r for _, r in shapes))
 
 
+def tokens(shapes: list[Shape], packed: bool = False) -> int:
+    """What a micro-batch of these samples holds: the padded count, or with packed the real
+    tokens (sum of prompt + response lengths)."""
+    return sum(p + r for p, r in shapes) if packed else padded_tokens(shapes)
+
+
 def _order(shapes: list[Shape]) -> list[int]:
     return sorted(range(len(shapes)), key=lambda i: -sum(shapes[i]))  # longest first, stable
 
 
-def _runs(shapes: list[Shape], order: list[int], cap: int) -> list[list[int]]:
+def _runs(shapes: list[Shape], order: list[int], cap: int, packed: bool = False) -> list[list[int]]:
     """Next fit along `order`: each run as long as cap allows (a lone sample always makes a run).
     For a fixed order this is the fewest runs within cap, and their count never grows with cap."""
     runs: list[list[int]] = []
-    rows = longest_p = longest_r = 0
+    rows = longest_p = longest_r = total = 0
     for i in order:
         p, r = shapes[i]
-        if runs and (rows + 1) * (max(longest_p, p) + max(longest_r, r)) <= cap:
+        cost = total + p + r if packed else (rows + 1) * (max(longest_p, p) + max(longest_r, r))
+        if runs and cost <= cap:
             runs[-1].append(i)
-            rows, longest_p, longest_r = rows + 1, max(longest_p, p), max(longest_r, r)
+            rows, longest_p, longest_r, total = rows + 1, max(longest_p, p), max(longest_r, r), total + p + r
         else:
             runs.append([i])
-            rows, longest_p, longest_r = 1, p, r
+            rows, longest_p, longest_r, total = 1, p, r, p + r
     return runs
 
 
-def count(shapes: list[Shape], budget: int) -> int:
+def count(shapes: list[Shape], budget: int, packed: bool = False) -> int:
     """The fewest micro-batches within budget (0 for no samples): this rank's need."""
-    return len(_runs(shapes, _order(shapes), budget))
+    return len(_runs(shapes, _order(shapes), budget, packed))
 
 
-def micro_batches(shapes: list[Shape], budget: int, k: int) -> list[list[int]]:
+def micro_batches(shapes: list[Shape], budget: int, k: int, packed: bool = False) -> list[list[int]]:
     """Exactly k index groups (count(shapes, budget) <= k <= len(shapes): the count every rank
     agreed on), each within budget, every sample in exactly one, original order inside a group.
 
@@ -72,11 +79,12 @@ def micro_batches(shapes: list[Shape], budget: int, k: int) -> list[list[int]]:
     lo, hi = 0, budget
     while lo < hi:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if len(_runs(shapes, order, mid)) <= k else (mid + 1, hi)
-    runs = _runs(shapes, order, hi)
+        lo, hi = (lo, mid) if len(_runs(shapes, order, mid, packed)) <= k else (mid + 1, hi)
+    runs = _runs(shapes, order, hi, packed)
     while len(runs) < k:
         j = max(
-            (j for j, run in enumerate(runs) if len(run) > 1), key=lambda j: padded_tokens([shapes[i] for i in runs[j]])
+            (j for j, run in enumerate(runs) if len(run) > 1),
+            key=lambda j: tokens([shapes[i] for i in runs[j]], packed),
         )
         half = len(runs[j]) // 2
         runs[j : j + 1] = [runs[j][:half], runs[j][half:]]
@@ -96,3 +104,12 @@ def minibatch_schedule(n: int, cfg: "GRPOConfig", seed: int, rank: int = 0, worl
         order = rng.permutation(n)
         steps += [np.array_split(order[s : s + mini], world)[rank] for s in range(0, n, mini)]
     return steps
+
+
+def on_policy(n: int, cfg: "GRPOConfig") -> bool:
+    """True when the step's n samples make exactly one optimizer step (one mini-batch, one PPO
+    epoch): the policy that sampled them is the one being updated, so old_log_prob equals the
+    current log-probs and the update takes them detached instead of a separate forward pass
+    (as verl does when ppo_epochs=1 and the mini-batch is the whole batch)."""
+    mini = cfg.actor.ppo_mini_batch_size * cfg.rollout.n
+    return cfg.actor.ppo_epochs == 1 and n <= mini

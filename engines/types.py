@@ -95,16 +95,21 @@ class UpdateBatch:
     """One step's samples for `TrainerBackend.update`, N rows (a rank's share when sharded).
 
     prompts / responses: token ids, N ragged lists. old_log_probs / ref_log_probs: per response
-    token, nats, N float32 arrays of len(responses[i]) (ref None without actor.use_kl_loss).
-    advantages: [N] floats (GRPO, per sample). truncated: [N] bools, the response was cut at
-    rollout.max_response_length (for actor.mask_truncated_completions; None: none was)."""
+    token, nats, N float32 (float64 in a float64 check) arrays of len(responses[i]) (ref None without actor.use_kl_loss; old
+    None for an on-policy step, engines/batching.on_policy: the update then takes its own
+    log-probs, detached). advantages: [N] floats (GRPO, per sample). truncated: [N] bools, the
+    response was cut at rollout.max_response_length (for actor.mask_truncated_completions; None:
+    none was). rollout_log_probs: the engine's per-token log-probs (rollout.calculate_log_probs),
+    for the training/rollout_probs_diff_* check when no old_log_prob pass ran; None or [] rows
+    when not computed."""
 
     prompts: list[list[int]]
     responses: list[list[int]]
-    old_log_probs: list[np.ndarray]
+    old_log_probs: list[np.ndarray] | None
     advantages: list[float]
     ref_log_probs: list[np.ndarray] | None = None
     truncated: list[bool] | None = field(default=None)
+    rollout_log_probs: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -119,4 +124,5 @@ class UpdateBatch:
             pick(self.advantages),
             pick(self.ref_log_probs),
             pick(self.truncated),
+            pick(self.rollout_log_probs),
         )

@@ -37,6 +37,7 @@ TRAINER_IMPLEMENTS = {
     "param_offload": True,
     "optimizer_offload": True,
     "dynamic_bsz": True,
+    "remove_padding": True,
     "empty_cache_between_phases": False,
 }
 
@@ -184,7 +185,13 @@ def gpu_memory(
         activation_bytes(shape, tokens // sp, not checkpointing),
         "for comparison only",
     )
-    mask = add("attention mask", "train", 3 * micro * seq * seq, "[B,1,T,T] bool + bf16 SDPA bias (padded batch)")
+    packed = features["remove_padding"] and model.use_remove_padding
+    mask = add(
+        "attention mask",
+        "train",
+        0 if packed else 3 * micro * seq * seq,
+        "none: one packed row, FlashAttention varlen" if packed else "[B,1,T,T] bool + bf16 SDPA bias (padded batch)",
+    )
     train_bytes, row = logit_bytes.train, logit_bytes.row * (resp + 1) * shape.vocab
     logits = add(
         "logits (fwd+bwd) + one row's fp32",

@@ -21,7 +21,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 
 from configs.schema import GRPOConfig
-from engines import algos
+from engines import algos, batching
 from engines.types import SamplingSpec, UpdateBatch
 from runtime import checkpoints
 from runtime.atomic import atomic_write
@@ -302,13 +302,19 @@ def score(samples: pd.DataFrame, cfg: GRPOConfig) -> pd.DataFrame:
 
 @task(name="update", task_run_name="update-step-{step}", retries=0, cache_policy=NONE)
 def update(workers, samples: pd.DataFrame, cfg: GRPOConfig, step: int) -> dict[str, float]:
-    """old log-probs -> reference log-probs -> PPO epochs -> push weights to vLLM, each timed."""
+    """old log-probs -> reference log-probs -> PPO epochs -> push weights to vLLM, each timed.
+
+    An on-policy step (one mini-batch, one PPO epoch: engines/batching.on_policy) has no
+    old_log_prob pass: the update uses its own log-probs, detached, and reports the
+    rollout_probs_diff check against them itself."""
     prompts, responses = list(samples["prompt_ids"]), list(samples["response_ids"])
     prompts = [list(p) for p in prompts]
     responses = [list(r) for r in responses]
     this = StepStages(step)  # the update's sub-stages, timed (the flow's update stage is the kill point)
-    with this.stage(timed="old_log_prob"):
-        old = workers.compute_log_prob(prompts, responses)
+    old = None
+    if not batching.on_policy(len(prompts), cfg):
+        with this.stage(timed="old_log_prob"):
+            old = workers.compute_log_prob(prompts, responses)
     ref = None
     if cfg.actor.use_kl_loss:
         with this.stage(timed="ref"):
@@ -319,8 +325,11 @@ def update(workers, samples: pd.DataFrame, cfg: GRPOConfig, step: int) -> dict[s
         old_log_probs=old,
         ref_log_probs=ref,
         advantages=samples["advantage"].to_numpy(np.float32).tolist(),
-        truncated=(samples["finish_reason"] == "length").tolist(),
-    )  # actor.mask_truncated_completions
+        truncated=(samples["finish_reason"] == "length").tolist(),  # actor.mask_truncated_completions
+        rollout_log_probs=None
+        if old is not None
+        else [np.asarray(x, np.float32) for x in samples["rollout_log_probs"]],
+    )
     with this.stage(timed="update_actor"):
         metrics = workers.update_actor(batch, seed=cfg.trainer.seed + step)
     with this.stage(timed="update_weights"):
@@ -328,7 +337,7 @@ def update(workers, samples: pd.DataFrame, cfg: GRPOConfig, step: int) -> dict[s
     # How far vLLM's sampling log-probs are from the trainer's: a live check of weight sync.
     diffs = [
         np.abs(np.asarray(a) - np.asarray(b))
-        for a, b in zip(samples["rollout_log_probs"], old)
+        for a, b in zip(samples["rollout_log_probs"], old or [])
         if len(a) == len(b) and len(a)
     ]
     if diffs:

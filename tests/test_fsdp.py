@@ -148,14 +148,24 @@ ULYSSES = [
 ]
 
 
+# Packed (model.use_remove_padding) with Ulysses: each rank feeds half the packed row's columns
+# and computes the logits of half the samples from the gathered row; checked against the padded
+# one-rank reference (packing changes only the order of sums, like sharding).
+PACKED = "model.use_remove_padding=true"
+
 METRICS = ("actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/ppo_kl", "actor/grad_norm")
+
+
+def _reference(extra: list[str]) -> list[str]:
+    """The one-rank reference's overrides: no Ulysses, padded."""
+    return [e for e in extra if "ulysses" not in e and e != PACKED]
 
 
 def _one_rank(model_dir, extra, tmp_path):
     """The reference: one plain rank (no Ulysses), one thread as each rank, float64."""
     from engines.trainer.fsdp import FSDPTrainer
 
-    cfg = _cfg(1, [e for e in extra if "ulysses" not in e])
+    cfg = _cfg(1, _reference(extra))
     torch.manual_seed(0)
     one = FSDPTrainer(cfg, model_dir, "cpu", master_dtype=torch.float64)
     before = _state(one)
@@ -192,8 +202,10 @@ def _weight_diff(p1, p2, before) -> torch.Tensor:
         DYNAMIC,
         ULYSSES,
         ULYSSES + ["model.lora_rank=8"],
+        ULYSSES + [PACKED],
+        [PACKED, "model.lora_rank=8"],
     ],
-    ids=["full", "lora", "dynamic_bsz", "ulysses", "ulysses_lora"],
+    ids=["full", "lora", "dynamic_bsz", "ulysses", "ulysses_lora", "ulysses_packed", "packed_lora"],
 )
 def test_two_gloo_ranks_match_one_rank(model_dir, tmp_path, extra):
     if extra is DYNAMIC:  # the case under test: ranks that need different counts in one step
@@ -213,7 +225,7 @@ def test_two_gloo_ranks_match_one_rank(model_dir, tmp_path, extra):
         assert torch.equal(v, p1[k]), f"2 ranks loading the 1-rank checkpoint: {k} differs"
     from engines.trainer.fsdp import FSDPTrainer
 
-    fresh = FSDPTrainer(_cfg(1, [e for e in extra if "ulysses" not in e]), model_dir, "cpu", master_dtype=torch.float64)
+    fresh = FSDPTrainer(_cfg(1, _reference(extra)), model_dir, "cpu", master_dtype=torch.float64)
     fresh.load(str(tmp_path / "ck2"))
     for k, v in _state(fresh).items():
         assert torch.equal(v, p2[k]), f"1 rank loading the 2-rank checkpoint: {k} differs"

@@ -46,6 +46,10 @@ class GRPOActor(TrainerBackend):
         """Sums over ranks (identity on one rank)."""
 
     @abstractmethod
+    def _max(self, values: list[float]) -> list[float]:
+        """Maxima over ranks (identity on one rank)."""
+
+    @abstractmethod
     def _backward(self, loss: torch.Tensor) -> None:
         """Gradients of this rank's share of the global loss, summed over ranks."""
 
@@ -72,6 +76,11 @@ class GRPOActor(TrainerBackend):
         (minibatch_schedule; the default is the one-rank schedule of the whole batch)."""
         if steps is None:
             steps = minibatch_schedule(len(batch.prompts), self.cfg, seed)
+        if batch.old_log_probs is None and len(steps) != 1:
+            raise ValueError(
+                f"old_log_probs=None is for an on-policy step (one optimizer step), not {len(steps)}: "
+                "compute them first (compute_log_prob)"
+            )
         sums: dict[str, list[float]] = {}
         t0 = time.perf_counter()
         tokens = 0
@@ -107,11 +116,19 @@ class GRPOActor(TrainerBackend):
         agg = dict(loss_agg_mode=a.loss_agg_mode, **glob)
         self.optimizer.zero_grad(set_to_none=True)
         acc: dict[str, float] = {}
+        diff = [0.0, 0.0, 0.0]  # on-policy: |rollout - trainer| log-prob sum, count, max
         for g in self._micro_batches(prompts, responses):
             logp, ent, mask, rows = self._forward(self.model, _take(prompts, g), _take(responses, g), with_entropy=True)
             g = [g[i] for i in rows]  # the samples of this rank's rows
+            if old is None:  # on-policy: old_log_prob is this forward's, detached (ratio 1)
+                old_t = logp.detach()
+                if mini.rollout_log_probs is not None:
+                    self._rollout_diff(
+                        diff, logp, mask, [mini.rollout_log_probs[i] for i in g], [responses[i] for i in g]
+                    )
+            else:
+                old_t = _pad_float(_take(old, g), logp)
             mask = mask * keep_t[g].unsqueeze(1)
-            old_t = _pad_float(_take(old, g), logp.shape[1], self.device)
             out = algos.policy_loss(
                 logp,
                 old_t,
@@ -132,7 +149,7 @@ class GRPOActor(TrainerBackend):
                 "actor/pg_clipfrac_lower": out["pg_clipfrac_lower"],
             }
             if ref is not None:
-                kl = algos.kl_penalty(logp, _pad_float(_take(ref, g), logp.shape[1], self.device), a.kl_loss_type)
+                kl = algos.kl_penalty(logp, _pad_float(_take(ref, g), logp), a.kl_loss_type)
                 kl_loss = algos.agg_loss(kl, mask, a.loss_agg_mode, **glob)
                 loss = loss + a.kl_loss_coef * kl_loss
                 share["actor/kl_loss"] = kl_loss
@@ -140,6 +157,11 @@ class GRPOActor(TrainerBackend):
             for k, v in share.items():
                 acc[k] = acc.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
         acc = dict(zip(acc, self._sum(list(acc.values()))))  # the shares of all ranks: global values
+        if old is None and mini.rollout_log_probs is not None:
+            (total, count), (peak,) = self._sum(diff[:2]), self._max(diff[2:])
+            if count:
+                acc["training/rollout_probs_diff_mean"] = total / count
+                acc["training/rollout_probs_diff_max"] = peak
         grad_norm = self._clip_grad_norm(a.grad_clip)
         if math.isfinite(grad_norm):
             self.optimizer.step()
@@ -151,6 +173,15 @@ class GRPOActor(TrainerBackend):
         acc["actor/grad_norm"] = grad_norm
         acc.setdefault("actor/kl_loss", 0.0)
         return acc
+
+    def _rollout_diff(self, acc: list[float], logp: torch.Tensor, mask: torch.Tensor, rollout, responses) -> None:
+        """Adds |rollout - trainer| log-probs of the rows whose engine log-probs cover the response
+        (rollout.calculate_log_probs) to acc = [sum, count, max]. logp, mask: [B, R]."""
+        for i, (lp, r) in enumerate(zip(rollout, responses)):
+            if lp is None or len(lp) != len(r) or not len(r) or not float(mask[i].sum()):
+                continue
+            d = (logp[i, : len(r)].detach().double().cpu() - torch.as_tensor(np.asarray(lp), dtype=torch.float64)).abs()
+            acc[0], acc[1], acc[2] = acc[0] + float(d.sum()), acc[1] + len(r), max(acc[2], float(d.max()))
 
     def _perf(self, tokens: int, elapsed: float, batch: UpdateBatch) -> dict[str, float]:
         """perf/update_tokens (prompt + response tokens of the update, all ranks; with Ulysses a
@@ -177,9 +208,9 @@ def _take(xs: list, idx: list[int]) -> list:
     return [xs[i] for i in idx]
 
 
-def _pad_float(rows: list[np.ndarray], width: int, device) -> torch.Tensor:
-    """[len(rows), width] float32 on device: each row's values, zeros after."""
-    out = np.zeros((len(rows), width), np.float32)
+def _pad_float(rows: list[np.ndarray], like: torch.Tensor) -> torch.Tensor:
+    """Tensor shaped, typed and placed like `like` ([B, W]): each row's values, zeros after."""
+    out = np.zeros(tuple(like.shape), np.float64)
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
-    return torch.from_numpy(out).to(device)
+    return torch.from_numpy(out).to(like.device, like.dtype)

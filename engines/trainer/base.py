@@ -37,7 +37,10 @@ class TrainerBackend(ABC):
     def update(self, batch: UpdateBatch, seed: int, steps: list | None = None) -> dict[str, float]:
         """PPO epochs of the GRPO loss over `batch`, one optimizer step per entry of `steps`
         (index arrays into batch: engines/batching.minibatch_schedule). Returns `actor/*` and
-        `perf/*` metrics averaged over the optimizer steps (loss metrics global over ranks)."""
+        `perf/*` metrics averaged over the optimizer steps (loss metrics global over ranks).
+        batch.old_log_probs None (an on-policy step, engines/batching.on_policy): the update's own
+        log-probs, detached, are the old ones, and `training/rollout_probs_diff_*` comes from
+        batch.rollout_log_probs; raises ValueError when that would be more than one optimizer step."""
 
     @abstractmethod
     def weights_for_rollout(self) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from configs.schema import GRPOConfig
 from engines import algos, batching
-from engines.trainer import TRAINERS, checkpoint, ulysses
+from engines.trainer import TRAINERS, checkpoint, packing, ulysses, varlen
 from engines.trainer.actor import GRPOActor, _take
 from engines.trainer.offload import Offloader
 
@@ -93,10 +93,13 @@ class FSDPTrainer(GRPOActor):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         self.hf_config = model.config
+        self.packed = cfg.model.use_remove_padding
         if self.sp > 1:
             ulysses.check_heads(model.config, self.sp)
             ulysses.new_groups(self.sp)
             ulysses.enable(model)
+        elif self.packed:
+            varlen.enable(model)
         # Tied output embedding: saved once, under the input embedding's name (as HF does).
         self.tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
         self.is_lora = cfg.model.lora_rank > 0
@@ -125,6 +128,8 @@ class FSDPTrainer(GRPOActor):
             ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.compute_dtype).to(self.device)
             if self.sp > 1:
                 ulysses.enable(ref)
+            elif self.packed:
+                varlen.enable(ref)
             self.ref = self._shard(ref.eval().requires_grad_(False))
         params = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapter only
         a = cfg.actor
@@ -193,6 +198,8 @@ class FSDPTrainer(GRPOActor):
         if self.sp > 1:
             rows += [0] * (-n % self.sp)
             prompts, responses = _take(prompts, rows), _take(responses, rows)
+        if self.packed:
+            return self._forward_packed(model, prompts, responses, rows, n, with_entropy)
         p = _pad(prompts, self.pad_id, left=True)
         r = _pad(responses, self.pad_id, left=False)
         p_mask = _pad([[1] * len(x) for x in prompts], 0, left=True)
@@ -225,6 +232,46 @@ class FSDPTrainer(GRPOActor):
         )
         return logp, ent, r_mask.to(self.device, logp.dtype), rows
 
+    def _forward_packed(self, model, prompts, responses, rows, n, with_entropy: bool):
+        """`_forward` with model.use_remove_padding: the micro-batch as one packed row (no padding,
+        engines/trainer/packing.py), attention per sample (engines/trainer/varlen.py). With
+        Ulysses each rank feeds 1/sp of the row's columns and, after the final norm, computes the
+        logits of its share of the samples from the gathered row (engines/trainer/ulysses.py).
+        Same return as `_forward`: the values are scattered back into the [B, R] layout."""
+        pk = packing.pack(prompts, responses, pad_id=self.pad_id, multiple_of=self.sp)
+        dev, lens = self.device, list(pk.response_lengths)
+        keep, labels, mine = pk.logits_index, pk.labels, slice(None)
+        ids, pos = pk.input_ids.to(dev), pk.position_ids.to(dev)
+        if self.sp > 1:  # this rank: columns k*T/sp.., and the logits of samples k*b..(k+1)*b
+            k, b = ulysses.rank(), len(rows) // self.sp
+            cols = ids.shape[1] // self.sp
+            ids, pos = ids[:, k * cols : (k + 1) * cols], pos[:, k * cols : (k + 1) * cols]
+            start = sum(lens[: k * b])
+            mine = slice(k * b, (k + 1) * b)
+            keep, labels = keep[start : start + sum(lens[mine])], labels[start : start + sum(lens[mine])]
+        with self._autocast(), ulysses.packed_rows(self.sp > 1):
+            logits = model(
+                input_ids=ids,
+                position_ids=pos,
+                attention_mask=None,
+                logits_to_keep=keep.to(dev),
+                use_cache=False,
+                **varlen.model_kwargs(pk.cu_seqlens, pk.max_seqlen, dev),
+            ).logits  # [1, N, V]: only the positions that predict a response token
+        lens, rows = lens[mine], rows[mine]
+        labels, temp = labels.to(dev)[None], max(self.cfg.rollout.temperature, 1e-6)
+        parts = [  # sample by sample: one [n_i, V] float32 copy at a time (algos.token_logprobs)
+            algos.token_logprobs(c, t, temp, with_entropy)
+            for c, t in zip(logits.split(lens, dim=1), labels.split(lens, dim=1))
+        ]
+        width = max(lens, default=0)
+        logp, mask = packing.unpack(torch.cat([lp for lp, _ in parts], 1), lens, width)
+        ent = packing.unpack(torch.cat([e for _, e in parts], 1), lens, width)[0] if with_entropy else None
+        first = (mine.start or 0) if self.sp > 1 else 0
+        if first + len(rows) > n:  # Ulysses' padding copies weigh nothing
+            mask[max(n - first, 0) :] = 0
+        return logp, ent, mask, rows
+
     def _micro_batches(self, prompts, responses) -> list[list[int]]:
         """Sample indices of each forward: ppo_micro_batch_size_per_gpu at a time, in order; or,
         with use_dynamic_bsz, groups within ppo_max_token_len_per_gpu padded tokens
@@ -238,7 +285,7 @@ class FSDPTrainer(GRPOActor):
             ]
         shapes = [(len(p), len(r)) for p, r in zip(prompts, responses)]
         budget = a.ppo_max_token_len_per_gpu * self.sp  # Ulysses: each GPU holds 1/sp of the columns
-        need, minus_fewest = self._max([batching.count(shapes, budget), -n])
+        need, minus_fewest = self._max([batching.count(shapes, budget, self.packed), -n])
         k, fewest = int(need), int(-minus_fewest)
         if k > fewest:  # the same verdict on every rank: all raise, none waits
             raise ValueError(
@@ -246,16 +293,18 @@ class FSDPTrainer(GRPOActor):
                 f"{a.ppo_max_token_len_per_gpu} but another has only {fewest} samples; "
                 "give every rank the same number of samples"
             )
-        return batching.micro_batches(shapes, budget, k)
+        return batching.micro_batches(shapes, budget, k, self.packed)
 
     @torch.no_grad()
     def compute_log_prob(self, prompts, responses, ref: bool = False) -> list[np.ndarray]:
-        """Log-probs of each response under the current policy (old_log_prob) or the reference.
+        """Log-probs of each response under the current policy (old_log_prob) or the reference:
+        float32 arrays (float64 with master_dtype=torch.float64).
 
         Sharded: every rank must pass the same number of samples (each forward is a collective).
         Returned in the order given, whatever the micro-batches' grouping."""
         self.model.eval()
         out: list = [None] * len(prompts)
+        keep = np.float64 if self.compute_dtype == torch.float64 else np.float32  # a float64 check keeps its digits
         ctx = self.model.disable_adapter() if (ref and self.is_lora) else nullcontext()
         model = self.ref if (ref and self.ref is not None) else self.model
         with ctx:
@@ -264,7 +313,7 @@ class FSDPTrainer(GRPOActor):
                 if self.sp > 1:  # every rank's rows, in order: the whole (padded) micro-batch
                     logp, mask, rows = ulysses.gather_rows(logp), ulysses.gather_rows(mask), range(len(g))
                 for i, row, m in zip(rows, logp.cpu().numpy(), mask.cpu().numpy()):
-                    out[g[i]] = row[: int(m.sum())].astype(np.float32)
+                    out[g[i]] = row[: int(m.sum())].astype(keep)
         return out
 
     def _backward(self, loss: torch.Tensor) -> None:

@@ -7,17 +7,27 @@ a second all-to-all trades back. After the final norm a third one trades columns
 rank then holds whole sequences of 1/sp of the micro-batch's rows, so the logits, the log-probs
 and the loss are computed exactly as without sequence parallelism, on fewer rows.
 All three all-to-alls have autograd (their backward is the reverse all-to-all).
+
+A packed row (model.use_remove_padding, one row for the whole micro-batch) cannot be cut into
+rows, so under `packed_rows()` the final norm's output is all-gathered instead (its backward sums
+the ranks' gradients into each one's columns) and attention runs per sample on the segments the
+model call passes (engines/trainer/varlen.py).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed.nn.functional import all_gather, all_to_all_single
+
+from engines.trainer import varlen
 
 NAME = "ulysses_sdpa"  # the attention implementation registered with transformers
 _GROUP: dist.ProcessGroup | None = None  # this process's sequence-parallel group
+_PACKED = False  # inside packed_rows(): the forward's input is one packed row
 
 
 def new_groups(sp: int) -> dist.ProcessGroup:
@@ -47,6 +57,9 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     if key.shape[1] < sp:  # fewer KV heads than ranks: each rank gets a copy of its group's head
         key, value = (t.repeat_interleave(sp // key.shape[1], dim=1) for t in (key, value))
     q, k, v = (_swap(t, 1, 2) for t in (query, key, value))  # [B, heads/sp, T, d]
+    if kwargs.get("cu_seq_lens_q") is not None:  # a packed row: per-sample attention
+        out = varlen.attend(q, k, v, kwargs["cu_seq_lens_q"], kwargs["max_length_q"], scaling)  # [1, T, h/sp, d]
+        return _swap(out, 1, 2), None  # [1, T/sp, H, d]
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scaling)
@@ -54,8 +67,22 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
 
 
 def _rows_for_columns(module, args, output):
-    """Forward hook on the final norm: [B, T/sp, h] column slices -> [B/sp, T, h] whole rows."""
+    """Forward hook on the final norm: [B, T/sp, h] column slices -> [B/sp, T, h] whole rows;
+    under packed_rows() [1, T/sp, h] -> the whole [1, T, h] row on every rank."""
+    if _PACKED:
+        return torch.cat(all_gather(output.contiguous(), group=_GROUP), dim=1)
     return _swap(output, 0, 1)
+
+
+@contextmanager
+def packed_rows(on: bool = True):
+    """Within it, forwards take one packed row (see the module docstring)."""
+    global _PACKED
+    before, _PACKED = _PACKED, on
+    try:
+        yield
+    finally:
+        _PACKED = before
 
 
 def enable(hf_model: torch.nn.Module) -> None:
