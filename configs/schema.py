@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from configs.text import count
+
 
 class _Section(BaseModel):
     # extra="forbid": a misspelt key is an error naming it, never silently ignored.
@@ -295,7 +297,7 @@ class GRPOConfig(_Section):
         a, n, ws = self.actor, self.rollout.n, self.world_size
         sp = a.ulysses_sequence_parallel_size
         if ws % sp:
-            raise ValueError(f"actor.ulysses_sequence_parallel_size={sp} must divide the {ws} GPUs of the run")
+            raise ValueError(f"actor.ulysses_sequence_parallel_size={sp} must divide the {count(ws, 'GPU')} of the run")
         ws //= sp  # data-parallel ranks
         if self.data.train_batch_size % a.ppo_mini_batch_size:
             raise ValueError(
@@ -305,7 +307,7 @@ class GRPOConfig(_Section):
         if (a.ppo_mini_batch_size * n) % ws:
             raise ValueError(
                 f"actor.ppo_mini_batch_size*rollout.n={a.ppo_mini_batch_size * n} samples must split "
-                f"evenly over {ws} data-parallel ranks (trainer.n_gpus_per_node*trainer.nnodes"
+                f"evenly over {count(ws, 'data-parallel rank')} (trainer.n_gpus_per_node*trainer.nnodes"
                 f"/actor.ulysses_sequence_parallel_size)"
             )
         per_gpu = a.ppo_mini_batch_size * n // ws
@@ -352,6 +354,6 @@ class GRPOConfig(_Section):
         if self.world_size % tp or (node % tp if tp <= node else tp % node):
             raise ValueError(  # an engine's all-reduces run every layer: within a node, or whole nodes
                 f"rollout.tensor_model_parallel_size={tp} must divide trainer.n_gpus_per_node={node} (or be a "
-                f"multiple of it, for engines over whole nodes) and the {self.world_size} GPUs of the run"
+                f"multiple of it, for engines over whole nodes) and the {count(self.world_size, 'GPU')} of the run"
             )
         return self

@@ -21,6 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from configs.load import load_config
 from configs.schema import GRPOConfig
+from configs.text import count
 from flows.preflight import model_signature, preflight
 from runtime import checkpoints
 from runtime.killpoints import StepStages
@@ -188,7 +189,7 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
                     metrics = stages.update(workers, samples, cfg, step)
                 if metrics.get("actor/skipped_steps", 0) > cfg.trainer.max_bad_steps > 0:
                     raise RuntimeError(
-                        f"step {step}: {int(metrics['actor/skipped_steps'])} updates skipped for a "
+                        f"step {step}: {count(int(metrics['actor/skipped_steps']), 'update')} skipped for a "
                         f"non-finite grad norm (> trainer.max_bad_steps={cfg.trainer.max_bad_steps})"
                     )
                 last_step = step == total

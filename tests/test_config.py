@@ -95,6 +95,7 @@ def test_overrides_parse_yaml_scalars_and_nest():
             ["trainer.n_gpus_per_node=2", "actor.ulysses_sequence_parallel_size=4"],
             "actor.ulysses_sequence_parallel_size=4 must divide the 2 GPUs",
         ),
+        (["actor.ulysses_sequence_parallel_size=2"], "must divide the 1 GPU of the run"),  # not "1 GPUs"
         (
             [
                 "trainer.n_gpus_per_node=4",
@@ -297,7 +298,7 @@ def test_cli_bad_input_one_clear_line_nothing_written(tmp_path, case):
         "missing_model": (["run", "tiny-cpu", "model.source=hf", "model.path=/no/model"], "model.path=/no/model"),
         "gpu_recipe": (["run", "qwen2-0.5b-lora-1xh100"], "needs 1 GPU"),
         "megatron_recipe": (["run", "qwen2-32b-megatron-8xh20"], "Megatron"),
-        "multi_gpu_recipe": (["run", "qwen2-14b-4xh800"], "needs 4 GPU(s)"),
+        "multi_gpu_recipe": (["run", "qwen2-14b-4xh800"], "needs 4 GPUs"),
     }[case]
     res = run_cli(work, *args)
     assert res.returncode == 2, res.stderr[-2000:]
