@@ -383,3 +383,16 @@ def test_format_score_is_for_the_builtin_reward_only():
         load_config("tiny-cpu", ["reward.format_score=0.1", "reward.function=tests.toy_reward:letter_e_share"])
     with pytest.raises(ValueError, match="format_score"):
         load_config("tiny-cpu", ["reward.format_score=1.5"])
+
+
+def test_readme_cli_examples_load():
+    """A fresh clone's review: the README's `data.train_batch_size=64` example was refused by its own
+    recipe. Every `grpo run|prep|plan <recipe> key=value ...` the README shows must load."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    found = re.findall(r"grpo (?:run|prep|plan|eval) ([\w.-]+)((?: [a-z_]+\.[\w.]+=[^\s`]+)*)", readme)
+    examples = [(name, args.split()) for name, args in found if name in recipe_names()]
+    assert any(args for _, args in examples) and ("qwen2-0.5b-lora-1xh100" in dict(examples))
+    for name, args in examples:
+        load_config(name, args)  # ConfigError names the example that broke
