@@ -45,8 +45,27 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    base = _read_yaml((path.parent / parent).resolve(), seen + (path,))
+    base = _read_yaml(_extends_path(path, parent), seen + (path,))
     return _deep_merge(base, data)
+
+
+def _extends_path(path: Path, parent: Any) -> Path:
+    """The file `extends: <parent>` of recipe `path` names: relative to the recipe's folder, else a
+    file of ours in configs/ (`tiny-cpu`, `tiny-cpu.yaml`, `_lora.yaml`), so a recipe of your own
+    anywhere may extend ours. A missing one is one line naming both paths and the fix."""
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{path}: `extends: {parent}` must be a YAML file name (e.g. `extends: tiny-cpu.yaml`)")
+    here = (path.parent / parent).resolve()
+    if here.is_file():
+        return here
+    ours = CONFIG_DIR / (parent if Path(parent).suffix in (".yaml", ".yml") else f"{parent}.yaml")
+    if Path(parent).name == parent and ours.is_file():
+        return ours
+    bases = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(
+        f"{path}: `extends: {parent}` names a missing file ({here}); give a path relative to {path.parent}, "
+        f"or a file of configs/ ({', '.join(bases)})"
+    )
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

@@ -182,7 +182,7 @@ def format_plan(result: dict[str, Any], other: dict[str, Any] | None = None) -> 
         + (f" ({'; '.join(why)})" if why else "")
         + f"; largest ppo_micro_batch_size_per_gpu that fits: {result['largest_micro_batch']}"
         + (
-            f" (that also divides the {result['samples_per_gpu_per_minibatch']} samples/GPU per mini-batch: "
+            f" (the largest that also divides the {result['samples_per_gpu_per_minibatch']} samples/GPU per mini-batch: "
             f"{result['largest_valid_micro_batch']})"
             if result["largest_valid_micro_batch"] != result["largest_micro_batch"]
             else ""

@@ -396,3 +396,19 @@ def test_readme_cli_examples_load():
     assert any(args for _, args in examples) and ("qwen2-0.5b-lora-1xh100" in dict(examples))
     for name, args in examples:
         load_config(name, args)  # ConfigError names the example that broke
+
+
+def test_extends_a_missing_file_is_one_line_and_ours_are_found_anywhere(tmp_path):
+    """A fresh clone's review: `extends:` of a missing file gave a raw errno message."""
+    mine = tmp_path / "my.yaml"
+    mine.write_text("extends: nosuch.yaml\nactor: {lr: 1.0e-5}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(mine))
+    msg = str(e.value)
+    assert "\n" not in msg and "Errno" not in msg, msg
+    assert msg.startswith(f"{mine}: `extends: nosuch.yaml` names a missing file ({tmp_path / 'nosuch.yaml'})")
+    assert f"give a path relative to {tmp_path}" in msg and "tiny-cpu.yaml" in msg
+    for parent in ("tiny-cpu.yaml", "tiny-cpu"):  # one of ours, from a recipe outside configs/
+        mine.write_text(f"extends: {parent}\nactor: {{lr: 1.0e-5}}\n")
+        cfg = load_config(str(mine))
+        assert cfg.actor.lr == 1e-5 and cfg.model.arch == load_config("tiny-cpu").model.arch
