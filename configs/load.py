@@ -93,6 +93,24 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
     return tree
 
 
+def _schema_field(loc: tuple) -> Any:
+    """The pydantic FieldInfo at a dotted location of GRPOConfig, or None."""
+    model, info = GRPOConfig, None
+    for part in loc:
+        info = getattr(model, "model_fields", {}).get(part)
+        if info is None:
+            return None
+        model = info.annotation
+    return info
+
+
+def _minus_one_meaning(loc: tuple) -> str | None:
+    """What -1 means for a field declared with configs.schema._minus_one_means, else None."""
+    info = _schema_field(loc)
+    extra = getattr(info, "json_schema_extra", None)
+    return extra.get("minus_one") if isinstance(extra, dict) else None
+
+
 def _explain(err: ValidationError, source: str) -> ConfigError:
     lines = []
     for e in err.errors():
@@ -103,6 +121,8 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
             lines.append(f"{key}={e.get('input')} is not supported in this build (choose {e['ctx']['expected']})")
         elif e["type"] == "value_error":
             lines.append(e["msg"].removeprefix("Value error, "))
+        elif e["type"] == "greater_than_equal" and (meaning := _minus_one_meaning(e["loc"])):
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r}); -1 means {meaning}")
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return ConfigError(f"invalid config {source}: " + "; ".join(lines))

@@ -7,11 +7,17 @@ folder are short YAML overrides of these defaults; `configs.load` resolves them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from configs.text import count
+
+
+def _minus_one_means(default: int, meaning: str) -> Any:
+    """An int field that is >= 0 or -1, where -1 is a sentinel: `meaning` is what -1 does, which
+    the range error of a value below -1 says (configs/load.py)."""
+    return Field(default, ge=-1, json_schema_extra={"minus_one": meaning})
 
 
 class _Section(BaseModel):
@@ -63,7 +69,7 @@ class RolloutConfig(_Section):
     """Training sampling temperature. Must be > 0: at 0 (greedy) every sample of a group is the
     same response, so every GRPO advantage is 0 and nothing is learned. Eval: val_temperature."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)
+    top_k: int = _minus_one_means(-1, "sample from all tokens (as 0 does)")
     """Sample from the k most likely tokens; -1 (or 0) for all of them, as vLLM and the reference use it."""
     max_response_length: int = Field(1024, ge=1)
     tensor_model_parallel_size: int = Field(1, ge=1)
@@ -102,7 +108,7 @@ class ActorConfig(_Section):
     (Megatron: the next issue) is one module there that registers its name; an unknown name is one
     error line before any work."""
     lr: float = Field(1e-6, gt=0)
-    lr_warmup_steps: int = Field(-1, ge=-1)
+    lr_warmup_steps: int = _minus_one_means(-1, "derive it from actor.lr_warmup_steps_ratio (0: no warmup)")
     """Linear warmup length in optimizer steps (0: none); -1 derives it from lr_warmup_steps_ratio."""
     lr_warmup_steps_ratio: float = Field(0.0, ge=0.0, le=1.0)
     weight_decay: float = Field(0.01, ge=0.0)
@@ -189,9 +195,9 @@ class TrainerConfig(_Section):
     total_epochs: int = Field(1, ge=1)
     total_training_steps: int | None = Field(None, ge=1)
     """Overrides total_epochs when set."""
-    save_freq: int = Field(-1, ge=-1)
+    save_freq: int = _minus_one_means(-1, "checkpoint only at the last step (N >= 1: every N steps)")
     """Checkpoint every N >= 1 steps (and at the last step); -1: only at the last step."""
-    test_freq: int = Field(-1, ge=-1)
+    test_freq: int = _minus_one_means(-1, "never evaluate during training (N >= 1: every N steps)")
     """Evaluate every N >= 1 steps (and at the last step); -1: never during training."""
     val_before_train: bool = True
     """Evaluate before the first update (logged as step 0: the baseline the run's curve starts

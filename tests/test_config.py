@@ -126,10 +126,16 @@ def test_overrides_parse_yaml_scalars_and_nest():
         # issue 13 (5): greedy sampling gives GRPO nothing to learn from
         (["rollout.temperature=0"], "rollout.temperature=0 samples greedily"),
         # a fresh clone's review: negative lengths and a zero frequency were accepted and did nothing
-        (["trainer.save_freq=-5"], "trainer.save_freq"),
+        # ... and a range error of a field whose -1 is a sentinel says what -1 means
+        (["trainer.save_freq=-5"], "(got -5); -1 means checkpoint only at the last step (N >= 1: every N steps)"),
+        (
+            ["trainer.test_freq=-2"],
+            "trainer.test_freq: Input should be greater than or equal to -1 (got -2); -1 means never",
+        ),
+        (["rollout.top_k=-7"], "rollout.top_k: Input should be greater than or equal to -1 (got -7); -1 means sample"),
         (["trainer.test_freq=0"], "trainer.test_freq=0 is not a frequency; use N >= 1 (every N steps) or -1"),
         (["trainer.save_freq=0"], "trainer.save_freq=0 is not a frequency"),
-        (["actor.lr_warmup_steps=-5"], "actor.lr_warmup_steps"),
+        (["actor.lr_warmup_steps=-5"], "-1 means derive it from actor.lr_warmup_steps_ratio (0: no warmup)"),
     ],
 )
 def test_bad_config_names_the_key(overrides, needle):
