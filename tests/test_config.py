@@ -418,3 +418,27 @@ def test_extends_a_missing_file_is_one_line_and_ours_are_found_anywhere(tmp_path
         mine.write_text(f"extends: {parent}\nactor: {{lr: 1.0e-5}}\n")
         cfg = load_config(str(mine))
         assert cfg.actor.lr == 1e-5 and cfg.model.arch == load_config("tiny-cpu").model.arch
+
+
+@pytest.mark.parametrize(
+    "override,line",
+    [
+        ("actor_rollout_ref.actor.lr=1e-5", "unknown key 'actor_rollout_ref.actor.lr' (verl's name; here: actor.lr)"),
+        ("actor_rollout_ref.rollout.n=4", "unknown key 'actor_rollout_ref.rollout.n' (verl's name; here: rollout.n)"),
+        ("actor_rollout_ref.model.path=m", "unknown key 'actor_rollout_ref.model.path' (verl's name; here: model.path)"),
+        ("actor_rollout_ref.actor.optim.lr=1e-5", "'actor_rollout_ref.actor.optim.lr' (verl's name; here: actor.lr)"),
+        ("actor.fsdp_config.param_offload=true", "(verl's name; here: actor.param_offload)"),
+        ("algorithm.kl_ctrl.kl_coef=0.01", "(verl's name; here: actor.kl_loss_coef; verl's kl_ctrl weighs a KL"),
+        ("actor_rollout_ref.actor.nosuch=1", "but actor.nosuch is no key either; see configs/schema.py)"),
+        ("data.train_batch_size=4", None),  # verl's data.* names are ours
+    ],
+)
+def test_verl_names_point_to_ours(override, line):
+    """A fresh clone's review: verl's full names (actor_rollout_ref.actor.lr, ...) got only
+    'check the spelling'; an unknown key that is a verl name now names our key."""
+    if line is None:
+        load_config("tiny-cpu", [override])
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny-cpu", [override])
+    assert "\n" not in str(e.value) and line in str(e.value), str(e.value)
