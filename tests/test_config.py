@@ -425,7 +425,10 @@ def test_extends_a_missing_file_is_one_line_and_ours_are_found_anywhere(tmp_path
     [
         ("actor_rollout_ref.actor.lr=1e-5", "unknown key 'actor_rollout_ref.actor.lr' (verl's name; here: actor.lr)"),
         ("actor_rollout_ref.rollout.n=4", "unknown key 'actor_rollout_ref.rollout.n' (verl's name; here: rollout.n)"),
-        ("actor_rollout_ref.model.path=m", "unknown key 'actor_rollout_ref.model.path' (verl's name; here: model.path)"),
+        (
+            "actor_rollout_ref.model.path=m",
+            "unknown key 'actor_rollout_ref.model.path' (verl's name; here: model.path)",
+        ),
         ("actor_rollout_ref.actor.optim.lr=1e-5", "'actor_rollout_ref.actor.optim.lr' (verl's name; here: actor.lr)"),
         ("actor.fsdp_config.param_offload=true", "(verl's name; here: actor.param_offload)"),
         ("algorithm.kl_ctrl.kl_coef=0.01", "(verl's name; here: actor.kl_loss_coef; verl's kl_ctrl weighs a KL"),
