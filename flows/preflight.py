@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from configs.schema import GRPOConfig
+from configs.text import count
 from engines.models import is_hub_id
 from runtime import checkpoints
 from runtime.tracking import check_tracking_uri
@@ -30,7 +31,7 @@ def preflight(cfg: GRPOConfig) -> None:
         have = local_gpu_count()
         if have < cfg.world_size:
             raise ValueError(
-                f"recipe '{cfg.recipe}' needs {cfg.world_size} GPU(s) (trainer.device=cuda) but this machine "
+                f"recipe '{cfg.recipe}' needs {count(cfg.world_size, 'GPU')} (trainer.device=cuda) but this machine "
                 f"has {have}; run it on a GPU machine or a Ray cluster (RAY_ADDRESS), or use a *-cpu recipe"
             )
     if cfg.model.source == "hf" and not is_hub_id(cfg.model.path):

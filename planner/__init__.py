@@ -14,6 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 from configs.schema import GRPOConfig
+from configs.text import count
 from planner.hardware import gpu_of
 from planner.host import RAY_MEMORY_THRESHOLD, format_host, host_memory
 from planner.memory import (
@@ -23,8 +24,42 @@ from planner.memory import (
     gpu_memory,
     largest_micro_batch,
 )
-from planner.shapes import model_shape
+from planner.shapes import Shape, model_shape
 from planner.timing import ASSUMED_BW_EFF, ASSUMED_MFU, step_timing
+
+MODELLED_STRATEGIES = ("fsdp", "fsdp2")
+"""The actor.strategy values whose memory the planner models (memory.py shards by FSDP only)."""
+
+
+def shape_problems(cfg: GRPOConfig, shape: Shape) -> list[str]:
+    """Head-count divisibility the config alone cannot check (it needs the model's shape): each
+    one a reason the run would be refused at start-up, so the plan's verdict is INVALID."""
+    out = []
+    sp, tp, heads, kv = (
+        cfg.actor.ulysses_sequence_parallel_size,
+        cfg.rollout.tensor_model_parallel_size,
+        shape.heads,
+        shape.kv_heads,
+    )
+    # The rule of engines/trainer/ulysses.check_heads (not imported: it needs torch).
+    if sp > 1 and (heads % sp or (kv % sp and sp % kv)):
+        out.append(
+            f"actor.ulysses_sequence_parallel_size={sp} must divide the model's {heads} attention heads and "
+            f"divide (or be a multiple of) its {kv} key-value heads"
+        )
+    # vLLM's own rule for a tensor-parallel engine.
+    if tp > 1 and (heads % tp or (kv % tp and tp % kv)):
+        out.append(
+            f"rollout.tensor_model_parallel_size={tp} must divide the model's {heads} attention heads and "
+            f"divide (or be a multiple of) its {kv} key-value heads (vLLM refuses it)"
+        )
+    return out
+
+
+def largest_dividing(limit: int, total: int) -> int:
+    """Largest d <= limit that divides total (0 if limit < 1): a micro-batch must divide the
+    samples one GPU gets per mini-batch (configs/schema.py)."""
+    return next((d for d in range(min(limit, total), 0, -1) if total % d == 0), 0)
 
 
 def plan(
@@ -63,11 +98,21 @@ def plan(
     mem = gpu_memory(cfg, shape, gpu_spec, features_now, micro, fsdp, logit_bytes=logit_bytes)
     host = host_memory(cfg, shape, mem["shard"])
     gpu_fits = mem.pop("fits")
+    fits = gpu_fits and host["host_fits"]
+    problems = shape_problems(cfg, shape)
+    modelled = actor.strategy in MODELLED_STRATEGIES
+    per_gpu = actor.ppo_mini_batch_size * cfg.rollout.n * actor.ulysses_sequence_parallel_size // cfg.world_size
+    largest = largest_micro_batch(cfg, shape, gpu_spec, features_now, logit_bytes=logit_bytes)
     return dict(
+        verdict="NOT MODELLED" if not modelled else "INVALID" if problems else "FITS" if fits else "DOES NOT FIT",
+        problems=problems,
+        modelled=modelled,
         gpu_fits=gpu_fits,
-        fits=gpu_fits and host["host_fits"],
+        fits=fits,
         **host,
         recipe=cfg.recipe,
+        strategy=actor.strategy,
+        requires=cfg.requires,
         mode="as-configured" if as_configured else "current trainer",
         features=features_now,
         gpu=asdict(gpu_spec),
@@ -77,10 +122,10 @@ def plan(
         world_size=cfg.world_size,
         tp=cfg.rollout.tensor_model_parallel_size,
         micro_batch=micro,
-        samples_per_gpu_per_minibatch=(
-            actor.ppo_mini_batch_size * cfg.rollout.n * actor.ulysses_sequence_parallel_size // cfg.world_size
-        ),
-        largest_micro_batch=largest_micro_batch(cfg, shape, gpu_spec, features_now, logit_bytes=logit_bytes),
+        samples_per_gpu_per_minibatch=per_gpu,
+        largest_micro_batch=largest,
+        # What ppo_micro_batch_size_per_gpu may be set to: fits and divides per_gpu (dynamic bsz: by tokens).
+        largest_valid_micro_batch=largest if actor.use_dynamic_bsz else largest_dividing(largest, per_gpu),
         **mem,
         **step_timing(cfg, shape, gpu_spec, mem, micro),
     )
@@ -116,8 +161,12 @@ def format_plan(result: dict[str, Any], other: dict[str, Any] | None = None) -> 
         f"torch.cuda.max_memory_allocated would read ~{result['torch_max_allocated_gib']:.2f}",
     ]
     lines += format_host(result)
-    verdict = "FITS" if result["fits"] else "DOES NOT FIT"
-    why = [] if result["vllm_kv_ok"] else ["vLLM weights + activations exceed its budget: no KV cache"]
+    verdict = result["verdict"]
+    why = list(result["problems"])
+    if not result["modelled"]:
+        why.append(f"actor.strategy={result['strategy']} is not modelled by the planner")
+    if not result["vllm_kv_ok"]:
+        why.append("vLLM weights + activations exceed its budget: no KV cache")
     if not result["vllm_init_ok"]:
         why.append("vLLM's budget is more than the memory left after the trainer loads")
     if not result["gpu_fits"] and result["vllm_kv_ok"] and result["vllm_init_ok"]:
@@ -132,6 +181,12 @@ def format_plan(result: dict[str, Any], other: dict[str, Any] | None = None) -> 
         f"verdict: {verdict}"
         + (f" ({'; '.join(why)})" if why else "")
         + f"; largest ppo_micro_batch_size_per_gpu that fits: {result['largest_micro_batch']}"
+        + (
+            f" (the largest that also divides the {result['samples_per_gpu_per_minibatch']} samples/GPU per mini-batch: "
+            f"{result['largest_valid_micro_batch']})"
+            if result["largest_valid_micro_batch"] != result["largest_micro_batch"]
+            else ""
+        )
     )
     if other is not None:
         lines.append(
@@ -139,6 +194,13 @@ def format_plan(result: dict[str, Any], other: dict[str, Any] | None = None) -> 
             f"{'fits' if other['fits'] else 'does not fit'}, largest micro-batch {other['largest_micro_batch']}"
             f" (FSDP shard {other['shard']}, offload/empty_cache as configured)"
         )
+    if not result["modelled"]:
+        lines.append(
+            f"note: actor.strategy={result['strategy']} is not modelled by the planner: the numbers above are an "
+            "unsharded replica per GPU (no tensor or pipeline parallelism), not what that backend would hold"
+        )
+    if result["requires"]:
+        lines.append(f"note: this recipe cannot run in this build: {result['requires']}")
     seconds, flops = result["time_s"], result["flops"]
     lines += [
         "",
@@ -149,7 +211,7 @@ def format_plan(result: dict[str, Any], other: dict[str, Any] | None = None) -> 
     for k, v in seconds.items():
         lines.append(f"{k:16s} {flops.get(k, 0) / 1e12:17.1f} {v:9.3f}")
     lines.append(
-        f"gen: {result['gen_concurrency']} sequences at a time per engine, {result['gen_waves']} wave(s); "
+        f"gen: {result['gen_concurrency']} sequences at a time per engine, {count(result['gen_waves'], 'wave')}; "
         f"worst case (every response at max length); update MFU as perf/mfu/actor "
         f"~{result['predicted_mfu_update']:.0%}"
     )

@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from configs.text import count
+
 GIB = 2**30
 
 HOST_PROCESS_GIB = {"cuda": 3.0, "cpu": 1.0}
@@ -137,7 +139,7 @@ def host_memory(cfg, shape, shard: int, ranks_on_node: int | None = None) -> dic
             "vLLM-CPU KV cache",
             rollout.gpu_memory_utilization * ram * GIB / trainer.n_gpus_per_node,
             f"rollout.gpu_memory_utilization {rollout.gpu_memory_utilization} x {ram:.1f} GiB / "
-            f"{trainer.n_gpus_per_node} ranks",
+            f"{count(trainer.n_gpus_per_node, 'rank')}",
         )
     elif rollout.free_cache_engine and lora:  # level 1: pinned copy of the weights, power-of-two blocks
         blocks = vllm_weight_blocks(shape, rollout_tp)
@@ -181,7 +183,7 @@ def format_host(result: dict[str, Any]) -> list[str]:
         "-" * 100,
         f"{'per rank (max of steady / load peak)':44s} {result['host_per_rank_gib']:9.2f}  "
         f"steady {result['host_steady_gib']:.2f}, load {result['host_load_gib']:.2f}",
-        f"{'PER NODE':44s} {result['host_node_gib']:9.2f}  {result['host_ranks_per_node']} ranks + "
+        f"{'PER NODE':44s} {result['host_node_gib']:9.2f}  {count(result['host_ranks_per_node'], 'rank')} + "
         f"{RAY_AND_DRIVER_GIB:.0f} GiB Ray/driver, of {result['node_ram_gib']:.1f} GiB ({result['node_ram_source']}); "
         f"Ray kills workers past {RAY_MEMORY_THRESHOLD:.0%}",
     ]

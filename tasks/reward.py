@@ -10,6 +10,7 @@ for importing torch or the orchestration layer.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import math
 import re
@@ -20,6 +21,8 @@ from typing import Callable, Literal, Optional, Sequence
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[[str, str, str, Optional[dict]], float]
+REWARD_SIGNATURE = "fn(data_source, solution_str, ground_truth, extra_info) -> float"
+"""How score_samples calls a reward: four positional arguments."""
 
 # Only the tail is searched: a model that rambles on after its answer, or that
 # quotes the prompt's numbers early on, should not get credit by accident.
@@ -158,8 +161,7 @@ def _dispatch(
     if data_source != "openai/gsm8k":
         raise ValueError(
             f"no built-in reward for data_source {data_source!r} (built-in: ['openai/gsm8k']); "
-            "set reward.function to 'package.module:function' with the signature "
-            "fn(data_source, solution_str, ground_truth, extra_info) -> float"
+            f"set reward.function to 'package.module:function' with the signature {REWARD_SIGNATURE}"
         )
     return gsm8k_score(
         solution_str,
@@ -234,7 +236,24 @@ def load_reward_fn(dotted: str | None, gsm8k_scorer: str = "reference", format_s
     fn = getattr(module, attr)
     if not callable(fn):
         raise ValueError(f"reward function {dotted!r}: {module_name}.{attr} is a {type(fn).__name__}, not callable")
+    _check_signature(fn, dotted, f"{module_name}.{attr}")
     return fn
+
+
+def _check_signature(fn: Callable, dotted: str, name: str) -> None:
+    """A function that cannot take score_samples' four positional arguments is refused here (in
+    preflight, before any work), not at the first reward stage."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C callable without a readable signature
+        return
+    try:
+        sig.bind("openai/gsm8k", "", "", None)
+    except TypeError as err:
+        raise ValueError(
+            f"reward function {dotted!r}: {name}{sig} cannot be called as {REWARD_SIGNATURE} ({err}); "
+            "give it those four positional parameters"
+        ) from None
 
 
 def score_samples(

@@ -263,9 +263,56 @@ def test_every_recipe_plans(capsys):
     from flows.cli import main
 
     for name in recipe_names():
-        main(["plan", name])
+        with pytest.raises(SystemExit) if plan(_cfg(name))["verdict"] != "FITS" else _no_exit() as e:
+            main(["plan", name])
         out = capsys.readouterr().out
         assert "PEAK per GPU" in out and "verdict:" in out and "vLLM KV cache" in out, name
+        if e is not None:
+            assert e.value.code == 1, name  # a verdict other than FITS is exit 1; bad input is 2
+
+
+class _no_exit:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize(
+    "recipe,overrides,verdict,code,needle",
+    [
+        ("qwen2-14b-4xh800", [], "FITS", 0, "verdict: FITS"),
+        ("qwen2-14b-4xh800", ["actor.ppo_micro_batch_size_per_gpu=32"], "DOES NOT FIT", 1, "GPU peak over"),
+        # the largest micro-batch that fits (19) does not divide 320 samples/GPU: the valid one is named
+        ("qwen2-14b-4xh800", [], "FITS", 0, "the largest that also divides the 320 samples/GPU per mini-batch: 16)"),
+        (
+            "qwen2-0.5b-lora-1xh100",
+            [
+                "trainer.n_gpus_per_node=4",
+                "rollout.tensor_model_parallel_size=4",
+                "actor.ppo_micro_batch_size_per_gpu=1",
+                "rollout.gpu_memory_utilization=0.5",
+            ],
+            "INVALID",
+            1,
+            "rollout.tensor_model_parallel_size=4 must divide the model's 14 attention heads",
+        ),
+        ("qwen2-32b-megatron-8xh20", [], "NOT MODELLED", 1, "note: actor.strategy=megatron is not modelled"),
+    ],
+)
+def test_plan_exit_code_follows_the_verdict(capsys, recipe, overrides, verdict, code, needle):
+    """A fresh clone's review: `grpo plan` exited 0 on DOES NOT FIT and planned Megatron silently."""
+    from flows.cli import main
+
+    assert plan(_cfg(recipe, **dict(o.split("=") for o in overrides)))["verdict"] == verdict
+    with pytest.raises(SystemExit) if code else _no_exit() as e:
+        main(["plan", recipe, *overrides])
+    assert (e.value.code if e else 0) == code
+    assert needle in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # an impossible micro-batch is bad input: exit 2, one line
+        main(["plan", recipe, *overrides, "actor.ppo_micro_batch_size_per_gpu=7"])
+    assert e.value.code == 2 and "actor.ppo_micro_batch_size_per_gpu=7" in capsys.readouterr().err
 
 
 def test_cli_bad_input_is_one_error_line(capsys):

@@ -183,6 +183,32 @@ def test_load_reward_fn_dotted_path(dotted):
     assert loaded("openai/gsm8k", "#### 1", "1", None) == 0.5
 
 
+def two_args(solution_str, ground_truth):
+    """A reward of the wrong signature (loaded by dotted path below)."""
+    return 0.0
+
+
+def keywords_only(*, data_source, solution_str, ground_truth, extra_info):
+    return 0.0
+
+
+def any_args(*args, **kwargs):
+    return 0.0
+
+
+@pytest.mark.parametrize("name", ["two_args", "keywords_only"])
+def test_reward_fn_of_the_wrong_signature_is_refused_at_load(name):
+    """A fresh clone's review: a reward that cannot take the four arguments failed at the first
+    reward stage; load_reward_fn (preflight) refuses it in one line naming the path and the signature."""
+    dotted = f"tests.test_reward:{name}"
+    with pytest.raises(ValueError) as e:
+        load_reward_fn(dotted)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"reward function {dotted!r}: tests.test_reward.{name}(")
+    assert "cannot be called as fn(data_source, solution_str, ground_truth, extra_info) -> float" in msg
+    assert load_reward_fn("tests.test_reward:any_args") is any_args  # *args takes them
+
+
 @pytest.mark.parametrize(
     "dotted, problem",
     [

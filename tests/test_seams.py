@@ -230,3 +230,29 @@ def test_sampling_specs_come_from_the_config_once():
         n=1, temperature=0.0, top_p=1.0, top_k=-1, max_tokens=32, seeds=[5]
     )
     assert train.with_seeds([4]) == SamplingSpec.for_training(cfg, [4])
+
+
+def test_readme_names_every_abstract_method_of_the_seams():
+    """A fresh clone's review: the README's "Extending" section must name exactly the methods a new
+    backend or engine has to implement (read from the ABCs, so a renamed method fails here)."""
+    import re
+    from pathlib import Path
+
+    from engines.trainer.actor import GRPOActor
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Extending") :]
+
+    def paragraph(title: str) -> str:  # from its bold title to its code example
+        start = section.index(title)
+        return section[start : section.index("```python", start)]
+
+    trainer, rollout = paragraph("**A trainer backend**"), paragraph("**A rollout engine**")
+
+    def named(par: str) -> set[str]:
+        return set(re.findall(r"`(\w+)`", par))
+
+    assert set(TrainerBackend.__abstractmethods__) <= named(trainer)
+    assert set(GRPOActor.__abstractmethods__) - set(TrainerBackend.__abstractmethods__) <= named(trainer)
+    assert set(RolloutEngine.__abstractmethods__) <= named(rollout)
+    assert not {m for m in named(trainer) if m.startswith("_")} - set(GRPOActor.__abstractmethods__)
