@@ -4,8 +4,9 @@ The row's segments are given by cu_seqlens ([S + 1] int32 offsets, engines/train
 passed down the model call as transformers' flash-attention kwargs (``cu_seq_lens_q/k``,
 ``max_length_q/k``) to the attention function registered here under NAME. On CUDA that is
 PyTorch's own FlashAttention varlen kernel (``torch.nn.attention.varlen.varlen_attn``, torch >=
-2.10): no mask, no padding, cost sum(s_i^2) instead of T^2. On CPU (tests) the same result
-comes from SDPA with the block-diagonal causal mask built from cu_seqlens.
+2.10; fp16/bf16, so under autocast q/k/v are cast as SDPA's autocast casts them): no mask, no
+padding, cost sum(s_i^2) instead of T^2. On CPU (tests), and for a float32 model on CUDA, the
+same result comes from SDPA with the block-diagonal causal mask built from cu_seqlens.
 
 Because NAME is not one of transformers' mask kinds, the model builds no [T, T] mask for it
 (masking_utils: custom attention "without equivalent mask creation").
@@ -56,8 +57,12 @@ def attend(query, key, value, cu_seqlens: torch.Tensor, max_seqlen: int, scaling
     if query.shape[0] != 1:
         raise ValueError(f"packed attention takes one row, got {query.shape[0]}")
     cu = cu_seqlens.to(device=query.device, dtype=torch.int32)
-    if query.is_cuda:
-        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # [T, heads, d]
+    half = (torch.float16, torch.bfloat16)
+    dtype = query.dtype if query.dtype in half else torch.get_autocast_dtype("cuda")
+    if query.is_cuda and (query.dtype in half or (torch.is_autocast_enabled("cuda") and dtype in half)):
+        # FlashAttention takes fp16/bf16 only; under autocast q/k come out of rotary in fp32 (as
+        # SDPA's autocast would, cast them to the autocast dtype). A float32 model takes SDPA below.
+        q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))  # [T, heads, d]
         return _flash_varlen(q, k, v, cu, int(max_seqlen), scaling).unsqueeze(0)
     rep = query.shape[1] // key.shape[1]
     k, v = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
