@@ -94,8 +94,8 @@ class RolloutConfig(_Section):
     weights offloaded (LoRA) or dropped and refilled from the trainer (full fine-tuning)."""
     calculate_log_probs: bool = False
     """Return vLLM's log-prob of each sampled token, for the `training/rollout_probs_diff_*` check
-    of weight sync. The trainer recomputes old_log_prob, so this is a diagnostic only (its cost:
-    benchmarks/BENCHMARKS.md, section 1)."""
+    of weight sync, against old_log_prob (off-policy) or the update's own forward (on-policy
+    steps). A diagnostic only: the loss never uses them (cost: benchmarks/BENCHMARKS.md, section 1)."""
     max_num_seqs: int = Field(256, ge=1)
     """Most sequences vLLM decodes at once (its max_num_seqs): larger batches decode faster but need
     more KV cache."""
@@ -139,11 +139,13 @@ class ActorConfig(_Section):
     """Cut micro-batches (training and log-prob passes) by tokens, not by count: the
     ppo_max_token_len_per_gpu budget, samples of similar length together; ignores ppo_micro_batch_size_per_gpu."""
     ppo_max_token_len_per_gpu: int = Field(16384, ge=1)
-    """use_dynamic_bsz: most tokens in one micro-batch on one GPU, counted as laid out with padding:
-    rows x (longest prompt + longest response). One whole sample must fit."""
+    """use_dynamic_bsz: most tokens in one micro-batch on one GPU, counted as laid out: with padding
+    rows x (longest prompt + longest response), with model.use_remove_padding the real tokens
+    (sum of lengths). One whole sample must fit."""
     ppo_epochs: int = Field(1, ge=1)
     """Passes over each step's samples, each of train_batch_size / ppo_mini_batch_size optimizer
-    steps; old_log_prob is computed once, before the first."""
+    steps; old_log_prob is computed once, before the first (with one optimizer step in all, an
+    on-policy step, it is not computed: the update's own log-probs, detached, stand in)."""
     clip_ratio_low: float = Field(0.2, ge=0.0)
     """PPO clip: the probability ratio is clipped below at 1 - clip_ratio_low."""
     clip_ratio_high: float = Field(0.2, ge=0.0)

@@ -140,7 +140,7 @@ def format_plan(result: dict[str, Any], other: dict[str, Any] | None = None) -> 
         f"model: {result['n_params'] / 1e9:.3f}B params (hidden {shape['hidden']}, {shape['layers']} layers, "
         f"{shape['heads']}/{shape['kv_heads']} heads, inter {shape['intermediate']}, vocab {shape['vocab']}, "
         f"tied {shape['tie']}) from {result['shape_source']}; trainable {result['n_trainable'] / 1e6:.1f}M",
-        f"batch: micro {result['micro_batch']} x {result['seq_len']} tokens (prompt + response, padded worst case); "
+        f"batch: micro {result['micro_batch']} x {result['seq_len']} tokens (prompt + response, worst case: every sample at full length); "
         f"{result['samples_per_gpu_per_minibatch']} samples/GPU per mini-batch; rollout TP {result['tp']}",
         "",
         f"{'item':44s} {'phase':8s} {'GiB':>9s}  note",

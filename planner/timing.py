@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from configs.schema import GRPOConfig
+from engines.batching import on_policy
 from planner.hardware import GPU, forward_flops
 from planner.shapes import Shape
 
@@ -28,9 +29,10 @@ def step_timing(cfg: GRPOConfig, shape: Shape, gpu: GPU, mem: dict, micro: int) 
     samples = cfg.data.train_batch_size * rollout.n
     peak = gpu.bf16_tflops * 1e12
     forward = forward_flops(n_params, layers, hidden, [seq] * samples)  # every sample at full length
+    old_pass = 0 if on_policy(samples, cfg) else 1  # an on-policy step has no old_log_prob pass
     flops = {
         "gen": forward,
-        "old_log_prob": forward,
+        "old_log_prob": old_pass * forward,
         "ref": forward,
         "update_actor": actor.ppo_epochs * 3 * forward,
     }  # forward + backward, as perf/mfu/actor counts
@@ -50,7 +52,7 @@ def step_timing(cfg: GRPOConfig, shape: Shape, gpu: GPU, mem: dict, micro: int) 
     passes = (2 if lora else 3) + (1 if checkpointing else 0)
     seconds = {
         "gen": prefill_s + waves * resp * step_s,
-        "old_log_prob": forward / world / (peak * ASSUMED_MFU),
+        "old_log_prob": old_pass * forward / world / (peak * ASSUMED_MFU),
         "ref": forward / world / (peak * ASSUMED_MFU) if actor.use_kl_loss else 0.0,
         "update_actor": actor.ppo_epochs * passes * forward / world / (peak * ASSUMED_MFU),
     }

@@ -150,7 +150,9 @@ ULYSSES = [
 
 # Packed (model.use_remove_padding) with Ulysses: each rank feeds half the packed row's columns
 # and computes the logits of half the samples from the gathered row; checked against the padded
-# one-rank reference (packing changes only the order of sums, like sharding).
+# one-rank reference (packing changes only the order of sums, like sharding). Micro-batch 1: the
+# second rank's sample is a padding copy; micro-batch 2: the ranks' samples have responses of
+# different lengths (their log-prob rows are gathered at the micro-batch's width).
 PACKED = "model.use_remove_padding=true"
 
 METRICS = ("actor/pg_loss", "actor/kl_loss", "actor/entropy", "actor/ppo_kl", "actor/grad_norm")
@@ -203,9 +205,19 @@ def _weight_diff(p1, p2, before) -> torch.Tensor:
         ULYSSES,
         ULYSSES + ["model.lora_rank=8"],
         ULYSSES + [PACKED],
+        ULYSSES + [PACKED, "actor.ppo_micro_batch_size_per_gpu=2", "model.lora_rank=8"],
         [PACKED, "model.lora_rank=8"],
     ],
-    ids=["full", "lora", "dynamic_bsz", "ulysses", "ulysses_lora", "ulysses_packed", "packed_lora"],
+    ids=[
+        "full",
+        "lora",
+        "dynamic_bsz",
+        "ulysses",
+        "ulysses_lora",
+        "ulysses_packed",
+        "ulysses_packed_micro2_lora",
+        "packed_lora",
+    ],
 )
 def test_two_gloo_ranks_match_one_rank(model_dir, tmp_path, extra):
     if extra is DYNAMIC:  # the case under test: ranks that need different counts in one step

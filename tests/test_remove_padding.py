@@ -85,3 +85,14 @@ def test_a_mask_across_samples_is_caught(model_dir, monkeypatch):
     )
     got = packed.compute_log_prob(batch.prompts, batch.responses)
     assert max(np.abs(a - b).max() for a, b in zip(got, batch.old_log_probs)) > 1e-3
+
+
+def test_empty_responses_in_both_layouts(model_dir):
+    """A micro-batch whose responses are all empty (R = 0), alone or beside others: empty rows."""
+    padded, packed = _pair(model_dir, "actor.ppo_micro_batch_size_per_gpu=2")
+    prompts, responses = [[5, 6, 7], [8, 9], [10, 11], [12]], [[], [], [13, 14], []]
+    for t in (padded, packed):
+        got = t.compute_log_prob(prompts, responses)
+        assert [len(x) for x in got] == [0, 0, 2, 0]
+    a, b = padded.compute_log_prob(prompts, responses), packed.compute_log_prob(prompts, responses)
+    assert np.abs(a[2] - b[2]).max() <= LOGP_ATOL

@@ -28,7 +28,8 @@ def _trainer(model_dir, *overrides):
             "rollout.n=2",
             "actor.ppo_mini_batch_size=4",
             "actor.ppo_micro_batch_size_per_gpu=8",
-            "actor.use_kl_loss=false", "model.dtype=bfloat16",
+            "actor.use_kl_loss=false",
+            "model.dtype=bfloat16",
             *overrides,
         ],
     )

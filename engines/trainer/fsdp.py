@@ -228,7 +228,7 @@ class FSDPTrainer(GRPOActor):
                     input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=R + 1, use_cache=False
                 ).logits
         logp, ent = algos.token_logprobs(
-            logits[:, :-1], ids[:, -R:], max(self.cfg.rollout.temperature, 1e-6), with_entropy
+            logits[:, :-1], ids[:, ids.shape[1] - R :], max(self.cfg.rollout.temperature, 1e-6), with_entropy
         )
         return logp, ent, r_mask.to(self.device, logp.dtype), rows
 
@@ -240,6 +240,7 @@ class FSDPTrainer(GRPOActor):
         Same return as `_forward`: the values are scattered back into the [B, R] layout."""
         pk = packing.pack(prompts, responses, pad_id=self.pad_id, multiple_of=self.sp)
         dev, lens = self.device, list(pk.response_lengths)
+        width = max(lens, default=0)  # the whole micro-batch's: Ulysses ranks gather equal shapes
         keep, labels, mine = pk.logits_index, pk.labels, slice(None)
         ids, pos = pk.input_ids.to(dev), pk.position_ids.to(dev)
         if self.sp > 1:  # this rank: columns k*T/sp.., and the logits of samples k*b..(k+1)*b
@@ -264,7 +265,6 @@ class FSDPTrainer(GRPOActor):
             algos.token_logprobs(c, t, temp, with_entropy)
             for c, t in zip(logits.split(lens, dim=1), labels.split(lens, dim=1))
         ]
-        width = max(lens, default=0)
         logp, mask = packing.unpack(torch.cat([lp for lp, _ in parts], 1), lens, width)
         ent = packing.unpack(torch.cat([e for _, e in parts], 1), lens, width)[0] if with_entropy else None
         first = (mine.start or 0) if self.sp > 1 else 0
@@ -274,8 +274,8 @@ class FSDPTrainer(GRPOActor):
 
     def _micro_batches(self, prompts, responses) -> list[list[int]]:
         """Sample indices of each forward: ppo_micro_batch_size_per_gpu at a time, in order; or,
-        with use_dynamic_bsz, groups within ppo_max_token_len_per_gpu padded tokens
-        (engines/batching.py). Sharded, every rank runs the count the neediest rank needs, since
+        with use_dynamic_bsz, groups within ppo_max_token_len_per_gpu tokens (padded, or with
+        model.use_remove_padding real; engines/batching.py). Sharded, every rank runs the count the neediest rank needs, since
         each forward is a collective; a rank with fewer samples than that cannot (no empty forward)."""
         a, n = self.cfg.actor, len(prompts)
         if not a.use_dynamic_bsz:

@@ -1,20 +1,20 @@
 """Padding-free micro-batches (`use_remove_padding`): samples packed into one row.
 
 A micro-batch of B samples (prompt ids + response ids each) becomes one row of T = sum of their
-lengths, with position ids restarting at 0 at every sample. Attention must not cross samples:
-transformers (5.x) reads that from the position ids when no attention mask is given
-(``masking_utils.find_packed_sequence_indices``: a block-diagonal causal mask for sdpa / eager /
-flex attention; cu_seqlens for its FlashAttention varlen path), so the model call is
+lengths, with position ids restarting at 0 at every sample and the segments' offsets in
+cu_seqlens. The trainer (engines/trainer/fsdp.py `_forward_packed`) calls
 ``model(input_ids, position_ids=..., attention_mask=None, logits_to_keep=logits_index,
-use_cache=False)`` (with a cache object, even an empty one, transformers skips that detection and
-every sample attends to the ones before it: tests/test_packing.py shows both).
+use_cache=False, cu_seq_lens_q/k=..., max_length_q/k=...)`` with its own attention function
+(engines/trainer/varlen.py), which keeps each sample to itself. (transformers alone would also
+find the segments from the position ids, ``masking_utils.find_packed_sequence_indices``, but only
+without a cache object: tests/test_packing.py shows both.)
 Only the N = sum of response lengths logits that predict a response token are computed
 (``logits_to_keep`` accepts an index tensor), so the [tokens, vocab] logits hold no padding and no
 prompt positions.
 
 The reference framework's name and meaning (``actor_rollout_ref.model.use_remove_padding``); the
-padded layout ([left-padded prompt | right-padded response], engines/trainer.py) stays the one the
-per-token tensors of the update use: ``unpack`` scatters the packed values back into it.
+padded layout ([left-padded prompt | right-padded response], engines/trainer/fsdp.py) stays the
+one the per-token tensors of the update use: ``unpack`` scatters the packed values back into it.
 """
 
 from __future__ import annotations
