@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_gather, all_to_all_single
+from torch.distributed.nn.functional import all_to_all_single
 
 from engines.trainer import varlen
 
@@ -70,8 +70,28 @@ def _rows_for_columns(module, args, output):
     """Forward hook on the final norm: [B, T/sp, h] column slices -> [B/sp, T, h] whole rows;
     under packed_rows() [1, T/sp, h] -> the whole [1, T, h] row on every rank."""
     if _PACKED:
-        return torch.cat(all_gather(output.contiguous(), group=_GROUP), dim=1)
+        return _GatherColumns.apply(output)
     return _swap(output, 0, 1)
+
+
+class _GatherColumns(torch.autograd.Function):
+    """[1, T/sp, h] on each rank of the group -> the whole [1, T, h] on every rank. Backward: each
+    rank's gradient of the whole row, summed over the group (all_reduce), this rank's columns kept
+    (every rank's logits may depend on every column)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(size())]
+        dist.all_gather(parts, x.contiguous(), group=_GROUP)
+        ctx.cols = (rank() * x.shape[1], x.shape[1])
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=_GROUP)
+        start, n = ctx.cols
+        return grad[:, start : start + n]
 
 
 @contextmanager
