@@ -23,12 +23,26 @@ __all__ = [
     "ARCH_PRESETS",
     "VLLM_CPU_HEAD_SIZES",
     "check_hf_dir",
+    "head_split_problem",
     "check_lora_targets",
     "check_vllm_compatible",
     "is_hub_id",
     "materialize",
     "tokenizer_fingerprint",
 ]
+
+
+def head_split_problem(key: str, n: int, heads: int, kv_heads: int) -> str | None:
+    """Why `key`=n parallel ranks cannot split a model's attention: each rank takes heads / n query
+    heads and needs n to divide (or be a multiple of) the key-value heads. None when it can (or
+    n is 1). The rule of Ulysses (engines/trainer/ulysses.py) and of vLLM's tensor parallelism."""
+    if n <= 1 or not (heads % n or (kv_heads % n and n % kv_heads)):
+        return None
+    return (
+        f"{key}={n} must divide the model's {heads} attention heads and "
+        f"divide (or be a multiple of) its {kv_heads} key-value heads"
+    )
+
 
 # Shape presets. "tiny" is for tests and CPU smoke runs; the rest copy the public Qwen2.5
 # config.json numbers so memory and throughput estimates carry over to the real models.

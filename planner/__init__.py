@@ -15,6 +15,7 @@ from typing import Any
 
 from configs.schema import GRPOConfig
 from configs.text import count
+from engines.models import head_split_problem
 from planner.hardware import gpu_of
 from planner.host import RAY_MEMORY_THRESHOLD, format_host, host_memory
 from planner.memory import (
@@ -34,26 +35,13 @@ MODELLED_STRATEGIES = ("fsdp", "fsdp2")
 def shape_problems(cfg: GRPOConfig, shape: Shape) -> list[str]:
     """Head-count divisibility the config alone cannot check (it needs the model's shape): each
     one a reason the run would be refused at start-up, so the plan's verdict is INVALID."""
-    out = []
-    sp, tp, heads, kv = (
-        cfg.actor.ulysses_sequence_parallel_size,
-        cfg.rollout.tensor_model_parallel_size,
-        shape.heads,
-        shape.kv_heads,
+    uly = head_split_problem(
+        "actor.ulysses_sequence_parallel_size", cfg.actor.ulysses_sequence_parallel_size, shape.heads, shape.kv_heads
     )
-    # The rule of engines/trainer/ulysses.check_heads (not imported: it needs torch).
-    if sp > 1 and (heads % sp or (kv % sp and sp % kv)):
-        out.append(
-            f"actor.ulysses_sequence_parallel_size={sp} must divide the model's {heads} attention heads and "
-            f"divide (or be a multiple of) its {kv} key-value heads"
-        )
-    # vLLM's own rule for a tensor-parallel engine.
-    if tp > 1 and (heads % tp or (kv % tp and tp % kv)):
-        out.append(
-            f"rollout.tensor_model_parallel_size={tp} must divide the model's {heads} attention heads and "
-            f"divide (or be a multiple of) its {kv} key-value heads (vLLM refuses it)"
-        )
-    return out
+    tp = head_split_problem(
+        "rollout.tensor_model_parallel_size", cfg.rollout.tensor_model_parallel_size, shape.heads, shape.kv_heads
+    )
+    return [p for p in (uly, tp and f"{tp} (vLLM refuses it)") if p]
 
 
 def largest_dividing(limit: int, total: int) -> int:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engines import batching
-from tests.test_trainer import LOGP_ATOL, METRIC_REL, W_ATOL, _batch, _params, _trainer
+from tests.test_trainer import LOGP_ATOL, METRIC_REL, W_ATOL, _batch, _params, _trainer, assert_log_probs_match
 
 PACKED = "model.use_remove_padding=true"
 
@@ -37,11 +37,7 @@ def _pair(model_dir, *overrides):
 def test_packed_equals_padded(model_dir, extra):
     padded, packed = _pair(model_dir, *extra)
     batch = _batch(padded)
-    for ref in (False, True):
-        got = packed.compute_log_prob(batch.prompts, batch.responses, ref=ref)
-        want = batch.ref_log_probs if ref else batch.old_log_probs
-        for a, b in zip(got, want, strict=True):
-            assert a.shape == b.shape and np.abs(a - b).max() <= LOGP_ATOL
+    assert_log_probs_match(packed, batch)
     m_pad, m_pack = padded.update(batch, seed=0), packed.update(batch, seed=0)
     for k in ("actor/grad_norm", "actor/pg_loss", "actor/entropy", "actor/kl_loss"):
         assert m_pack[k] == pytest.approx(m_pad[k], rel=METRIC_REL), k

@@ -54,6 +54,15 @@ def _batch(trainer, n=8):
     )
 
 
+def assert_log_probs_match(trainer, batch) -> None:
+    """trainer's policy and reference log-probs of batch equal the batch's, to LOGP_ATOL."""
+    for ref in (False, True):
+        got = trainer.compute_log_prob(batch.prompts, batch.responses, ref=ref)
+        want = batch.ref_log_probs if ref else batch.old_log_probs
+        for a, b in zip(got, want, strict=True):
+            assert a.shape == b.shape and np.abs(a - b).max() <= LOGP_ATOL
+
+
 def _params(trainer):
     return {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
 
@@ -214,11 +223,7 @@ def test_dynamic_bsz_does_not_change_log_probs_or_the_update(model_dir, mode):
     )
     groups = dyn._micro_batches(batch.prompts, batch.responses)
     assert sorted(len(g) for g in groups) == [1, 1, 2, 2, 2] and sum(groups, []) != list(range(8))
-    for ref in (False, True):
-        got = dyn.compute_log_prob(batch.prompts, batch.responses, ref=ref)
-        want = batch.ref_log_probs if ref else batch.old_log_probs
-        for a, b in zip(got, want, strict=True):
-            assert a.shape == b.shape and np.abs(a - b).max() <= LOGP_ATOL
+    assert_log_probs_match(dyn, batch)
     m_plain, m_dyn = plain.update(batch, seed=0), dyn.update(batch, seed=0)
     assert m_dyn["actor/grad_norm"] == pytest.approx(m_plain["actor/grad_norm"], rel=METRIC_REL)
     assert m_dyn["actor/pg_loss"] == pytest.approx(m_plain["actor/pg_loss"], rel=METRIC_REL)

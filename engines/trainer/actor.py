@@ -177,11 +177,14 @@ class GRPOActor(TrainerBackend):
     def _rollout_diff(self, acc: list[float], logp: torch.Tensor, mask: torch.Tensor, rollout, responses) -> None:
         """Adds |rollout - trainer| log-probs of the rows whose engine log-probs cover the response
         (rollout.calculate_log_probs) to acc = [sum, count, max]. logp, mask: [B, R]."""
-        for i, (lp, r) in enumerate(zip(rollout, responses)):
-            if lp is None or len(lp) != len(r) or not len(r) or not float(mask[i].sum()):
-                continue
-            d = (logp[i, : len(r)].detach().double().cpu() - torch.as_tensor(np.asarray(lp), dtype=torch.float64)).abs()
-            acc[0], acc[1], acc[2] = acc[0] + float(d.sum()), acc[1] + len(r), max(acc[2], float(d.max()))
+        covered = [lp is not None and len(lp) == len(r) > 0 for lp, r in zip(rollout, responses)]
+        keep = mask * torch.tensor(covered, dtype=mask.dtype, device=mask.device).unsqueeze(1)
+        count = float(keep.sum())
+        if not count:
+            return
+        engine = _pad_float([lp if c else [] for lp, c in zip(rollout, covered)], logp)
+        d = (logp.detach() - engine).abs() * keep
+        acc[0], acc[1], acc[2] = acc[0] + float(d.sum()), acc[1] + count, max(acc[2], float(d.max()))
 
     def _perf(self, tokens: int, elapsed: float, batch: UpdateBatch) -> dict[str, float]:
         """perf/update_tokens (prompt + response tokens of the update, all ranks; with Ulysses a

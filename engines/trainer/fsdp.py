@@ -267,7 +267,7 @@ class FSDPTrainer(GRPOActor):
         ]
         logp, mask = packing.unpack(torch.cat([lp for lp, _ in parts], 1), lens, width)
         ent = packing.unpack(torch.cat([e for _, e in parts], 1), lens, width)[0] if with_entropy else None
-        first = (mine.start or 0) if self.sp > 1 else 0
+        first = mine.start or 0  # this rank's first row (0 without Ulysses)
         if first + len(rows) > n:  # Ulysses' padding copies weigh nothing
             mask[max(n - first, 0) :] = 0
         return logp, ent, mask, rows

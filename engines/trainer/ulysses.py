@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.nn.functional import all_to_all_single
 
+from engines.models import head_split_problem
 from engines.trainer import varlen
 
 NAME = "ulysses_sdpa"  # the attention implementation registered with transformers
@@ -117,12 +118,11 @@ def enable(hf_model: torch.nn.Module) -> None:
 def check_heads(config, sp: int) -> None:
     """Raises ValueError unless sp divides the HF config's attention heads and divides (or is a
     multiple of) its key-value heads: each rank of a group takes heads / sp of them."""
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    if heads % sp or (kv % sp and sp % kv):
-        raise ValueError(
-            f"actor.ulysses_sequence_parallel_size={sp} must divide the model's {heads} attention "
-            f"heads and divide (or be a multiple of) its {kv} key-value heads"
-        )
+    problem = head_split_problem(
+        "actor.ulysses_sequence_parallel_size", sp, config.num_attention_heads, config.num_key_value_heads
+    )
+    if problem:
+        raise ValueError(problem)
 
 
 def full_mask(attn: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ Because NAME is not one of transformers' mask kinds, the model builds no [T, T] 
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -31,11 +32,19 @@ def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return (same & torch.ones(total, total, dtype=torch.bool, device=seg.device).tril())[None, None]
 
 
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    """The keyword parameters of this torch's varlen_attn (read once, not per layer call)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
 def _flash_varlen(q, k, v, cu, max_len: int, scale):
     """q [T, H, d], k/v [T, KV, d] on CUDA -> [T, H, d]."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _varlen_params()
     kw = {"scale": scale}
     if "window_size" in params:  # torch >= 2.11: (-1, 0) is causal
         kw["window_size"] = (-1, 0)
