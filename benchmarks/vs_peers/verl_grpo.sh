@@ -23,7 +23,7 @@ python3 -m verl.trainer.main_ppo \
   actor_rollout_ref.rollout.tensor_model_parallel_size=1 actor_rollout_ref.rollout.gpu_memory_utilization=0.4 \
   actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64 \
   actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=64 \
-  custom_reward_function.path="$here/verl_reward.py" custom_reward_function.name=compute_score \
+  reward.custom_reward_function.path="$here/verl_reward.py" reward.custom_reward_function.name=compute_score \
   trainer.logger='["console"]' trainer.project_name=issue14 trainer.experiment_name=smollm2-verl \
   trainer.n_gpus_per_node=1 trainer.nnodes=1 trainer.save_freq=-1 trainer.test_freq="$steps" \
   trainer.val_before_train=True trainer.total_training_steps="$steps" trainer.total_epochs=1 "$@"
