@@ -127,16 +127,18 @@ def check_resumable(cfg: GRPOConfig) -> None:
 # so for RESTORED the checkpoint's value stays; every other key is read from the config as the run
 # goes (the LR schedule's shape too: its multiplier is rebuilt from the config at the restored step).
 RESTORED = ("actor.lr", "actor.betas", "actor.weight_decay")
-TRAINING_KEYS = (
-    *RESTORED,
-    *("data.source", "data.train_batch_size", "data.max_prompt_length", "data.filter_overlong_prompts"),
-    *("data.shuffle", "model.dtype", "model.lora_alpha", "model.target_modules"),
-    *("rollout.n", "rollout.temperature", "rollout.top_p", "rollout.top_k", "rollout.max_response_length"),
-    *("actor.lr_warmup_steps", "actor.lr_warmup_steps_ratio", "actor.ppo_mini_batch_size", "actor.ppo_epochs"),
-    *("actor.clip_ratio_low", "actor.clip_ratio_high", "actor.clip_ratio_c", "actor.mask_truncated_completions"),
-    *("actor.loss_agg_mode", "actor.entropy_coeff", "actor.use_kl_loss", "actor.kl_loss_coef"),
-    *("actor.kl_loss_type", "actor.grad_clip", "algorithm.adv_estimator", "algorithm.norm_adv_by_std_in_grpo"),
-    *("reward.function", "reward.on_error", "reward.gsm8k_scorer", "reward.format_score", "trainer.seed"),
+TRAINING_KEYS = RESTORED + tuple(
+    """
+    data.source data.train_batch_size data.max_prompt_length data.filter_overlong_prompts data.shuffle
+    model.dtype model.lora_alpha model.target_modules
+    rollout.n rollout.temperature rollout.top_p rollout.top_k rollout.max_response_length
+    actor.lr_warmup_steps actor.lr_warmup_steps_ratio actor.ppo_mini_batch_size actor.ppo_epochs
+    actor.clip_ratio_low actor.clip_ratio_high actor.clip_ratio_c actor.mask_truncated_completions
+    actor.loss_agg_mode actor.entropy_coeff actor.use_kl_loss actor.kl_loss_coef actor.kl_loss_type actor.grad_clip
+    algorithm.adv_estimator algorithm.norm_adv_by_std_in_grpo
+    reward.function reward.on_error reward.gsm8k_scorer reward.format_score
+    trainer.seed
+    """.split()
 )
 
 
