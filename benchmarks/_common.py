@@ -1,9 +1,10 @@
 """Shared helpers of the benchmark scripts (plain Python; no pytest).
 
 Import path: the repo root, or $BENCH_SRC first when set (a snapshot of the repo's code, see
-benchmarks/snapshot.sh, so a benchmark measures one committed version even while the working
+tools/device/snapshot.sh, so a benchmark measures one committed version even while the working
 tree is being edited).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -23,15 +24,19 @@ for p in (str(ROOT), str(SRC)):  # SRC ends up first
         sys.path.remove(p)
     sys.path.insert(0, p)
 if SRC != ROOT:  # child processes (Ray workers, subprocesses) import the same code
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(SRC), str(ROOT)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                                                 if x and x not in (str(SRC), str(ROOT))])
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(SRC), str(ROOT)]
+        + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x and x not in (str(SRC), str(ROOT))]
+    )
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Dense bf16 peak (recipes.md): H100/H800/H200 989 TFLOP/s, H20 148, A100 312.
-PEAK_TFLOPS = {"H100": 989.0, "H800": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0}
-RECIPE_OF_ARCH = {"0.5b": "qwen2-0.5b-lora-1xh100", "1.5b": "qwen2-1.5b-lora-1xh100",
-                  "3b": "qwen2-3b-lora-1xh100", "7b": "qwen2-7b-lora-1xh100"}
+RECIPE_OF_ARCH = {
+    "0.5b": "qwen2-0.5b-lora-1xh100",
+    "1.5b": "qwen2-1.5b-lora-1xh100",
+    "3b": "qwen2-3b-lora-1xh100",
+    "7b": "qwen2-7b-lora-1xh100",
+}
 
 
 def default_gsm8k() -> str:
@@ -78,11 +83,13 @@ def ensure_random_model(arch: str, path: str, gsm8k: str, seed: int = 0) -> str:
     tok = _TOKENIZERS[key]
     if tiny:
         import math
+
         preset["vocab_size"] = int(math.ceil(len(tok) / 64) * 64)
     dtype = torch.float32 if tiny else torch.bfloat16
     eos, pad = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    config = Qwen2Config(**preset, hidden_act="silu", bos_token_id=pad, eos_token_id=eos,
-                         pad_token_id=pad, use_sliding_window=False)
+    config = Qwen2Config(
+        **preset, hidden_act="silu", bos_token_id=pad, eos_token_id=eos, pad_token_id=pad, use_sliding_window=False
+    )
     models.check_vllm_compatible(config)
     torch.manual_seed(seed)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,8 +109,11 @@ def ensure_random_model(arch: str, path: str, gsm8k: str, seed: int = 0) -> str:
 
 
 def gpu_info() -> dict:
-    info = {"host": platform.node(), "python": platform.python_version(),
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    info = {
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     try:
         import torch
 
@@ -119,24 +129,17 @@ def gpu_info() -> dict:
         except Exception:  # noqa: BLE001
             pass
     try:
-        info["git_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                                            text=True, timeout=10).stdout.strip() or None
+        info["git_commit"] = (
+            subprocess.run(
+                ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except Exception:  # noqa: BLE001
         pass
     if (SRC / "SNAPSHOT").is_file():
         info["code_snapshot"] = (SRC / "SNAPSHOT").read_text().strip()
     return info
-
-
-def peak_tflops(name: str | None) -> float | None:
-    return next((v for k, v in PEAK_TFLOPS.items() if name and k in name), None)
-
-
-def train_flops(n_params: int, layers: int, hidden: int, seq_lens: list[int], epochs: int = 1) -> float:
-    """recipes.md / engines/trainer.py: 6*N*tokens (dense fwd+bwd) + 12*L*h*sum(s^2) attention;
-    gradient-checkpointing recomputation not counted."""
-    tokens = sum(seq_lens)
-    return 6.0 * n_params * tokens * epochs + 12.0 * layers * hidden * sum(s * s for s in seq_lens) * epochs
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -169,8 +172,18 @@ class SmiSampler:
     def __enter__(self):
         try:
             self._proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader,nounits",
-                 f"-lms={self.interval_ms}", "-i", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                [
+                    "nvidia-smi",
+                    "--query-gpu=memory.used,memory.total",
+                    "--format=csv,noheader,nounits",
+                    f"-lms={self.interval_ms}",
+                    "-i",
+                    "0",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
         except OSError:
             self._proc = None
             return self
@@ -199,16 +212,38 @@ class SmiSampler:
         if not self.samples:
             return {"nvidia_smi_samples": 0}
         used = [s[1] for s in self.samples]
-        return {"nvidia_smi_samples": len(used), "nvidia_smi_peak_used_mib": max(used),
-                "nvidia_smi_total_mib": self.samples[0][2], "nvidia_smi_peak_used_gib": max(used) / 1024}
+        return {
+            "nvidia_smi_samples": len(used),
+            "nvidia_smi_peak_used_mib": max(used),
+            "nvidia_smi_total_mib": self.samples[0][2],
+            "nvidia_smi_peak_used_gib": max(used) / 1024,
+        }
 
 
-def run_engine_bench(arch: str, mode: str, parts: str, out: str | Path, extra: list[str] | None = None,
-                     timeout: float | None = None, log: str | Path | None = None) -> dict:
+def run_engine_bench(
+    arch: str,
+    mode: str,
+    parts: str,
+    out: str | Path,
+    extra: list[str] | None = None,
+    timeout: float | None = None,
+    log: str | Path | None = None,
+) -> dict:
     """benchmarks/engine_bench.py in its own process (one vLLM engine with sleep mode per CUDA
     process; a fresh process also gives each configuration its own peak-memory counters)."""
-    cmd = [sys.executable, str(Path(__file__).with_name("engine_bench.py")), "--arch", arch, "--mode", mode,
-           "--parts", parts, "--out", str(out), *(extra or [])]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).with_name("engine_bench.py")),
+        "--arch",
+        arch,
+        "--mode",
+        mode,
+        "--parts",
+        parts,
+        "--out",
+        str(out),
+        *(extra or []),
+    ]
     t = time.perf_counter()
     logf = open(log, "w") if log else None
     try:

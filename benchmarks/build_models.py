@@ -5,6 +5,7 @@
 Needs only torch, transformers, tokenizers, pandas (no vLLM). Same layout as
 engines.models.materialize(source='random'), so the flow reuses them (model.path=DIR/random-qwen2-ARCH).
 """
+
 import argparse
 import time
 

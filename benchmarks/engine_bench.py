@@ -15,7 +15,8 @@ each Ray worker holds them) on a random-init Qwen2 of the given shape, then meas
            worker now does for full fine-tuning), with the level-1 wake / reload split; LoRA = the
            adapter save (sync_weights) + vLLM's load of the new adapter at the next generate
            (first call with the new adapter minus a second call with the same).
-  train    trainer tokens/s and MFU (recipes.md formula) of ActorTrainer.update on a synthetic
+  train    trainer tokens/s and MFU (planner/hardware.py's FLOP count and GPU peak, as the trainer's
+           perf/mfu/actor) of the trainer's update on a synthetic
            batch (random token ids, fixed lengths), peak torch.cuda.max_memory_allocated; a CUDA
            out-of-memory error is recorded as a result (7B full fine-tuning on one 80 GB GPU).
 
@@ -23,6 +24,7 @@ each Ray worker holds them) on a random-init Qwen2 of the given shape, then meas
 
 Writes the JSON after each part, so a part that hangs or crashes leaves the earlier ones.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +33,10 @@ import time
 import traceback
 
 import _common as C  # noqa: I001  (sets sys.path first)
-
 import numpy as np
 import torch
+
+from planner.hardware import peak_bf16_tflops, train_flops
 
 
 def build_cfg(a, model_dir: str):
@@ -48,12 +51,22 @@ def build_cfg(a, model_dir: str):
     mini = a.samples // n
     lora_rank = 0 if a.mode == "full" else (base.model.lora_rank or 8)
     eager = a.eager if a.eager is not None else ("rollout" not in a.parts)
-    ov = [f"model.source=random", f"model.arch={a.arch}", f"model.path={model_dir}", f"model.lora_rank={lora_rank}",
-          f"data.source={a.gsm8k}", f"data.train_batch_size={mini}", f"actor.ppo_mini_batch_size={mini}",
-          f"actor.ppo_micro_batch_size_per_gpu={a.micro}", "actor.use_kl_loss=false",
-          f"rollout.gpu_memory_utilization={a.gpu_mem_util}", f"rollout.enforce_eager={str(eager).lower()}",
-          f"rollout.max_response_length={max(a.max_tokens, a.response_len)}", "trainer.total_training_steps=10",
-          f"trainer.device={a.device}"]
+    ov = [
+        "model.source=random",
+        f"model.arch={a.arch}",
+        f"model.path={model_dir}",
+        f"model.lora_rank={lora_rank}",
+        f"data.source={a.gsm8k}",
+        f"data.train_batch_size={mini}",
+        f"actor.ppo_mini_batch_size={mini}",
+        f"actor.ppo_micro_batch_size_per_gpu={a.micro}",
+        "actor.use_kl_loss=false",
+        f"rollout.gpu_memory_utilization={a.gpu_mem_util}",
+        f"rollout.enforce_eager={str(eager).lower()}",
+        f"rollout.max_response_length={max(a.max_tokens, a.response_len)}",
+        "trainer.total_training_steps=10",
+        f"trainer.device={a.device}",
+    ]
     if lora_rank and not base.model.lora_rank:
         ov.append("model.lora_alpha=16")
     if not cuda:
@@ -74,8 +87,12 @@ def mem_now() -> dict:
     if not torch.cuda.is_available():
         return {}
     free, total = torch.cuda.mem_get_info()
-    return {"allocated_gib": _gib(torch.cuda.memory_allocated()), "reserved_gib": _gib(torch.cuda.memory_reserved()),
-            "device_used_gib": _gib(total - free), "max_allocated_gib": _gib(torch.cuda.max_memory_allocated())}
+    return {
+        "allocated_gib": _gib(torch.cuda.memory_allocated()),
+        "reserved_gib": _gib(torch.cuda.memory_reserved()),
+        "device_used_gib": _gib(total - free),
+        "max_allocated_gib": _gib(torch.cuda.max_memory_allocated()),
+    }
 
 
 # ---------------------------------------------------------------- rollout
@@ -111,6 +128,7 @@ def bench_rollout(w, a, cfg) -> dict:
             finally:
                 _sync()
                 pieces[name] = pieces.get(name, 0.0) + time.perf_counter() - t
+
         return inner
 
     orig_sp = vllm.SamplingParams
@@ -124,10 +142,15 @@ def bench_rollout(w, a, cfg) -> dict:
         saved = {k: getattr(r, k) for k in rollout_cfg}
         for k, v in rollout_cfg.items():
             setattr(r, k, v)
-        sampling = dict(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=max_tokens,
-                        seeds=seeds)
+        sampling = dict(
+            n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=max_tokens, seeds=seeds
+        )
         w.sync_weights()  # as in the flow: the update's sync comes right before the next rollout
-        ro.wake_up, ro.sleep, llm.generate = timed("wake", orig_wake), timed("sleep", orig_sleep), timed("llm_generate", orig_gen)
+        ro.wake_up, ro.sleep, llm.generate = (
+            timed("wake", orig_wake),
+            timed("sleep", orig_sleep),
+            timed("llm_generate", orig_gen),
+        )
         vllm.SamplingParams = sp_ignore_eos
         try:
             _sync()
@@ -142,31 +165,53 @@ def bench_rollout(w, a, cfg) -> dict:
                 setattr(r, k, v)
         toks = sum(len(o["response_ids"]) for o in out)
         rest = dt - sum(pieces.values())
-        return dict(seconds=dt, tokens=toks, tok_s=toks / dt, samples=len(out),
-                    pieces_s={**pieces, "python_rest": rest})
+        return dict(
+            seconds=dt, tokens=toks, tok_s=toks / dt, samples=len(out), pieces_s={**pieces, "python_rest": rest}
+        )
 
     def bare(max_tokens, seeded=False, logprobs=None):
-        common = dict(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=max_tokens,
-                      ignore_eos=True, logprobs=logprobs)
+        common = dict(
+            n=r.n,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_tokens=max_tokens,
+            ignore_eos=True,
+            logprobs=logprobs,
+        )
         params = [SamplingParams(**common, seed=s) for s in seeds] if seeded else SamplingParams(**common)
         w.sync.wake()  # a standalone engine is always awake: waking is not timed here
         _sync()
         t = time.perf_counter()
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora_request=lora,
-                            use_tqdm=False)
+        outs = llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora_request=lora, use_tqdm=False
+        )
         _sync()
         dt = time.perf_counter() - t
         w.sync.sleep()  # back to the state our stage starts from
         toks = sum(len(c.token_ids) for o in outs for c in o.outputs)
         return dict(seconds=dt, tokens=toks, tok_s=toks / dt, samples=sum(len(o.outputs) for o in outs))
 
-    variants = {"bare": lambda m: bare(m), "ours": lambda m: ours(m),
-                "ours_logprobs": lambda m: ours(m, calculate_log_probs=True),
-                "bare_seeded": lambda m: bare(m, seeded=True)}
-    res = {"prompts": len(prompts), "n": r.n, "max_tokens": a.max_tokens, "temperature": r.temperature,
-           "top_p": r.top_p, "top_k": r.top_k, "prompt_tokens_mean": float(np.mean([len(p) for p in prompts])),
-           "lora": lora is not None, "enforce_eager": r.enforce_eager, "gpu_memory_utilization": r.gpu_memory_utilization,
-           "max_num_seqs": r.max_num_seqs, "rounds": []}
+    variants = {
+        "bare": lambda m: bare(m),
+        "ours": lambda m: ours(m),
+        "ours_logprobs": lambda m: ours(m, calculate_log_probs=True),
+        "bare_seeded": lambda m: bare(m, seeded=True),
+    }
+    res = {
+        "prompts": len(prompts),
+        "n": r.n,
+        "max_tokens": a.max_tokens,
+        "temperature": r.temperature,
+        "top_p": r.top_p,
+        "top_k": r.top_k,
+        "prompt_tokens_mean": float(np.mean([len(p) for p in prompts])),
+        "lora": lora is not None,
+        "enforce_eager": r.enforce_eager,
+        "gpu_memory_utilization": r.gpu_memory_utilization,
+        "max_num_seqs": r.max_num_seqs,
+        "rounds": [],
+    }
     try:
         vc = llm.llm_engine.vllm_config
         res["kv_cache_blocks"] = vc.cache_config.num_gpu_blocks
@@ -182,7 +227,9 @@ def bench_rollout(w, a, cfg) -> dict:
         row = {}
         for name in names:
             row[name] = variants[name](a.max_tokens)
-            print(f"[rollout] round {i} {name}: {row[name]['tok_s']:.0f} tok/s ({row[name]['seconds']:.2f} s)", flush=True)
+            print(
+                f"[rollout] round {i} {name}: {row[name]['tok_s']:.0f} tok/s ({row[name]['seconds']:.2f} s)", flush=True
+            )
         res["rounds"].append(row)
     tot = {}
     for name in variants:
@@ -232,8 +279,13 @@ def bench_sync(w, a, cfg) -> dict:
             first = gen_once()  # vLLM loads the new adapter (from the saved files) + 1 token
             again = gen_once()  # same adapter, already loaded
             w.sync.sleep()
-            rep = dict(save_adapter_s=save_s, first_generate_s=first, second_generate_s=again,
-                       vllm_adapter_load_s=first - again, total_s=save_s + first - again)
+            rep = dict(
+                save_adapter_s=save_s,
+                first_generate_s=first,
+                second_generate_s=again,
+                vllm_adapter_load_s=first - again,
+                total_s=save_s + first - again,
+            )
             res["reps"].append(rep)
             print(f"[sync] lora rep {i}: {rep}", flush=True)
     else:
@@ -292,13 +344,24 @@ def bench_train(w, a, cfg) -> dict:
     c = tr.model.config
     n_params = tr.n_params
     trainable = sum(p.numel() for p in tr.model.parameters() if p.requires_grad)
-    flops = C.train_flops(n_params, c.num_hidden_layers, c.hidden_size, seqs, cfg.actor.ppo_epochs)
+    epochs = cfg.actor.ppo_epochs
+    flops = train_flops(n_params, sum(seqs) * epochs, c.num_hidden_layers, c.hidden_size, seqs, epochs)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    peak = C.peak_tflops(name)
-    res = dict(samples=N, tokens=sum(seqs), response_len=a.response_len, prompt_len_mean=float(np.mean(plens)),
-               micro_batch=cfg.actor.ppo_micro_batch_size_per_gpu, n_params=n_params, trainable_params=trainable,
-               gradient_checkpointing=cfg.model.enable_gradient_checkpointing, flops_per_update=flops,
-               peak_tflops=peak, gpu=name, updates=[])
+    peak = peak_bf16_tflops(name)
+    res = dict(
+        samples=N,
+        tokens=sum(seqs),
+        response_len=a.response_len,
+        prompt_len_mean=float(np.mean(plens)),
+        micro_batch=cfg.actor.ppo_micro_batch_size_per_gpu,
+        n_params=n_params,
+        trainable_params=trainable,
+        gradient_checkpointing=cfg.model.enable_gradient_checkpointing,
+        flops_per_update=flops,
+        peak_tflops=peak,
+        gpu=name,
+        updates=[],
+    )
     if torch.cuda.is_available():
         _sync()
         torch.cuda.reset_peak_memory_stats()
@@ -320,9 +383,14 @@ def bench_train(w, a, cfg) -> dict:
             m = w.update_actor(batch, seed=i)
             _sync()
             dt = time.perf_counter() - t
-            u = dict(seconds=dt, tok_s=sum(seqs) / dt, warmup=i == 0,
-                     mfu=(flops / dt / (peak * 1e12)) if peak else None,
-                     trainer_mfu=m.get("perf/mfu/actor"), grad_norm=m.get("actor/grad_norm"))
+            u = dict(
+                seconds=dt,
+                tok_s=sum(seqs) / dt,
+                warmup=i == 0,
+                mfu=(flops / dt / (peak * 1e12)) if peak else None,
+                trainer_mfu=m.get("perf/mfu/actor"),
+                grad_norm=m.get("actor/grad_norm"),
+            )
             res["updates"].append(u)
             print(f"[train] {stage}: {u}", flush=True)
     except torch.OutOfMemoryError as e:
@@ -350,8 +418,12 @@ def main() -> None:
     p.add_argument("--models-dir", default=None)
     p.add_argument("--gsm8k", default=C.default_gsm8k())
     p.add_argument("--gpu-mem-util", type=float, default=0.4)
-    p.add_argument("--eager", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
-                   help="vLLM enforce_eager (default: false with the rollout part, true without)")
+    p.add_argument(
+        "--eager",
+        type=lambda s: s.lower() in ("1", "true", "yes"),
+        default=None,
+        help="vLLM enforce_eager (default: false with the rollout part, true without)",
+    )
     # rollout
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=512)
@@ -402,7 +474,9 @@ def main() -> None:
             try:
                 out[part] = fn(w, a, cfg)
             except Exception as e:  # noqa: BLE001  (one part failing must not lose the others)
-                out["errors"].append({"part": part, "error": repr(e)[:800], "traceback": traceback.format_exc()[-3000:]})
+                out["errors"].append(
+                    {"part": part, "error": repr(e)[:800], "traceback": traceback.format_exc()[-3000:]}
+                )
                 print(f"[{part}] FAILED: {e!r}", flush=True)
                 traceback.print_exc()
                 if isinstance(e, torch.OutOfMemoryError):

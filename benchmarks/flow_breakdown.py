@@ -15,6 +15,7 @@ always) with four measurements added from outside, changing nothing in the flow:
 Per step: overhead = sum(task call - task body) + Tracker.log, reported in ms and as a share of
 timing_s/step. The JSON is rewritten after every step, so a run cut short keeps its steps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,24 +48,40 @@ def main() -> None:
     import torch
 
     total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
-    rec = {"recipe": a.recipe, "overrides": a.overrides, "env": C.gpu_info(),
-           "config": {"arch": cfg.model.arch, "source": cfg.model.source, "lora_rank": cfg.model.lora_rank,
-                      "dtype": cfg.model.dtype, "gradient_checkpointing": cfg.model.enable_gradient_checkpointing,
-                      "train_batch_size": cfg.data.train_batch_size, "n": cfg.rollout.n,
-                      "max_prompt_length": cfg.data.max_prompt_length,
-                      "max_response_length": cfg.rollout.max_response_length,
-                      "ppo_mini_batch_size": cfg.actor.ppo_mini_batch_size,
-                      "ppo_micro_batch_size_per_gpu": cfg.actor.ppo_micro_batch_size_per_gpu,
-                      "use_kl_loss": cfg.actor.use_kl_loss, "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
-                      "max_num_seqs": cfg.rollout.max_num_seqs, "max_model_len": cfg.rollout.max_model_len,
-                      "enforce_eager": cfg.rollout.enforce_eager, "world_size": cfg.world_size},
-           "gpu_total_gib": total_gib,
-           "vllm_reservation_gib": cfg.rollout.gpu_memory_utilization * total_gib if total_gib else None,
-           "steps": [], "task_calls": [], "tracker_logs": [], "one_time": {}}
+    rec = {
+        "recipe": a.recipe,
+        "overrides": a.overrides,
+        "env": C.gpu_info(),
+        "config": {
+            "arch": cfg.model.arch,
+            "source": cfg.model.source,
+            "lora_rank": cfg.model.lora_rank,
+            "dtype": cfg.model.dtype,
+            "gradient_checkpointing": cfg.model.enable_gradient_checkpointing,
+            "train_batch_size": cfg.data.train_batch_size,
+            "n": cfg.rollout.n,
+            "max_prompt_length": cfg.data.max_prompt_length,
+            "max_response_length": cfg.rollout.max_response_length,
+            "ppo_mini_batch_size": cfg.actor.ppo_mini_batch_size,
+            "ppo_micro_batch_size_per_gpu": cfg.actor.ppo_micro_batch_size_per_gpu,
+            "use_kl_loss": cfg.actor.use_kl_loss,
+            "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
+            "max_num_seqs": cfg.rollout.max_num_seqs,
+            "max_model_len": cfg.rollout.max_model_len,
+            "enforce_eager": cfg.rollout.enforce_eager,
+            "world_size": cfg.world_size,
+        },
+        "gpu_total_gib": total_gib,
+        "vllm_reservation_gib": cfg.rollout.gpu_memory_utilization * total_gib if total_gib else None,
+        "steps": [],
+        "task_calls": [],
+        "tracker_logs": [],
+        "one_time": {},
+    }
     state = {"step": 0, "t_start": time.perf_counter(), "metrics": {}}
 
-    import tasks.stages as st
     import runtime.tracking as trk
+    import tasks.stages as st
 
     def save():
         C.write_json(a.out, rec)
@@ -82,6 +99,7 @@ def main() -> None:
                 finally:
                     state.setdefault(f"body_{name}", 0.0)
                     state[f"body_{name}"] += time.perf_counter() - t
+
             return timed_body
 
         object.__setattr__(task, "fn", make_body())
@@ -96,9 +114,16 @@ def main() -> None:
                     return task(*args, **kwargs)
                 finally:
                     outer = time.perf_counter() - t
-                    rec["task_calls"].append({"step": state["step"], "task": name, "call_s": outer,
-                                              "body_s": state[f"body_{name}"],
-                                              "prefect_overhead_s": outer - state[f"body_{name}"]})
+                    rec["task_calls"].append(
+                        {
+                            "step": state["step"],
+                            "task": name,
+                            "call_s": outer,
+                            "body_s": state[f"body_{name}"],
+                            "prefect_overhead_s": outer - state[f"body_{name}"],
+                        }
+                    )
+
             return call
 
         setattr(st, name, make_call())
@@ -114,8 +139,10 @@ def main() -> None:
             rec["tracker_logs"].append({"step": step, "n_metrics": len(metrics), "log_s": dt})
             if "timing_s/step" in metrics:
                 state["metrics"][step] = dict(metrics)
-                print(f"[breakdown] step {step}: step {metrics['timing_s/step']:.2f} s, "
-                      f"mlflow log {1000 * dt:.1f} ms", flush=True)
+                print(
+                    f"[breakdown] step {step}: step {metrics['timing_s/step']:.2f} s, mlflow log {1000 * dt:.1f} ms",
+                    flush=True,
+                )
             elif step in state["metrics"]:
                 state["metrics"][step].update(metrics)  # e.g. a later timing_s/save_checkpoint
             summarize()
@@ -129,10 +156,17 @@ def main() -> None:
             logs = [x["log_s"] for x in rec["tracker_logs"] if x["step"] == step]
             prefect, mlf = sum(c["prefect_overhead_s"] for c in calls), sum(logs)
             step_s = metrics["timing_s/step"]
-            rows.append({"step": step, "metrics": metrics, "tracker_log_s": mlf, "prefect_task_overhead_s": prefect,
-                         "tasks": {c["task"]: {k: c[k] for k in ("call_s", "body_s", "prefect_overhead_s")}
-                                   for c in calls},
-                         "overhead_ms": 1000 * (prefect + mlf), "overhead_share_of_step": (prefect + mlf) / step_s})
+            rows.append(
+                {
+                    "step": step,
+                    "metrics": metrics,
+                    "tracker_log_s": mlf,
+                    "prefect_task_overhead_s": prefect,
+                    "tasks": {c["task"]: {k: c[k] for k in ("call_s", "body_s", "prefect_overhead_s")} for c in calls},
+                    "overhead_ms": 1000 * (prefect + mlf),
+                    "overhead_share_of_step": (prefect + mlf) / step_s,
+                }
+            )
         rec["steps"] = rows
 
     def init(self, *args, **kwargs):

@@ -10,8 +10,9 @@ off, fp32 master weights + bf16 autocast, gradient checkpointing, fused AdamW. S
 (seeded): --samples sequences of --prompt-len-min..max prompt tokens and --response-len-min..max
 response tokens (uniform), micro-batches of --micro samples, one mini-batch (one optimizer step);
 one warm-up update, then --reps timed updates, and one timed old-log-prob pass.
-MFU = (6*N*tokens + 12*L*h*sum(s^2)) / time / 989 TFLOP/s (recipes.md; recomputation not
-counted; the same real-token FLOPs for both layouts, so padding is waste, not work).
+MFU as the trainer's perf/mfu/actor counts it (planner/hardware.py: train_flops over the GPU's
+dense bf16 peak; recomputation not counted), with the same real-token FLOPs for both layouts, so
+padding is waste, not work.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def one(a) -> dict:
     from configs.load import load_config
     from engines.trainer.fsdp import FSDPTrainer
     from engines.types import UpdateBatch
+    from planner.hardware import peak_bf16_tflops, train_flops
 
     arch, mode = a.arch, a.mode
     model_dir = C.ensure_random_model(arch, C.model_dir_for(arch, a.models_dir), a.gsm8k)
@@ -68,8 +70,8 @@ def one(a) -> dict:
     responses = [rng.integers(10, vocab - 10, size=int(r)).tolist() for r in rlens]
     seqs = [len(p) + len(r) for p, r in zip(prompts, responses)]
     c = tr.hf_config
-    flops = C.train_flops(tr.n_params, c.num_hidden_layers, c.hidden_size, seqs)
-    peak = C.peak_tflops(torch.cuda.get_device_name())
+    flops = train_flops(tr.n_params, sum(seqs), c.num_hidden_layers, c.hidden_size, seqs)
+    peak = peak_bf16_tflops(torch.cuda.get_device_name())
     groups = tr._micro_batches(prompts, responses)
     padded = sum(len(g) * (max(plens[i] for i in g) + max(rlens[i] for i in g)) for g in groups)
     res = dict(

@@ -8,13 +8,14 @@ before it are planned with the logits constants of the trainer they measured, th
 vLLM runs in the trainer's process, so max_memory_allocated already holds vLLM's reservation
 (its sleeping blocks stay counted): the planner's `torch_max_allocated_gib` predicts that sum.
 """
+
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from configs.load import load_config  # noqa: E402
 import planner as P  # noqa: E402
+from configs.load import load_config  # noqa: E402
 
 BEFORE_ROWWISE = P.LogitBytes(train=26, nograd=10, row=0)  # trainer at 0755f97
 

@@ -8,6 +8,7 @@ VLLMRollout.generate (wake, per-prompt seeds, log-probs, post-processing, sleep)
 their tokens/s ratio. Target: ours >= 95% of bare. Details: engine_bench.py (part `rollout`).
 Extra arguments go to engine_bench.py (e.g. --prompts 64 --max-tokens 512 --rounds 2).
 """
+
 import argparse
 import json
 
@@ -20,5 +21,9 @@ p.add_argument("--out", default=str(C.ROOT / "benchmarks" / "results" / "rollout
 a, extra = p.parse_known_args()
 res = C.run_engine_bench(a.arch, a.mode, "rollout", a.out, extra)
 r = res.get("rollout", {})
-print(json.dumps({"tok_s": r.get("tok_s"), "ratio_ours_vs_bare": r.get("ratio_ours_vs_bare"),
-                  "errors": res.get("errors")}, indent=1))
+print(
+    json.dumps(
+        {"tok_s": r.get("tok_s"), "ratio_ours_vs_bare": r.get("ratio_ours_vs_bare"), "errors": res.get("errors")},
+        indent=1,
+    )
+)

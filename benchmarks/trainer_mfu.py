@@ -5,11 +5,12 @@
 Each configuration runs in its own process (engine_bench.py, part `train`): the worker's trainer
 (fp32 master weights, bf16 autocast, gradient checkpointing, AdamW) with its vLLM engine asleep,
 one warm-up update and --train-reps timed updates of a synthetic batch (--samples sequences of
-100-200 prompt + --response-len response tokens). MFU = (6*N*tokens + 12*L*h*sum(s^2)) / time /
-989 TFLOP/s (H100/H200 dense bf16, recipes.md). Peak torch.cuda.max_memory_allocated per
+100-200 prompt + --response-len response tokens). MFU as the trainer's perf/mfu/actor counts it
+(planner/hardware.py: train_flops over the GPU's dense bf16 peak). Peak torch.cuda.max_memory_allocated per
 configuration. A CUDA OOM is a result (7B full fine-tuning: 16 bytes/parameter of fp32 weights,
 gradients and Adam moments = 122 GB > 80 GB).
 """
+
 import argparse
 import json
 from pathlib import Path
@@ -28,8 +29,17 @@ for spec in a.configs.split(","):
     one = Path(a.out).with_name(f"engine-{arch}-{mode}-train.json")
     res = C.run_engine_bench(arch, mode, "train", one, extra, timeout=a.timeout)
     t = res.get("train", {})
-    rows.append({"arch": arch, "mode": mode, "tok_s": t.get("tok_s"), "mfu": t.get("mfu"),
-                 "max_memory_allocated_gib": t.get("max_memory_allocated_gib"), "oom": t.get("oom"),
-                 "returncode": res["returncode"], "detail": str(one)})
+    rows.append(
+        {
+            "arch": arch,
+            "mode": mode,
+            "tok_s": t.get("tok_s"),
+            "mfu": t.get("mfu"),
+            "max_memory_allocated_gib": t.get("max_memory_allocated_gib"),
+            "oom": t.get("oom"),
+            "returncode": res["returncode"],
+            "detail": str(one),
+        }
+    )
     print(json.dumps(rows[-1]), flush=True)
 C.write_json(a.out, {"env": C.gpu_info(), "rows": rows})

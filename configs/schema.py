@@ -55,7 +55,12 @@ class ModelConfig(_Section):
     lora_rank: int = Field(0, ge=0)
     """0 trains every weight; >0 trains a peft LoRA adapter of this rank instead."""
     lora_alpha: int = Field(16, ge=1)
+    """LoRA scaling: the adapter's update B @ A is multiplied by lora_alpha / lora_rank (peft's
+    lora_alpha). Unused when lora_rank is 0."""
     target_modules: str | list[str] = "all-linear"
+    """Which layers get a LoRA adapter (peft's target_modules): "all-linear" (every Linear layer but
+    the output head), or module names such as [q_proj, v_proj]; a name the model lacks is one
+    error line listing its Linear layers. Unused when lora_rank is 0."""
     enable_gradient_checkpointing: bool = True
     """Recompute activations in backward: less memory for ~30% more compute."""
     use_remove_padding: bool = False
@@ -307,6 +312,7 @@ class GRPOConfig(_Section):
     data: DataConfig = DataConfig()
     """The dataset, prompt length and batch size."""
     model: ModelConfig = ModelConfig()
+    """The policy model: where it comes from, its dtype, LoRA, checkpointing, packing (verl: actor_rollout_ref.model)."""
     rollout: RolloutConfig = RolloutConfig()
     """Generation: the engine, sampling, vLLM memory (verl: actor_rollout_ref.rollout)."""
     actor: ActorConfig = ActorConfig()

@@ -22,7 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from configs.load import load_config
 from configs.schema import GRPOConfig
 from configs.text import count
-from flows.preflight import model_signature, preflight
+from flows.preflight import checkpoint_state, preflight, resume_warnings
 from runtime import checkpoints
 from runtime.killpoints import StepStages
 from runtime.tracking import Tracker, clip_text
@@ -162,6 +162,8 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
             workers.load_checkpoint(str(ckpt))
             start = checkpoints.step_of(ckpt)
             log.info("resumed from %s", ckpt)
+            for line in resume_warnings(cfg, ckpt):
+                log.warning(line)
         # Steps after the checkpoint that a killed run had already logged are replayed, not re-logged.
         logged = tracker.logged_steps("timing_s/step") if tracker.resumed else set()
         if cfg.trainer.val_before_train and start == 0 and 0 not in tracker.logged_steps(VAL_METRIC):
@@ -220,7 +222,7 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
                             cfg,
                             step,
                             root,
-                            {"mlflow_run_id": tracker.run_id, "model": model_signature(cfg)},
+                            checkpoint_state(cfg, tracker.run_id),
                             last_step,
                         )
                     tracker.log({"timing_s/save_checkpoint": this.timing["timing_s/save_checkpoint"]}, step)

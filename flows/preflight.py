@@ -1,6 +1,8 @@
 """Before any work: every check that needs no Ray and no accelerator, each error one line naming
 the input and the fix (`preflight`), and whether a checkpoint left in trainer.default_local_dir
-fits this config (`model_signature`, `check_resumable`)."""
+fits this config (`model_signature`, `check_resumable`); on resume, which training keys changed
+since the checkpoint and which value the run then uses (`resume_warnings`, from the config each
+checkpoint records: `checkpoint_state`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from configs.load import flatten
 from configs.schema import GRPOConfig
 from configs.text import count
 from engines.models import is_hub_id
@@ -117,6 +120,59 @@ def check_resumable(cfg: GRPOConfig) -> None:
             f"{state_file.parent.name} was written for another model ({what}); use another "
             "trainer.default_local_dir, or trainer.resume_mode=disable to start over there"
         )
+
+
+# The keys that change what a resumed run learns. AdamW's param groups (lr, betas, weight_decay)
+# and the LR scheduler's base rate are restored with the optimizer state (torch's load_state_dict),
+# so for RESTORED the checkpoint's value stays; every other key is read from the config as the run
+# goes (the LR schedule's shape too: its multiplier is rebuilt from the config at the restored step).
+RESTORED = ("actor.lr", "actor.betas", "actor.weight_decay")
+TRAINING_KEYS = RESTORED + tuple(
+    """
+    data.source data.train_batch_size data.max_prompt_length data.filter_overlong_prompts data.shuffle
+    model.dtype model.lora_alpha model.target_modules
+    rollout.n rollout.temperature rollout.top_p rollout.top_k rollout.max_response_length
+    actor.lr_warmup_steps actor.lr_warmup_steps_ratio actor.ppo_mini_batch_size actor.ppo_epochs
+    actor.clip_ratio_low actor.clip_ratio_high actor.clip_ratio_c actor.mask_truncated_completions
+    actor.loss_agg_mode actor.entropy_coeff actor.use_kl_loss actor.kl_loss_coef actor.kl_loss_type actor.grad_clip
+    algorithm.adv_estimator algorithm.norm_adv_by_std_in_grpo
+    reward.function reward.on_error reward.gsm8k_scorer reward.format_score
+    trainer.seed
+    """.split()
+)
+
+
+def checkpoint_state(cfg: GRPOConfig, mlflow_run_id: str | None) -> dict:
+    """What the flow writes into each checkpoint's trainer_state.json beside the step: the MLflow
+    run to go on logging into, the model signature (check_resumable) and the whole config as
+    dotted keys -> strings (configs.load.flatten; resume_warnings)."""
+    return {"mlflow_run_id": mlflow_run_id, "model": model_signature(cfg), "config": flatten(cfg)}
+
+
+def resume_warnings(cfg: GRPOConfig, ckpt: Path) -> list[str]:
+    """One line per TRAINING_KEYS key whose value in cfg differs from the config the checkpoint
+    `ckpt` (global_step_<N>) was written with, naming both values and the one the run uses. No
+    lines for a checkpoint of an earlier build, which recorded no config."""
+    try:
+        saved = json.loads((ckpt / "trainer_state.json").read_text()).get("config") or {}
+    except (OSError, ValueError):
+        return []
+    now, step = flatten(cfg), checkpoints.step_of(ckpt)
+    lines = []
+    for key in TRAINING_KEYS:
+        old, new = saved.get(key), now[key]
+        if old is None or old == new:
+            continue
+        if key in RESTORED:
+            effect = (
+                f"the checkpoint's {old} stays in effect, not the config's {new} (restored with the "
+                f"optimizer state); to train with {new}, start over: trainer.resume_mode=disable or "
+                "another trainer.default_local_dir"
+            )
+        else:
+            effect = f"the config's {new} takes effect from step {step + 1} (the checkpoint was written with {old})"
+        lines.append(f"resuming from {ckpt.name} with a changed {key}: {effect}")
+    return lines
 
 
 def _check_writable(key: str, path: Path) -> None:

@@ -448,12 +448,32 @@ def test_verl_names_point_to_ours(override, line):
 
 
 def test_every_config_field_is_documented():
-    """Every knob says what it does where it is declared (its docstring is its pydantic description).
-    The model section is left out while it is being reworked."""
+    """Every knob says what it does where it is declared (its docstring is its pydantic description)."""
     from configs.schema import GRPOConfig
 
-    undocumented = [k for k, f in GRPOConfig.model_fields.items() if not f.description and k != "model"]
+    undocumented = [k for k, f in GRPOConfig.model_fields.items() if not f.description]
     for section, f in GRPOConfig.model_fields.items():
-        if section != "model" and hasattr(f.annotation, "model_fields"):
+        if hasattr(f.annotation, "model_fields"):
             undocumented += [f"{section}.{k}" for k, v in f.annotation.model_fields.items() if not v.description]
     assert undocumented == []
+
+
+def test_no_recipe_repeats_the_defaults_its_file_name_gives():
+    """tracking.run_name and trainer.default_local_dir default from the recipe's file name; a recipe
+    that writes them again says one fact twice (and keeps the old name after a rename)."""
+    import yaml
+
+    from configs.load import CONFIG_DIR
+
+    repeated = []
+    for name in recipe_names():
+        raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()) or {}
+        tracking, trainer = raw.get("tracking") or {}, raw.get("trainer") or {}
+        if tracking.get("run_name") == name:
+            repeated.append(f"{name}: tracking.run_name")
+        if trainer.get("default_local_dir") in (f"checkpoints/{name}", "checkpoints/${run_name}"):
+            repeated.append(f"{name}: trainer.default_local_dir")
+        if "run_name" not in tracking and "default_local_dir" not in trainer:
+            cfg = load_config(name)
+            assert (cfg.tracking.run_name, cfg.trainer.default_local_dir) == (name, f"checkpoints/{name}")
+    assert repeated == []

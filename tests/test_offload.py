@@ -2,7 +2,7 @@
 generates, comes back for compute, and no number changes on the way.
 
 CUDA only (there is nothing to offload on CPU): run with GRPO_TEST_DEVICE=cuda on a GPU machine
-(benchmarks/gpu_suite.sh runs it, one case per process: one sleep-mode vLLM engine per process).
+(tools/device/gpu_suite.sh runs it, one case per process: one sleep-mode vLLM engine per process).
 The sharded case runs the trainer under FSDP2 in a one-rank process group, the code path of
 several GPUs (FSDP2 keeps its own handles on each shard: offload must go through it).
 """

@@ -16,6 +16,7 @@ vLLM engine (TRL has no built-in greedy mean@1 eval), scored strict and flexible
 
   python benchmarks/vs_peers/trl_grpo.py --steps 6 --out $OUT/trl.json
 """
+
 import argparse
 import json
 import os
@@ -52,18 +53,32 @@ def main():
     cfg = load_config(a.recipe, a.overrides)
     d = Path(cfg.data.dir)
     train, test = pd.read_parquet(d / "train.parquet"), pd.read_parquet(d / "test.parquet")
-    P, n = cfg.data.train_batch_size, cfg.rollout.n
+    n = cfg.rollout.n
     rows = [int(i) for s in range(1, a.steps + 1) for i in stages.step_rows(len(train), cfg, s)]
-    ds = Dataset.from_list([{"prompt": [dict(m) for m in train["prompt"].iloc[i]],
-                             "ground_truth": train["reward_model"].iloc[i]["ground_truth"]} for i in rows])
+    ds = Dataset.from_list(
+        [
+            {
+                "prompt": [dict(m) for m in train["prompt"].iloc[i]],
+                "ground_truth": train["reward_model"].iloc[i]["ground_truth"],
+            }
+            for i in rows
+        ]
+    )
     fn = R.load_reward_fn(None, cfg.reward.gsm8k_scorer, cfg.reward.format_score)
 
     def gsm8k_reward(completions, ground_truth, **kw):
-        return [fn("openai/gsm8k", c[0]["content"] if isinstance(c, list) else c, g, None)
-                for c, g in zip(completions, ground_truth)]
+        return [
+            fn("openai/gsm8k", c[0]["content"] if isinstance(c, list) else c, g, None)
+            for c, g in zip(completions, ground_truth)
+        ]
 
-    res = {"trl": trl.__version__, "torch": torch.__version__, "steps": [], "recipe": a.recipe,
-           "device": torch.cuda.get_device_name(0)}
+    res = {
+        "trl": trl.__version__,
+        "torch": torch.__version__,
+        "steps": [],
+        "recipe": a.recipe,
+        "device": torch.cuda.get_device_name(0),
+    }
     upd = cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size  # optimizer steps per generation
 
     class Timer(TrainerCallback):
@@ -74,8 +89,11 @@ def main():
             if state.global_step % upd:
                 return
             now = time.perf_counter()
-            s = {"step": state.global_step // upd, "seconds": now - self.t,
-                 "tokens": int(state.num_input_tokens_seen - self.tok)}
+            s = {
+                "step": state.global_step // upd,
+                "seconds": now - self.t,
+                "tokens": int(state.num_input_tokens_seen - self.tok),
+            }
             res["steps"].append(s)
             print(f"[trl] step {s['step']}: {s['seconds']:.2f} s, {s['tokens']} tok", flush=True)
             self.t, self.tok = now, state.num_input_tokens_seen
@@ -83,8 +101,12 @@ def main():
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and res["steps"] and "reward" in logs:
                 res["steps"][-1].setdefault("logs", []).append(
-                    {k: logs[k] for k in logs if k in ("reward", "completions/mean_length", "kl",
-                                                       "completions/clipped_ratio")})
+                    {
+                        k: logs[k]
+                        for k in logs
+                        if k in ("reward", "completions/mean_length", "kl", "completions/clipped_ratio")
+                    }
+                )
 
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
@@ -92,20 +114,45 @@ def main():
     mb = cfg.actor.ppo_mini_batch_size * n  # samples per optimizer step
     micro = min(cfg.actor.ppo_micro_batch_size_per_gpu, mb)
     args = GRPOConfig(
-        output_dir="/tmp/trl-out", bf16=True, gradient_checkpointing=cfg.model.enable_gradient_checkpointing,
-        seed=cfg.trainer.seed, per_device_train_batch_size=micro, gradient_accumulation_steps=mb // micro,
-        steps_per_generation=upd * (mb // micro), num_generations=n,
+        output_dir="/tmp/trl-out",
+        bf16=True,
+        gradient_checkpointing=cfg.model.enable_gradient_checkpointing,
+        seed=cfg.trainer.seed,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=mb // micro,
+        steps_per_generation=upd * (mb // micro),
+        num_generations=n,
         max_completion_length=cfg.rollout.max_response_length,
-        temperature=cfg.rollout.temperature, top_p=1.0, learning_rate=cfg.actor.lr, lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=cfg.actor.weight_decay, adam_beta1=0.9, adam_beta2=0.999,
-        max_grad_norm=cfg.actor.grad_clip, beta=cfg.actor.kl_loss_coef, num_iterations=1, epsilon=0.2,
-        loss_type="dapo", scale_rewards="group", max_steps=a.steps * upd, logging_steps=1,
-        save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-        shuffle_dataset=False, log_completions=False, use_vllm=True, vllm_mode="colocate",
+        temperature=cfg.rollout.temperature,
+        top_p=1.0,
+        learning_rate=cfg.actor.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=cfg.actor.weight_decay,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        max_grad_norm=cfg.actor.grad_clip,
+        beta=cfg.actor.kl_loss_coef,
+        num_iterations=1,
+        epsilon=0.2,
+        loss_type="dapo",
+        scale_rewards="group",
+        max_steps=a.steps * upd,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        shuffle_dataset=False,
+        log_completions=False,
+        use_vllm=True,
+        vllm_mode="colocate",
         vllm_gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        vllm_max_model_length=cfg.data.max_prompt_length + cfg.rollout.max_response_length)
-    trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=gsm8k_reward, args=args,
-                          train_dataset=ds, callbacks=[Timer()])
+        vllm_max_model_length=cfg.data.max_prompt_length + cfg.rollout.max_response_length,
+    )
+    trainer = GRPOTrainer(
+        model=model, processing_class=tok, reward_funcs=gsm8k_reward, args=args, train_dataset=ds, callbacks=[Timer()]
+    )
     res["init_s"] = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -113,18 +160,29 @@ def main():
     res["torch_max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
     if a.eval:
         from vllm import SamplingParams
+
         llm = getattr(getattr(trainer, "vllm_generation", None), "llm", None) or getattr(trainer, "llm", None)
-        prompts = [tok.apply_chat_template([dict(m) for m in msgs], add_generation_prompt=True, tokenize=False)
-                   for msgs in test["prompt"]]
+        prompts = [
+            tok.apply_chat_template([dict(m) for m in msgs], add_generation_prompt=True, tokenize=False)
+            for msgs in test["prompt"]
+        ]
         t = time.perf_counter()
         outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=cfg.rollout.max_response_length))
         texts = [o.outputs[0].text for o in outs]
         fin = [o.outputs[0].finish_reason for o in outs]
         truths = [r["ground_truth"] for r in test["reward_model"]]
-        strict = [R.default_compute_score("openai/gsm8k", x, g, {"finish_reason": f}) for x, g, f in zip(texts, truths, fin)]
-        flex = [R.flexible_compute_score("openai/gsm8k", x, g, {"finish_reason": f}) for x, g, f in zip(texts, truths, fin)]
-        res["eval"] = {"prompts": len(texts), "seconds": time.perf_counter() - t,
-                       "strict": sum(strict) / len(strict), "flexible": sum(flex) / len(flex)}
+        strict = [
+            R.default_compute_score("openai/gsm8k", x, g, {"finish_reason": f}) for x, g, f in zip(texts, truths, fin)
+        ]
+        flex = [
+            R.flexible_compute_score("openai/gsm8k", x, g, {"finish_reason": f}) for x, g, f in zip(texts, truths, fin)
+        ]
+        res["eval"] = {
+            "prompts": len(texts),
+            "seconds": time.perf_counter() - t,
+            "strict": sum(strict) / len(strict),
+            "flexible": sum(flex) / len(flex),
+        }
         print(f"[trl] eval after {a.steps} steps: {res['eval']}", flush=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "steps"}))

