@@ -47,6 +47,7 @@ def main():
 
     from configs.load import load_config
     from envs import reward_fn
+    from envs import gsm8k as R
     from tasks import stages
 
     cfg = load_config(a.recipe, a.overrides)
@@ -121,7 +122,7 @@ def main():
         texts = [o.outputs[0].text for o in outs]
         fin = [o.outputs[0].finish_reason for o in outs]
         truths = [r["ground_truth"] for r in test["reward_model"]]
-        strict = [R.default_compute_score("openai/gsm8k", x, g, {"finish_reason": f}) for x, g, f in zip(texts, truths, fin)]
+        strict = [R.compute_score("openai/gsm8k", x, g, {"finish_reason": f}) for x, g, f in zip(texts, truths, fin)]
         flex = [R.flexible_compute_score("openai/gsm8k", x, g, {"finish_reason": f}) for x, g, f in zip(texts, truths, fin)]
         res["eval"] = {"prompts": len(texts), "seconds": time.perf_counter() - t,
                        "strict": sum(strict) / len(strict), "flexible": sum(flex) / len(flex)}
