@@ -70,14 +70,15 @@ def ensure_random_model(arch: str, path: str, gsm8k: str, seed: int = 0) -> str:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
 
-    from tasks.prep import load_raw_gsm8k
+    from envs.gsm8k import GSM8K
+    from envs.prep import load_raw
 
     t0 = time.perf_counter()
     preset = dict(models.ARCH_PRESETS[arch])
     tiny = arch == "tiny"
     key = (gsm8k, 1000 if tiny else 8192, preset["max_position_embeddings"])
     if key not in _TOKENIZERS:  # trained once per process: every preset but tiny shares it
-        raw = load_raw_gsm8k(gsm8k)["train"]
+        raw = load_raw(GSM8K(), gsm8k)["train"]
         texts = [t for t in (raw["question"] + " " + raw["answer"]) if t]
         _TOKENIZERS[key] = models._train_tokenizer(texts, key[1], key[2])
     tok = _TOKENIZERS[key]

@@ -101,11 +101,12 @@ def bench_rollout(w, a, cfg) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from tasks.prep import INSTRUCTION, load_raw_gsm8k
+    from envs.gsm8k import GSM8K, INSTRUCTION
+    from envs.prep import load_raw
     from tasks.stages import chat_ids
 
     tok = w.trainer.tokenizer
-    qs = list(load_raw_gsm8k(a.gsm8k)["test"]["question"][: a.prompts])
+    qs = list(load_raw(GSM8K(), a.gsm8k)["test"]["question"][: a.prompts])
     prompts = [chat_ids(tok, [{"role": "user", "content": q + INSTRUCTION}]) for q in qs]
     r = cfg.rollout
     seeds = list(range(1000, 1000 + len(prompts)))

@@ -27,8 +27,12 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
+    data_source: str = "openai/gsm8k"
+    """The dataset (env) by the reference framework's `data_source` name: its reader, prompt, built-in
+    reward and eval metrics (envs/; this build has openai/gsm8k). The rows' data_source column."""
     source: str = "openai/gsm8k"
-    """Hub dataset id (`openai/gsm8k`, config `main`) or a local dir with train/test jsonl or parquet."""
+    """Where the raw splits are: the env's hub dataset id (`openai/gsm8k`, config `main`) or a local
+    dir with train/test jsonl or parquet."""
     dir: str = "data/gsm8k"
     """Where prep writes train.parquet / test.parquet (relative paths: the working directory)."""
     train_batch_size: int = Field(8, ge=1)

@@ -1,7 +1,9 @@
-"""Name -> class registries for the pluggable parts of a worker (trainer backends, rollout engines).
+"""Name -> class registries for the pluggable parts: a worker's trainer backends and rollout
+engines, and the datasets (envs/, by `data_source`).
 
-A backend is one file in its package (engines/trainer/, engines/rollout/) whose class carries
-`@REGISTRY.register("name")`; the config key (`actor.strategy`, `rollout.name`) picks it. A name
+A backend is one file in its package (engines/trainer/, engines/rollout/, envs/) whose class carries
+`@REGISTRY.register("name")`; the config key (`actor.strategy`, `rollout.name`, `data.data_source`)
+picks it. A name
 not registered yet makes the registry import every module of its package once, so a new backend
 needs no edit outside its own file. Backend modules import their heavy dependencies (CUDA
 libraries, vLLM, Megatron) inside their classes, so that this discovery stays cheap.

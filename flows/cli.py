@@ -68,11 +68,12 @@ def eval_target(target: str, config: str, overrides: list[str]) -> tuple[str, li
 def cmd_eval(args) -> None:
     """Evaluate a recipe's model, or a checkpoint's HF export (`.../global_step_N`)."""
     config, overrides = eval_target(args.target, args.config, args.overrides)
-    _load(config, overrides)
+    cfg = _load(config, overrides)
+    from envs import get_env
     from flows.evaluate import evaluate_model
 
     score = evaluate_model(config, overrides)
-    print(f"GSM8K mean@1 = {score:.4f}")
+    print(f"{get_env(cfg.data.data_source).name} mean@1 = {score:.4f}")
 
 
 def cmd_recipes(args) -> None:
@@ -107,13 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, fn, help_ in (
         ("run", cmd_run, "train: the grpo flow"),
-        ("prep", cmd_prep, "build model files and GSM8K parquet only"),
+        ("prep", cmd_prep, "build model files and the dataset's parquet only"),
     ):
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="recipe name (see `grpo recipes`) or YAML path")
         s.add_argument("overrides", nargs="*", help="dotted key=value, e.g. actor.lr=1e-5")
         s.set_defaults(fn=fn)
-    s = sub.add_parser("eval", help="GSM8K accuracy of a recipe's model or of a checkpoint dir")
+    s = sub.add_parser("eval", help="test accuracy (mean@1) of a recipe's model or of a checkpoint dir")
     s.add_argument("target", help="recipe name/YAML, or a global_step_N checkpoint directory")
     s.add_argument("overrides", nargs="*")
     s.add_argument("--config", default="tiny-cpu", help="recipe whose settings eval a checkpoint")

@@ -1,4 +1,4 @@
-"""Flow `grpo-eval`: GSM8K test accuracy (greedy mean@1) of a model, outside training."""
+"""Flow `grpo-eval`: test accuracy (greedy mean@1, the env's headline metric) of a model, outside training."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from pathlib import Path
 from prefect import flow
 
 from configs.load import load_config
+from envs import get_env
 from flows.preflight import preflight
 from tasks import stages
-from tasks.stages import VAL_METRIC, prep
+from tasks.stages import prep
 
 
 @flow(name="grpo-eval", log_prints=True)
@@ -27,7 +28,7 @@ def evaluate_model(config: str = "tiny-cpu", overrides: list[str] | None = None)
         metrics, _ = stages.evaluate(workers, tokenizer, test, cfg, step=0)
     finally:
         workers.shutdown()
-    return metrics[VAL_METRIC]
+    return metrics[get_env(cfg.data.data_source).val_key()]
 
 
 def checkpoint_export(target: Path) -> Path | None:

@@ -1,4 +1,4 @@
-"""GRPO on GSM8K as one Prefect flow: the single controller.
+"""GRPO on a dataset (data.data_source's env, envs/; GSM8K built in) as one Prefect flow: the single controller.
 
     prep -> for each step: rollout -> reward (+ advantages) -> update (+ weight sync)
                            -> checkpoint every save_freq -> eval every test_freq
@@ -22,12 +22,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from configs.load import load_config
 from configs.schema import GRPOConfig
 from configs.text import count
+from envs import get_env
 from flows.preflight import checkpoint_state, preflight, resume_warnings
 from runtime import checkpoints
 from runtime.killpoints import StepStages
 from runtime.tracking import Tracker, clip_text
 from tasks import stages
-from tasks.stages import VAL_METRIC
 
 REQUIRED_STEP_METRICS = (
     "critic/score/mean",
@@ -142,6 +142,7 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
     cfg = load_config(config, overrides or [])
     preflight(cfg)
     log = get_run_logger()
+    env = get_env(cfg.data.data_source)
     model_dir, tokenizer, train, test = stages.prep(cfg)
     if cfg.data.val_max_samples:
         test = test.iloc[: cfg.data.val_max_samples]
@@ -149,8 +150,8 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
     root = Path(cfg.checkpoint_dir)
     tracker = Tracker(cfg, root, _tags(cfg))
     announce(tracker, log)
-    for df, name, context in ((train, "gsm8k-train", "training"), (test, "gsm8k-test", "evaluation")):
-        tracker.log_dataset(df, df.attrs.get("path", cfg.data.dir), name, context)
+    for df, split, context in ((train, "train", "training"), (test, "test", "evaluation")):
+        tracker.log_dataset(df, df.attrs.get("path", cfg.data.dir), dataset_name(env, split), context)
     workers, status = None, "FAILED"
     try:
         workers = WorkerGroup(stages.with_total_steps(cfg, total), model_dir)  # the LR schedule's length
@@ -166,8 +167,8 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
                 log.warning(line)
         # Steps after the checkpoint that a killed run had already logged are replayed, not re-logged.
         logged = tracker.logged_steps("timing_s/step") if tracker.resumed else set()
-        if cfg.trainer.val_before_train and start == 0 and 0 not in tracker.logged_steps(VAL_METRIC):
-            tqdm.write(summary(0, total, _evaluate(workers, tokenizer, test, cfg, tracker, step=0)))
+        if cfg.trainer.val_before_train and start == 0 and 0 not in tracker.logged_steps(env.val_key()):
+            tqdm.write(summary(0, total, _evaluate(workers, tokenizer, test, cfg, tracker, step=0), env.val_key()))
         last: dict[str, float] = {}
         # The bar only on a terminal (disable=None); log lines go above it, not into it.
         bar = tqdm(
@@ -212,7 +213,7 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
                     with this.stage("logging"):
                         tracker.log_table(sample_table(samples, batch, step), f"samples/step_{step:06d}.json")
                         tracker.log(last, step)
-                bar.write(summary(step, total, last))
+                bar.write(summary(step, total, last, env.val_key()))
                 # The checkpoint is the step's last act: once it exists, every output of its step
                 # (rollouts, update, eval, metrics) is on disk or in MLflow, so a resume leaves no gap.
                 if cfg.trainer.save_freq > 0 and step % cfg.trainer.save_freq == 0 or last_step:
@@ -245,9 +246,15 @@ def _evaluate(workers, tokenizer, test, cfg, tracker, step: int, log_now: bool =
     return metrics
 
 
-def summary(step: int, total: int, m: dict[str, float]) -> str:
-    """A step's console line; step 0 (trainer.val_before_train) has only the eval: `val=`."""
-    val = f" val={m[VAL_METRIC]:.3f}" if VAL_METRIC in m else ""
+def dataset_name(env, split: str) -> str:
+    """A split's name among the MLflow run's inputs: the data source's last part, e.g. gsm8k-train."""
+    return f"{env.data_source.rsplit('/', 1)[-1]}-{split}"
+
+
+def summary(step: int, total: int, m: dict[str, float], val_key: str) -> str:
+    """A step's console line; `val=` is the eval's headline `val_key` (Env.val_key()) on steps
+    that have it; step 0 (trainer.val_before_train) has only the eval."""
+    val = f" val={m[val_key]:.3f}" if val_key in m else ""
     if "critic/score/mean" not in m:
         return f"step {step}/{total} (before training){val}"
     return (

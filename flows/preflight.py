@@ -16,7 +16,6 @@ from configs.text import count
 from engines.models import is_hub_id
 from runtime import checkpoints
 from runtime.tracking import check_tracking_uri
-from tasks.prep import load_raw_gsm8k
 
 
 def preflight(cfg: GRPOConfig) -> None:
@@ -28,6 +27,10 @@ def preflight(cfg: GRPOConfig) -> None:
 
     TRAINERS.get(cfg.actor.strategy)  # a backend this build has: one line naming the key, else
     ROLLOUTS.get(cfg.rollout.name)
+    from envs import get_env, reward_fn
+    from envs.prep import load_raw
+
+    env = get_env(cfg.data.data_source)  # a dataset this build has (envs/), else one line listing them
     if cfg.trainer.device == "cuda" and not os.environ.get("RAY_ADDRESS"):
         from engines.worker_group import local_gpu_count
 
@@ -58,17 +61,15 @@ def preflight(cfg: GRPOConfig) -> None:
         _check_writable(key, Path(path))
     check_tracking_uri(cfg)
     check_resumable(cfg)
-    from tasks.reward import load_reward_fn
-
-    load_reward_fn(cfg.reward.function, cfg.reward.gsm8k_scorer)  # a reward that does not import: before any work
+    reward_fn(cfg)  # a reward that does not import, or an option the env refuses: before any work
     src = cfg.data.source
     if not is_hub_id(src):
         if not Path(src).expanduser().exists():
+            hub = f", or use the hub id {env.hub_repo}" if env.hub_repo else ""
             raise ValueError(
-                f"data.source={src}: path does not exist; point it at a directory with "
-                "train/test jsonl or parquet, or use the hub id openai/gsm8k"
+                f"data.source={src}: path does not exist; point it at a directory with train/test jsonl or parquet{hub}"
             )
-        load_raw_gsm8k(src)  # columns, emptiness, ground truths: checked before any work
+        load_raw(env, src)  # columns, emptiness, the env's row checks: before any work
 
 
 def model_signature(cfg: GRPOConfig) -> dict:

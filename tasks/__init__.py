@@ -1,1 +1,1 @@
-"""The Prefect tasks of the flow (stages.py) and the GSM8K libraries they call (prep.py, reward.py)."""
+"""The Prefect tasks of the flow (stages.py: prep, rollout, reward, update, checkpoint, evaluate); what they call lives in envs/, engines/ and runtime/."""

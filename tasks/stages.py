@@ -1,5 +1,5 @@
 """The flow's stages as Prefect tasks (prep, rollout, reward, update, checkpoint, evaluate): thin
-wrappers that call the worker group and persist outputs.
+wrappers that call the env (envs/, picked by data.data_source), the worker group, and persist outputs.
 
 Retries only where a retry is safe: rollout and eval are pure functions of (weights, seeds);
 checkpoints are written atomically; the policy update mutates optimizer state, so it never retries.
@@ -23,12 +23,14 @@ from prefect.cache_policies import NONE
 from configs.schema import GRPOConfig
 from engines import algos, batching
 from engines.types import SamplingSpec, UpdateBatch
+from envs import get_env, reward_fn
+from envs.prep import load_raw
+from envs.prep import prepare as prepare_rows
+from envs.reward import score_samples
 from runtime import checkpoints
 from runtime.atomic import atomic_write
 from runtime.killpoints import StepStages, kill_point
 from runtime.tracking import clip_text
-from tasks import reward as rewards
-from tasks.prep import load_raw_gsm8k, prepare_gsm8k
 
 
 def transient(task, task_run, state) -> bool:
@@ -48,19 +50,21 @@ def transient(task, task_run, state) -> bool:
 
 # ---- prep: model files and parquet ----------------------------------------------------------
 def prepare(cfg: GRPOConfig, log=logging.getLogger("grpo")):
-    """Build (once) the model files and the train/test parquet; both are cached by content."""
+    """Build (once) the model files and data.data_source's train/test parquet; both are cached by
+    content. Returns (model dir, tokenizer, train rows, test rows)."""
     from transformers import AutoTokenizer
 
     from engines.models import materialize, tokenizer_fingerprint
 
+    env = get_env(cfg.data.data_source)
     with kill_point("prep"):
         corpus = None
-        if cfg.model.source == "random":  # its tokenizer is trained on the GSM8K train text
-            raw = load_raw_gsm8k(cfg.data.source)["train"]
-            corpus = list(raw["question"] + " " + raw["answer"])
+        if cfg.model.source == "random":  # its tokenizer is trained on the env's train text
+            corpus = env.tokenizer_corpus(load_raw(env, cfg.data.source)["train"])
         model_dir = materialize(cfg.model.source, cfg.model.path, arch=cfg.model.arch, corpus=corpus)
         tok = AutoTokenizer.from_pretrained(model_dir)
-        result = prepare_gsm8k(
+        result = prepare_rows(
+            env,
             cfg.data.source,
             cfg.data.dir,
             prompt_length=lambda m: len(chat_ids(tok, m)),
@@ -222,12 +226,6 @@ def reusable_rollouts(path: Path, fingerprint: dict, n_samples: int, log) -> pd.
     return None
 
 
-# ---- stages -------------------------------------------------------------------------------------
-VAL_METRIC = "val-core/openai/gsm8k/reward/mean@1"
-"""The eval's headline metric: reward.function's mean@1, or the reference scorer's (strict `####`)
-with the built-in reward, comparable with published numbers. MLflow logs it as .../mean_at_1."""
-
-
 @task(
     name="rollout",
     task_run_name="rollout-step-{step}",
@@ -278,9 +276,9 @@ def score(samples: pd.DataFrame, cfg: GRPOConfig) -> pd.DataFrame:
     """Rule reward (or the configured function) per sample; then GRPO group-normalised advantages."""
     import torch
 
-    fn = rewards.load_reward_fn(cfg.reward.function, cfg.reward.gsm8k_scorer, cfg.reward.format_score)
+    fn = reward_fn(cfg)
     extra = reward_extra_info(samples.get("extra_info"), samples["finish_reason"])
-    scores, n_errors = rewards.score_samples(
+    scores, n_errors = score_samples(
         fn,
         list(samples["data_source"]),
         list(samples["response_text"]),
@@ -377,15 +375,13 @@ def save_checkpoint(workers, cfg: GRPOConfig, step: int, root: Path, state: dict
     cache_policy=NONE,
 )
 def evaluate(workers, tokenizer, test: pd.DataFrame, cfg: GRPOConfig, step: int) -> tuple[dict, dict]:
-    """GSM8K test accuracy, greedy mean@1, and a sample table shown as a Prefect artifact.
+    """Test accuracy, greedy mean@1, and a sample table shown as a Prefect artifact.
 
-    `val-core/openai/gsm8k/reward/mean@1` is reward.function's mean, or with the built-in reward
-    the reference scorer's strict accuracy (`#### N`, comparable with published numbers; never
-    reward.format_score). With the built-in reward the eval also logs
-    `val-core/openai/gsm8k/reward_flexible/mean@1` (the reference's flexible extraction: the last
-    number, format not needed) and `val-aux/openai/gsm8k/format/mean@1` (share of responses whose
-    last 300 characters hold a `#### <number>`), so format learning shows apart from accuracy;
-    reward.gsm8k_scorer=lenient adds `val-core/openai/gsm8k/reward_lenient/mean@1`."""
+    The headline `val-core/<data_source>/reward/mean@1` (env.val_key()) is reward.function's mean,
+    or with the built-in reward the env's accuracy (GSM8K: the reference scorer's strict `#### N`,
+    comparable with published numbers; never reward.format_score); with the built-in reward the
+    env adds its own metrics (Env.val_metrics; GSM8K: flexible, format, lenient)."""
+    env = get_env(cfg.data.data_source)
     prompts = [chat_ids(tokenizer, m) for m in test["prompt"]]
     sampling = SamplingSpec.for_eval(cfg, [_seed(cfg, 0, i) for i in test.index])
     out = sorted(workers.generate(prompts, sampling), key=lambda r: r["prompt_index"])
@@ -393,8 +389,8 @@ def evaluate(workers, tokenizer, test: pd.DataFrame, cfg: GRPOConfig, step: int)
     truths = [rm["ground_truth"] for rm in test["reward_model"]]
     extra = reward_extra_info(test.get("extra_info"), [o["finish_reason"] for o in out])
     args = (list(test["data_source"]), texts, truths, extra)
-    scores, _ = rewards.score_samples(rewards.load_reward_fn(cfg.reward.function), *args, on_error=cfg.reward.on_error)
-    metrics = {VAL_METRIC: float(np.mean(scores))}
+    scores, _ = score_samples(reward_fn(cfg, for_eval=True), *args, on_error=cfg.reward.on_error)
+    metrics = {env.val_key(): float(np.mean(scores))}
     table = {
         "question": [m[0]["content"][:300] for m in test["prompt"]],
         "response": texts,
@@ -402,18 +398,9 @@ def evaluate(workers, tokenizer, test: pd.DataFrame, cfg: GRPOConfig, step: int)
         "score": scores,
     }
     if cfg.reward.function is None:
-        table["score_flexible"], _ = rewards.score_samples(
-            rewards.flexible_compute_score, *args, on_error=cfg.reward.on_error
-        )
-        metrics["val-core/openai/gsm8k/reward_flexible/mean@1"] = float(np.mean(table["score_flexible"]))
-        metrics["val-aux/openai/gsm8k/format/mean@1"] = float(
-            np.mean([rewards.extract_solution(t, "strict") is not None for t in texts])
-        )
-    if cfg.reward.function is None and cfg.reward.gsm8k_scorer == "lenient":
-        table["score_lenient"], _ = rewards.score_samples(
-            rewards.lenient_compute_score, *args, on_error=cfg.reward.on_error
-        )
-        metrics["val-core/openai/gsm8k/reward_lenient/mean@1"] = float(np.mean(table["score_lenient"]))
+        more_metrics, more_columns = env.val_metrics(*args, cfg.reward, on_error=cfg.reward.on_error)
+        metrics.update(more_metrics)
+        table.update(more_columns)
     # The Prefect table shows 10 rows with text cut to fit a cell; MLflow's table has them all.
     shown = [
         {
@@ -426,6 +413,6 @@ def evaluate(workers, tokenizer, test: pd.DataFrame, cfg: GRPOConfig, step: int)
     create_table_artifact(
         key=f"eval-{slug}-step-{step}",
         table=shown,
-        description=f"GSM8K eval at step {step}: mean@1 = {metrics[VAL_METRIC]:.3f} on {len(texts)} prompts",
+        description=f"{env.name} eval at step {step}: mean@1 = {metrics[env.val_key()]:.3f} on {len(texts)} prompts",
     )
     return metrics, table

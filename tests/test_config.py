@@ -229,6 +229,7 @@ CASES = [
     "all_prompts_overlong",
     "ckpt_other_model",
     "bad_reward_fn",
+    "unknown_data_source",
 ]
 
 
@@ -275,6 +276,10 @@ def test_cli_bad_input_one_clear_line_nothing_written(tmp_path, case):
             "data.max_prompt_length=8",
         ),
         "bad_reward_fn": (["run", "tiny-cpu", "reward.function=nosuch.module:fn"], "module 'nosuch.module' not found"),
+        "unknown_data_source": (
+            ["run", "tiny-cpu", "data.data_source=my/dataset"],
+            "data.data_source=my/dataset is not supported in this build (have: openai/gsm8k)",
+        ),
         "ckpt_other_model": (
             ["run", "tiny-cpu", model, f"trainer.default_local_dir={other_model}"],
             "another model (shape",

@@ -24,14 +24,16 @@ REDUCE = {"cpu": np.max, "cuda": np.mean}[DEVICE]
 def _worker(tmp_path, *overrides):
     from engines.models import materialize
     from engines.worker import GRPOWorker
-    from tasks.prep import load_raw_gsm8k
+    from envs import get_env
+    from envs.prep import load_raw
 
     dev = [f"trainer.device={DEVICE}"] + (
         ["model.dtype=bfloat16", "rollout.enforce_eager=true"] if DEVICE == "cuda" else []
     )
     cfg = load_config("tiny-cpu", cached_inputs() + ["rollout.temperature=1.0", *dev, *overrides])
-    raw = load_raw_gsm8k(cfg.data.source)["train"]
-    model_dir = materialize("random", cfg.model.path, corpus=list(raw["question"] + " " + raw["answer"]))
+    env = get_env(cfg.data.data_source)
+    corpus = env.tokenizer_corpus(load_raw(env, cfg.data.source)["train"])
+    model_dir = materialize("random", cfg.model.path, corpus=corpus)
     return GRPOWorker(cfg.model_dump_json(), model_dir, rank=0, world_size=1), cfg
 
 

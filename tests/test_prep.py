@@ -4,8 +4,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import tasks.prep as prep
-from tasks.prep import INSTRUCTION, load_raw_gsm8k, prepare_gsm8k, to_standard_rows
+import envs.prep as prep
+from envs import get_env
+from envs.gsm8k import INSTRUCTION
+from envs.prep import load_raw, prepare, standard_rows
+
+ENV = get_env("openai/gsm8k")  # through the registry, as the prep task gets it
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared/data/gsm8k"
 needs_real_data = pytest.mark.skipif(
@@ -51,7 +55,7 @@ def mtimes(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("gsm8k")
-    result = prepare_gsm8k(str(DATA_DIR), str(out))
+    result = prepare(ENV, str(DATA_DIR), str(out))
     return result, pd.read_parquet(result.train_path), pd.read_parquet(result.test_path)
 
 
@@ -66,7 +70,7 @@ def test_real_row_counts_and_files(prepared):
     assert (result.filtered_train, result.filtered_test, result.cached) == (0, 0, False)
     assert set(p.name for p in Path(result.train_path).parent.iterdir()) == OUTPUTS  # no temp files left
     manifest = json.loads((Path(result.train_path).parent / "prep_manifest.json").read_text())
-    assert manifest["n_train"] == 7473 and manifest["prep_version"] == prep.PREP_VERSION
+    assert manifest["n_train"] == 7473 and manifest["prep_version"] == ENV.prep_version
 
 
 @needs_real_data
@@ -108,14 +112,14 @@ def test_real_layout_and_prompt(prepared):
 @needs_real_data
 def test_real_second_call_is_cached_and_rewrites_nothing(tmp_path):
     out = tmp_path / "out"
-    first = prepare_gsm8k(str(DATA_DIR), str(out))
+    first = prepare(ENV, str(DATA_DIR), str(out))
     before = mtimes(out)
-    second = prepare_gsm8k(str(DATA_DIR), str(out))
+    second = prepare(ENV, str(DATA_DIR), str(out))
     assert second.cached and not first.cached
     assert (second.n_train, second.n_test, second.train_path) == (first.n_train, first.n_test, first.train_path)
     assert mtimes(out) == before
     # A different option is a different cache key.
-    third = prepare_gsm8k(str(DATA_DIR), str(out), max_prompt_length=1024)
+    third = prepare(ENV, str(DATA_DIR), str(out), max_prompt_length=1024)
     assert not third.cached
 
 
@@ -128,19 +132,19 @@ def test_real_filter_counts_with_fake_length(tmp_path):
     }
     assert 0 < len(expected["train"]) < 7473 and 0 < len(expected["test"]) < 1319
     out = tmp_path / "out"
-    result = prepare_gsm8k(
-        str(DATA_DIR), str(out), prompt_length=char_length, max_prompt_length=limit, tokenizer_fingerprint="chars"
+    result = prepare(
+        ENV, str(DATA_DIR), str(out), prompt_length=char_length, max_prompt_length=limit, tokenizer_fingerprint="chars"
     )
     assert (result.filtered_train, result.filtered_test) == (len(expected["train"]), len(expected["test"]))
     assert result.n_train == 7473 - len(expected["train"])
     train = pd.read_parquet(result.train_path)
     kept = [info["index"] for info in train["extra_info"]]
     assert set(kept).isdisjoint(expected["train"]) and len(kept) == result.n_train
-    assert prepare_gsm8k(
-        str(DATA_DIR), str(out), prompt_length=char_length, max_prompt_length=limit, tokenizer_fingerprint="chars"
+    assert prepare(
+        ENV, str(DATA_DIR), str(out), prompt_length=char_length, max_prompt_length=limit, tokenizer_fingerprint="chars"
     ).cached
     # Without a fingerprint the length function is opaque, so the cache is not trusted.
-    assert not prepare_gsm8k(str(DATA_DIR), str(out), prompt_length=char_length, max_prompt_length=limit).cached
+    assert not prepare(ENV, str(DATA_DIR), str(out), prompt_length=char_length, max_prompt_length=limit).cached
 
 
 @needs_real_data
@@ -149,7 +153,7 @@ def test_real_overlong_error_mode_names_split_count_and_first_index(tmp_path):
     over = [i for i, q in enumerate(raw_questions("train")) if len(q + INSTRUCTION) > limit]
     out = tmp_path / "out"
     with pytest.raises(ValueError) as info:
-        prepare_gsm8k(str(DATA_DIR), str(out), prompt_length=char_length, max_prompt_length=limit, overlong="error")
+        prepare(ENV, str(DATA_DIR), str(out), prompt_length=char_length, max_prompt_length=limit, overlong="error")
     message = str(info.value)
     assert f"{len(over)} prompt(s) of the train split" in message
     assert f"index {over[0]}" in message
@@ -164,23 +168,23 @@ def test_all_prompts_overlong_always_raises(tmp_path):
     source = make_source(tmp_path / "src")
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"all 3 prompts of the train split.*max_prompt_length=5"):
-        prepare_gsm8k(str(source), str(out), prompt_length=char_length, max_prompt_length=5)
+        prepare(ENV, str(source), str(out), prompt_length=char_length, max_prompt_length=5)
     assert not out.exists()
 
 
 def test_error_leaves_earlier_outputs_untouched(tmp_path):
     source = make_source(tmp_path / "src")
     out = tmp_path / "out"
-    prepare_gsm8k(str(source), str(out))
+    prepare(ENV, str(source), str(out))
     before = mtimes(out)
     with pytest.raises(ValueError):
-        prepare_gsm8k(str(source), str(out), prompt_length=char_length, max_prompt_length=5, overlong="error")
+        prepare(ENV, str(source), str(out), prompt_length=char_length, max_prompt_length=5, overlong="error")
     assert mtimes(out) == before
 
 
 def test_parquet_source_directory(tmp_path):
     source = make_source(tmp_path / "src", fmt="parquet")
-    result = prepare_gsm8k(str(source), str(tmp_path / "out"))
+    result = prepare(ENV, str(source), str(tmp_path / "out"))
     train = pd.read_parquet(result.train_path)
     assert [r["ground_truth"] for r in train["reward_model"]] == ["4", "1234", "-7"]
     assert [info["index"] for info in train["extra_info"]] == [0, 1, 2]
@@ -189,14 +193,14 @@ def test_parquet_source_directory(tmp_path):
 def test_source_change_invalidates_cache(tmp_path):
     source = make_source(tmp_path / "src")
     out = tmp_path / "out"
-    assert not prepare_gsm8k(str(source), str(out)).cached
+    assert not prepare(ENV, str(source), str(out)).cached
     write_jsonl(source / "test.jsonl", GOOD[:2])
-    result = prepare_gsm8k(str(source), str(out))
+    result = prepare(ENV, str(source), str(out))
     assert not result.cached and result.n_test == 2
 
 
-def test_to_standard_rows_layout():
-    rows = to_standard_rows(pd.DataFrame(GOOD), "test")
+def test_standard_rows_layout():
+    rows = standard_rows(ENV, pd.DataFrame(GOOD), "test")
     assert rows.iloc[1]["reward_model"] == {"style": "rule", "ground_truth": "1234"}
     assert rows.iloc[1]["extra_info"] == {
         "split": "test",
@@ -214,7 +218,7 @@ def test_hub_unreachable_points_to_local_source(tmp_path, monkeypatch):
     monkeypatch.setattr(prep, "hf_hub_download", offline)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"Hugging Face hub.*data\.source.*\.\./shared/data/gsm8k"):
-        prepare_gsm8k("openai/gsm8k", str(out))
+        prepare(ENV, "openai/gsm8k", str(out))
     assert not out.exists()
 
 
@@ -227,7 +231,7 @@ def test_hub_files_are_used_when_reachable(tmp_path, monkeypatch):
         return str(cache / ("train.parquet" if filename.startswith("main/train") else "test.parquet"))
 
     monkeypatch.setattr(prep, "hf_hub_download", fake_download)
-    raw = load_raw_gsm8k("openai/gsm8k")
+    raw = load_raw(ENV, "openai/gsm8k")
     assert list(raw["train"].columns) == ["question", "answer"] and len(raw["test"]) == 3
     assert ("openai/gsm8k", "dataset", "main/train-00000-of-00001.parquet") in requested
 
@@ -302,7 +306,7 @@ def test_bad_input_raises_and_writes_nothing(tmp_path, build, source_name, expec
         build(source)
     out = tmp_path / "out"
     with pytest.raises(ValueError) as info:
-        prepare_gsm8k(str(source), str(out))
+        prepare(ENV, str(source), str(out))
     for fragment in expected:
         assert fragment in str(info.value)
     assert not out.exists()
@@ -311,6 +315,6 @@ def test_bad_input_raises_and_writes_nothing(tmp_path, build, source_name, expec
 def test_rejects_bad_options(tmp_path):
     source = make_source(tmp_path / "src")
     with pytest.raises(ValueError, match="overlong"):
-        prepare_gsm8k(str(source), str(tmp_path / "out"), overlong="truncate")
+        prepare(ENV, str(source), str(tmp_path / "out"), overlong="truncate")
     with pytest.raises(ValueError, match="max_prompt_length"):
-        prepare_gsm8k(str(source), str(tmp_path / "out"), max_prompt_length=0)
+        prepare(ENV, str(source), str(tmp_path / "out"), max_prompt_length=0)

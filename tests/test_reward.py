@@ -1,16 +1,25 @@
 import pytest
 
-from tasks.reward import (
-    default_compute_score,
+from configs.load import load_config
+from envs import reward_fn
+from envs.gsm8k import (
+    compute_score,
     extract_solution,
     flexible_compute_score,
+    gsm8k_format_reward,
     gsm8k_score,
     lenient_compute_score,
-    load_reward_fn,
-    score_samples,
 )
+from envs.reward import import_reward_fn, score_samples
 
 NOT_CALLABLE = 42
+
+
+def builtin(*overrides, function=None, for_eval=False):
+    """The run's reward (envs.reward_fn) of recipe tiny-cpu (GSM8K) with `overrides` and reward.function."""
+    cfg = load_config("tiny-cpu", list(overrides))
+    cfg = cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"function": function})})
+    return reward_fn(cfg, for_eval=for_eval)
 
 
 def fn(data_source, solution_str, ground_truth, extra_info):
@@ -150,36 +159,37 @@ def test_an_answer_ending_at_the_cut_is_not_trusted(scorer, method):
     assert gsm8k_score("#### 10\n", "10", method, scorer=scorer, truncated=True) == 1.0
     assert gsm8k_score("#### 10 and then", "10", "strict", scorer=scorer, truncated=True) == 1.0
     # through the reward hook: finish_reason comes with extra_info
-    fn = load_reward_fn(None, scorer)
+    fn = builtin(f"reward.gsm8k_scorer={scorer}")
     assert fn("openai/gsm8k", "#### 10", "10", {"index": 3, "finish_reason": "length"}) == 0.0
     assert fn("openai/gsm8k", "#### 10", "10", {"index": 3, "finish_reason": "stop"}) == 1.0
     assert fn("openai/gsm8k", "#### 10", "10", None) == 1.0
 
 
-def test_default_compute_score_dispatches_gsm8k():
-    assert default_compute_score("openai/gsm8k", "#### 18", "18") == 1.0
-    assert default_compute_score("openai/gsm8k", "#### 17", "18", {"split": "test"}) == 0.0
+def test_compute_score_is_the_reference_scorer():
+    assert compute_score("openai/gsm8k", "#### 18", "18") == 1.0
+    assert compute_score("openai/gsm8k", "#### 17", "18", {"split": "test"}) == 0.0
 
 
-def test_default_compute_score_unknown_source_names_it_and_the_fix():
+def test_compute_score_of_another_source_names_it_and_the_fix():
     with pytest.raises(ValueError, match=r"'my/dataset'.*reward\.function"):
-        default_compute_score("my/dataset", "#### 1", "1")
+        compute_score("my/dataset", "#### 1", "1")
 
 
 @pytest.mark.parametrize("dotted", [None, "", "  "])
-def test_load_reward_fn_default(dotted):
-    assert load_reward_fn(dotted) is default_compute_score
-    assert load_reward_fn(dotted, "lenient") is lenient_compute_score
+def test_an_unset_reward_function_is_the_envs_builtin(dotted):
+    assert builtin(function=dotted) is compute_score
+    assert builtin("reward.gsm8k_scorer=lenient", function=dotted) is lenient_compute_score
+    assert builtin("reward.gsm8k_scorer=lenient", function=dotted, for_eval=True) is compute_score
     assert lenient_compute_score("openai/gsm8k", "#### 72.0", "72") == 1.0
-    assert default_compute_score("openai/gsm8k", "#### 72.0", "72") == 0.0
+    assert compute_score("openai/gsm8k", "#### 72.0", "72") == 0.0
     with pytest.raises(ValueError, match="reward.gsm8k_scorer"):
-        load_reward_fn(dotted, "exact")
+        load_config("tiny-cpu", ["reward.gsm8k_scorer=exact"])
 
 
 @pytest.mark.parametrize("dotted", ["tests.test_reward:fn", "tests.test_reward.fn"])
-def test_load_reward_fn_dotted_path(dotted):
-    loaded = load_reward_fn(dotted)
-    assert loaded is fn
+def test_import_reward_fn_dotted_path(dotted):
+    loaded = import_reward_fn(dotted)
+    assert loaded is fn and builtin(function=dotted) is fn and builtin(function=dotted, for_eval=True) is fn
     assert loaded("openai/gsm8k", "#### 1", "1", None) == 0.5
 
 
@@ -199,14 +209,14 @@ def any_args(*args, **kwargs):
 @pytest.mark.parametrize("name", ["two_args", "keywords_only"])
 def test_reward_fn_of_the_wrong_signature_is_refused_at_load(name):
     """A fresh clone's review: a reward that cannot take the four arguments failed at the first
-    reward stage; load_reward_fn (preflight) refuses it in one line naming the path and the signature."""
+    reward stage; import_reward_fn (preflight) refuses it in one line naming the path and the signature."""
     dotted = f"tests.test_reward:{name}"
     with pytest.raises(ValueError) as e:
-        load_reward_fn(dotted)
+        import_reward_fn(dotted)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"reward function {dotted!r}: tests.test_reward.{name}(")
     assert "cannot be called as fn(data_source, solution_str, ground_truth, extra_info) -> float" in msg
-    assert load_reward_fn("tests.test_reward:any_args") is any_args  # *args takes them
+    assert import_reward_fn("tests.test_reward:any_args") is any_args  # *args takes them
 
 
 @pytest.mark.parametrize(
@@ -220,15 +230,15 @@ def test_reward_fn_of_the_wrong_signature_is_refused_at_load(name):
         ("tests.test_reward:", r"not a dotted path"),
     ],
 )
-def test_load_reward_fn_bad_path(dotted, problem):
+def test_import_reward_fn_bad_path(dotted, problem):
     with pytest.raises(ValueError, match=problem) as info:
-        load_reward_fn(dotted)
+        import_reward_fn(dotted)
     assert repr(dotted) in str(info.value)
 
 
 def test_score_samples_all_good():
     scores, n_errors = score_samples(
-        default_compute_score,
+        compute_score,
         ["openai/gsm8k"] * 3,
         ["#### 1", "#### 2", "nothing"],
         ["1", "3", "1"],
@@ -302,14 +312,10 @@ def test_non_finite_reward_gives_finite_advantages():
     ],
 )
 def test_gsm8k_format_reward_gives_partial_credit_for_the_format(response, expected):
-    from tasks.reward import gsm8k_format_reward
-
     assert gsm8k_format_reward("openai/gsm8k", response, "5", {"finish_reason": "stop"}) == pytest.approx(expected)
 
 
 def test_gsm8k_format_reward_keeps_the_cut_rule():
-    from tasks.reward import gsm8k_format_reward
-
     # "#### 5" ending at a max_tokens cut may be "#### 50": not credited as right, still the format.
     assert gsm8k_format_reward("openai/gsm8k", "#### 5", "5", {"finish_reason": "length"}) == 0.5
 
@@ -317,21 +323,25 @@ def test_gsm8k_format_reward_keeps_the_cut_rule():
 def test_format_score_rewards_a_wellformed_wrong_answer_only():
     """reward.format_score (the reference scorer's argument): 1 right, format_score for a wrong
     `#### N`, 0 without one; the cut rule still gives 0."""
-    fn = load_reward_fn(None, "reference", 0.1)
+    fn = builtin("reward.format_score=0.1")
     assert fn("openai/gsm8k", "so #### 18", "18", None) == 1.0
     assert fn("openai/gsm8k", "so #### 17", "18", None) == 0.1
     assert fn("openai/gsm8k", "the answer is 18", "18", None) == 0.0
     assert fn("openai/gsm8k", "so #### 17", "18", {"finish_reason": "length"}) == 0.0
-    assert load_reward_fn(None, "lenient", 0.1)("openai/gsm8k", "#### 18.0", "18", None) == 1.0
-    assert load_reward_fn(None, "reference", 0.0) is default_compute_score
-    with pytest.raises(ValueError, match=r"reward\.format_score=1\.0"):
-        load_reward_fn(None, "reference", 1.0)
+    assert (
+        builtin("reward.gsm8k_scorer=lenient", "reward.format_score=0.1")("openai/gsm8k", "#### 18.0", "18", None)
+        == 1.0
+    )
+    assert builtin("reward.format_score=0.0") is compute_score
+    assert builtin("reward.format_score=0.1", for_eval=True) is compute_score  # the eval is an accuracy
+    with pytest.raises(ValueError, match=r"reward\.format_score"):
+        load_config("tiny-cpu", ["reward.format_score=1.0"])
     with pytest.raises(ValueError, match=r"reward\.format_score=0\.1 applies to the built-in"):
-        load_reward_fn("tests.test_reward:fn", "reference", 0.1)
+        load_config("tiny-cpu", ["reward.format_score=0.1", "reward.function=tests.test_reward:fn"])
 
 
 def test_flexible_compute_score_needs_no_format():
     assert flexible_compute_score("openai/gsm8k", "so the answer is 18.", "18") == 0.0  # "18." as text
     assert flexible_compute_score("openai/gsm8k", "so the answer is 18", "18") == 1.0
     assert flexible_compute_score("openai/gsm8k", "#### 18", "18") == 1.0
-    assert default_compute_score("openai/gsm8k", "so the answer is 18", "18") == 0.0
+    assert compute_score("openai/gsm8k", "so the answer is 18", "18") == 0.0

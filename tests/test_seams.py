@@ -196,11 +196,13 @@ def _factories_main(rank: int) -> None:
     from engines.models import materialize
     from engines.rollout.vllm import VLLMRollout
     from engines.trainer.fsdp import FSDPTrainer
-    from tasks.prep import load_raw_gsm8k
+    from envs import get_env
+    from envs.prep import load_raw
 
     cfg = load_config("tiny-cpu", cached_inputs())
-    raw = load_raw_gsm8k(cfg.data.source)["train"]
-    materialize("random", cfg.model.path, corpus=list(raw["question"] + " " + raw["answer"]))
+    env = get_env(cfg.data.data_source)
+    corpus = env.tokenizer_corpus(load_raw(env, cfg.data.source)["train"])
+    materialize("random", cfg.model.path, corpus=corpus)
     trainer, rollout = build_trainer(cfg), build_rollout(cfg)
     try:
         assert type(trainer) is FSDPTrainer and type(rollout) is VLLMRollout

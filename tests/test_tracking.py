@@ -170,13 +170,15 @@ def test_sample_table_shows_whole_groups_with_clipped_text():
 def test_step_lines_show_val_step_0_included():
     """A fresh clone's review: the eval before training (step 0) printed no line, so its `val=` was
     only in MLflow; it prints `step 0/N (before training) val=...`, and an eval step shows val= too."""
+    from envs import get_env
     from flows.grpo import summary
-    from tasks.stages import VAL_METRIC
 
-    assert summary(0, 20, {VAL_METRIC: 0.25, "val-aux/openai/gsm8k/format/mean@1": 0.5}) == (
+    val = get_env("openai/gsm8k").val_key()
+    assert val == "val-core/openai/gsm8k/reward/mean@1"  # the reference framework's name, as published
+    assert summary(0, 20, {val: 0.25, "val-aux/openai/gsm8k/format/mean@1": 0.5}, val) == (
         "step 0/20 (before training) val=0.250"
     )
     keys = ["critic/score/mean", "actor/pg_loss", "actor/kl_loss", "actor/entropy", "response_length/mean"]
     step = {**dict.fromkeys(keys, 0.1), "timing_s/gen": 1.0, "timing_s/update_actor": 2.0, "timing_s/step": 3.0}
-    assert summary(10, 20, {**step, VAL_METRIC: 0.5}).endswith("step=3.0s val=0.500")
-    assert "val=" not in summary(3, 20, step)
+    assert summary(10, 20, {**step, val: 0.5}, val).endswith("step=3.0s val=0.500")
+    assert "val=" not in summary(3, 20, step, val)

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from configs.load import load_config  # noqa: E402
 from engines.models import materialize  # noqa: E402
 from engines.worker import GRPOWorker  # noqa: E402
-from tasks.prep import INSTRUCTION, load_raw_gsm8k  # noqa: E402
+from envs.gsm8k import GSM8K, INSTRUCTION  # noqa: E402
+from envs.prep import load_raw  # noqa: E402
 from tasks.stages import chat_ids  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def main():
     model_dir = materialize("gguf", cfg.model.path)
     w = GRPOWorker(cfg.model_dump_json(), model_dir, rank=0, world_size=1)
     tok = w.trainer.tokenizer
-    qs = list(load_raw_gsm8k(a.data)["test"]["question"][: a.n])
+    qs = list(load_raw(GSM8K(), a.data)["test"]["question"][: a.n])
     prompts = [chat_ids(tok, [{"role": "user", "content": q + INSTRUCTION}]) for q in qs]  # as the flow
     sampling = dict(n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=128, seeds=list(range(len(prompts))))
 

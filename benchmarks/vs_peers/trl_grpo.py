@@ -4,7 +4,7 @@ Same model dir (the recipe's SmolLM2-135M-Instruct build), the same prompts in t
 rows our flow draws for steps 1..S of data/<recipe>/train.parquet), n, response length, sampling
 (temperature 1, top_p 1), lr (constant), AdamW (betas, weight decay 0.01, clip 1.0), KL to the
 reference (TRL's beta = our kl_loss_coef; TRL's estimator is k3, our low_var_kl), clip 0.2, the
-reward (our built-in GSM8K scorer with the recipe's format_score: tasks.reward, i.e. the
+reward (our built-in GSM8K scorer with the recipe's format_score: envs/gsm8k.py, i.e. the
 reference scorer), one PPO epoch as train_batch_size / ppo_mini_batch_size optimizer steps per
 generation (TRL's steps_per_generation), bf16. Loss: TRL "dapo" (tokens summed over the optimizer
 step's samples / their count), the closest to our token-mean.
@@ -47,7 +47,8 @@ def main():
     from trl import GRPOConfig, GRPOTrainer
 
     from configs.load import load_config
-    from tasks import reward as R
+    from envs import gsm8k as R
+    from envs import reward_fn
     from tasks import stages
 
     cfg = load_config(a.recipe, a.overrides)
@@ -64,7 +65,7 @@ def main():
             for i in rows
         ]
     )
-    fn = R.load_reward_fn(None, cfg.reward.gsm8k_scorer, cfg.reward.format_score)
+    fn = reward_fn(cfg)
 
     def gsm8k_reward(completions, ground_truth, **kw):
         return [
@@ -171,9 +172,7 @@ def main():
         texts = [o.outputs[0].text for o in outs]
         fin = [o.outputs[0].finish_reason for o in outs]
         truths = [r["ground_truth"] for r in test["reward_model"]]
-        strict = [
-            R.default_compute_score("openai/gsm8k", x, g, {"finish_reason": f}) for x, g, f in zip(texts, truths, fin)
-        ]
+        strict = [R.compute_score("openai/gsm8k", x, g, {"finish_reason": f}) for x, g, f in zip(texts, truths, fin)]
         flex = [
             R.flexible_compute_score("openai/gsm8k", x, g, {"finish_reason": f}) for x, g, f in zip(texts, truths, fin)
         ]

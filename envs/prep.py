@@ -1,8 +1,11 @@
-"""GSM8K preparation into the standard RL parquet layout (see docs/recipes.md).
+"""Any env's raw splits -> the standard RL parquet (envs/base.py: ROW_COLUMNS), cached by content.
 
-Plain functions so that flows, scripts and tests can call them alike. Input
-problems surface as ``ValueError`` naming the file and the fix before anything
-is written, because a bad row found mid-run costs far more than one found here.
+Plain functions so that the prep task, scripts and tests call them alike. Where the files come from
+(the env's hub repository, or a local directory with train/test .jsonl or .parquet), reading and
+the column check, the prompt-length filter, the cache and the manifest are here; what a row means
+is the env's (`Env.check_rows`, `Env.to_rows`). Input problems surface as ``ValueError`` naming the
+file and the fix before anything is written, because a bad row found mid-run costs far more than
+one found here.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,23 +21,13 @@ from typing import Callable, Literal
 import pandas as pd
 from huggingface_hub import hf_hub_download
 
+from envs.base import ROW_COLUMNS, Env
 from runtime.atomic import atomic_text, atomic_write
 
 logger = logging.getLogger(__name__)
 
-# Bump whenever the output layout or row contents change, so old caches are not reused.
-PREP_VERSION = "1"
-DATA_SOURCE = "openai/gsm8k"
 SPLITS = ("train", "test")
-INSTRUCTION = ' Let\'s think step by step and output the final answer after "####".'
 MANIFEST_NAME = "prep_manifest.json"
-_REQUIRED_COLUMNS = ("question", "answer")
-_GROUND_TRUTH_RE = re.compile(r"-?[0-9]+(\.[0-9]+)?")
-_LOCAL_HINT = (
-    "set data.source to a directory holding GSM8K train.jsonl/test.jsonl (or train.parquet/test.parquet), "
-    "such as ../shared/data/gsm8k"
-)
-_SOURCE_HINT = f"{_LOCAL_HINT}, or to '{DATA_SOURCE}'"
 
 
 @dataclass(frozen=True)
@@ -49,47 +41,37 @@ class PrepResult:
     cached: bool
 
 
-def _ground_truth(answer: object) -> str:
-    """The number after the last ``####`` with commas removed; raises if there is none."""
-    if not isinstance(answer, str) or "####" not in answer:
-        raise ValueError("answer has no '#### <number>' line")
-    truth = answer.rsplit("####", 1)[1].strip().replace(",", "")
-    if not _GROUND_TRUTH_RE.fullmatch(truth):
-        raise ValueError(f"the text after '####' is {truth!r}, not a number")
-    return truth
+def _local_hint(env: Env) -> str:
+    example = f", such as {env.local_example}" if env.local_example else ""
+    return (
+        f"set data.source to a directory holding {env.name} train.jsonl/test.jsonl "
+        f"(or train.parquet/test.parquet){example}"
+    )
 
 
-def _ground_truths(df: pd.DataFrame, split: str, where: str) -> list[str]:
-    truths = []
-    for i, answer in enumerate(df["answer"]):
-        try:
-            truths.append(_ground_truth(answer))
-        except ValueError as err:
-            raise ValueError(f"{where}: {split} row {i} (0-based): {err}; fix or remove that row") from None
-    return truths
+def _source_hint(env: Env) -> str:
+    return f"{_local_hint(env)}, or to '{env.hub_repo}'" if env.hub_repo else _local_hint(env)
 
 
-def _download_split(split: str) -> Path:
+def _download_split(env: Env, split: str) -> Path:
     try:
-        return Path(
-            hf_hub_download(repo_id=DATA_SOURCE, repo_type="dataset", filename=f"main/{split}-00000-of-00001.parquet")
-        )
+        return Path(hf_hub_download(repo_id=env.hub_repo, repo_type="dataset", filename=env.hub_files[split]))
     except Exception as err:
         raise ValueError(
-            f"could not download the {split} split of {DATA_SOURCE!r} from the Hugging Face hub "
-            f"(is the hub reachable from this machine?): {str(err).rstrip('.')}. Instead, {_LOCAL_HINT}"
+            f"could not download the {split} split of {env.hub_repo!r} from the Hugging Face hub "
+            f"(is the hub reachable from this machine?): {str(err).rstrip('.')}. Instead, {_local_hint(env)}"
         ) from err
 
 
-def _resolve_split_files(source: str) -> dict[str, Path]:
+def _resolve_split_files(env: Env, source: str) -> dict[str, Path]:
     """Map each split to its raw file; a directory may hold parquet or jsonl (parquet wins if both)."""
-    if source == DATA_SOURCE:
-        return {split: _download_split(split) for split in SPLITS}
+    if env.hub_repo and source == env.hub_repo:
+        return {split: _download_split(env, split) for split in SPLITS}
     root = Path(source).expanduser()
     if not root.exists():
-        raise ValueError(f"data.source path {str(root)!r} does not exist; {_SOURCE_HINT}")
+        raise ValueError(f"data.source path {str(root)!r} does not exist; {_source_hint(env)}")
     if not root.is_dir():
-        raise ValueError(f"data.source path {str(root)!r} is a file, not a directory; {_SOURCE_HINT}")
+        raise ValueError(f"data.source path {str(root)!r} is a file, not a directory; {_source_hint(env)}")
     files, missing = {}, []
     for split in SPLITS:
         found = [p for p in (root / f"{split}.parquet", root / f"{split}.jsonl") if p.is_file()]
@@ -98,7 +80,7 @@ def _resolve_split_files(source: str) -> dict[str, Path]:
         else:
             missing.append(f"{split}.parquet or {split}.jsonl")
     if missing:
-        raise ValueError(f"data.source directory {str(root)!r} has no {' and no '.join(missing)}; {_SOURCE_HINT}")
+        raise ValueError(f"data.source directory {str(root)!r} has no {' and no '.join(missing)}; {_source_hint(env)}")
     return files
 
 
@@ -121,50 +103,46 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def _read_split(path: Path, split: str) -> pd.DataFrame:
-    """Read and validate one split; returns just question/answer, rows in file order."""
+def _read_split(env: Env, path: Path, split: str) -> pd.DataFrame:
+    """Read and check one split; returns just the env's raw_columns, rows in file order."""
     if path.suffix == ".parquet":
         try:
             df = pd.read_parquet(path)
         except Exception as err:
-            raise ValueError(f"{path}: not a readable parquet file ({err}); {_SOURCE_HINT}") from err
+            raise ValueError(f"{path}: not a readable parquet file ({err}); {_source_hint(env)}") from err
     else:
         df = _read_jsonl(path)
     if len(df) == 0:
-        raise ValueError(f"{path}: the {split} split has no rows; {_SOURCE_HINT}")
-    missing = [c for c in _REQUIRED_COLUMNS if c not in df.columns]
+        raise ValueError(f"{path}: the {split} split has no rows; {_source_hint(env)}")
+    missing = [c for c in env.raw_columns if c not in df.columns]
     if missing:
         raise ValueError(
             f"{path}: missing column(s) {', '.join(repr(c) for c in missing)} (found {list(df.columns)}); "
-            "GSM8K files need 'question' and 'answer'"
+            f"{env.name} files need {' and '.join(repr(c) for c in env.raw_columns)}"
         )
-    df = df[list(_REQUIRED_COLUMNS)].reset_index(drop=True)
-    for i, question in enumerate(df["question"]):
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"{path}: {split} row {i} (0-based) has an empty or non-text question")
-    _ground_truths(df, split, str(path))
+    df = df[list(env.raw_columns)].reset_index(drop=True)
+    env.check_rows(df, split, str(path))
     return df
 
 
-def load_raw_gsm8k(source: str) -> dict[str, pd.DataFrame]:
-    """Validated raw splits (columns question, answer) from the hub id or a local directory."""
-    return {split: _read_split(path, split) for split, path in _resolve_split_files(source).items()}
+def load_raw(env: Env, source: str) -> dict[str, pd.DataFrame]:
+    """Checked raw splits {"train", "test"} (columns env.raw_columns) of `source`: env.hub_repo or
+    a local directory. Raises ValueError naming the file and the fix."""
+    return {split: _read_split(env, path, split) for split, path in _resolve_split_files(env, source).items()}
 
 
-def to_standard_rows(df: pd.DataFrame, split: str) -> pd.DataFrame:
-    """Rows in the standard layout; extra_info.index is the row's position in the raw split."""
-    truths = _ground_truths(df, split, "to_standard_rows")
-    records = [
-        {
-            "data_source": DATA_SOURCE,
-            "prompt": [{"role": "user", "content": question + INSTRUCTION}],
-            "ability": "math",
-            "reward_model": {"style": "rule", "ground_truth": truth},
-            "extra_info": {"split": split, "index": i, "answer": answer, "question": question},
-        }
-        for i, (question, answer, truth) in enumerate(zip(df["question"], df["answer"], truths))
-    ]
-    return pd.DataFrame(records, columns=["data_source", "prompt", "ability", "reward_model", "extra_info"])
+def standard_rows(env: Env, raw: pd.DataFrame, split: str) -> pd.DataFrame:
+    """env.to_rows, held to the layout every stage reads: columns ROW_COLUMNS in that order, one
+    row per raw row, data_source the env's. Raises ValueError naming the env otherwise."""
+    rows = env.to_rows(raw, split)
+    if tuple(rows.columns) != ROW_COLUMNS or len(rows) != len(raw):
+        raise ValueError(
+            f"{type(env).__name__}.to_rows gave {len(rows)} rows with columns {list(rows.columns)} for "
+            f"{len(raw)} raw rows; it must give one row per raw row with columns {list(ROW_COLUMNS)}"
+        )
+    if len(rows) and set(rows["data_source"]) != {env.data_source}:
+        raise ValueError(f"{type(env).__name__}.to_rows must set data_source to {env.data_source!r}")
+    return rows
 
 
 def _drop_overlong(
@@ -226,7 +204,8 @@ def _cached_result(out: Path, cache_key: str | None) -> PrepResult | None:
     )
 
 
-def prepare_gsm8k(
+def prepare(
+    env: Env,
     source: str,
     out_dir: str,
     prompt_length: Callable[[list[dict]], int] | None = None,
@@ -234,7 +213,8 @@ def prepare_gsm8k(
     overlong: Literal["filter", "error"] = "filter",
     tokenizer_fingerprint: str | None = None,
 ) -> PrepResult:
-    """Write out_dir/{train,test}.parquet and prep_manifest.json, reusing them when the inputs match.
+    """Write out_dir/{train,test}.parquet (env's rows) and prep_manifest.json, reusing them when
+    the inputs match. Raises ValueError naming the input and the fix, before anything is written.
 
     ``prompt_length`` measures a chat prompt in tokens (None: no length filter).
     The cache cannot see inside that function, so the caller names its
@@ -247,7 +227,7 @@ def prepare_gsm8k(
     if max_prompt_length < 1:
         raise ValueError(f"data.max_prompt_length must be a positive number of tokens, got {max_prompt_length}")
     out = Path(out_dir)
-    files = _resolve_split_files(source)
+    files = _resolve_split_files(env, source)
     input_digests = {split: _sha256_file(path) for split, path in files.items()}
     if prompt_length is None:
         length_fingerprint: str | None = "no-length-filter"
@@ -256,7 +236,8 @@ def prepare_gsm8k(
     cache_key = None
     if length_fingerprint is not None:
         key_material = {
-            "prep_version": PREP_VERSION,
+            "data_source": env.data_source,
+            "prep_version": env.prep_version,
             "inputs": input_digests,
             "max_prompt_length": max_prompt_length,
             "overlong": overlong,
@@ -264,16 +245,16 @@ def prepare_gsm8k(
         }
         cache_key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()
     else:
-        logger.info("prompt_length given without tokenizer_fingerprint: GSM8K prep cache disabled")
+        logger.info("prompt_length given without tokenizer_fingerprint: prep cache disabled")
 
     cached = _cached_result(out, cache_key)
     if cached is not None:
-        logger.info("GSM8K prep inputs unchanged; reusing %s", out)
+        logger.info("%s prep inputs unchanged; reusing %s", env.name, out)
         return cached
 
     tables, filtered = {}, {}
     for split, path in files.items():
-        rows = to_standard_rows(_read_split(path, split), split)
+        rows = standard_rows(env, _read_split(env, path, split), split)
         if prompt_length is not None:
             rows, filtered[split] = _drop_overlong(rows, split, prompt_length, max_prompt_length, overlong)
         else:
@@ -288,7 +269,8 @@ def prepare_gsm8k(
         atomic_write(paths[split], lambda tmp, df=tables[split]: df.to_parquet(tmp, index=False))
     manifest = {
         "cache_key": cache_key,
-        "prep_version": PREP_VERSION,
+        "data_source": env.data_source,
+        "prep_version": env.prep_version,
         "source": source,
         "inputs": {split: {"file": str(files[split]), "sha256": input_digests[split]} for split in SPLITS},
         "max_prompt_length": max_prompt_length,
@@ -302,7 +284,8 @@ def prepare_gsm8k(
     }
     atomic_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2))
     logger.info(
-        "GSM8K prepared in %s: %d train (%d dropped), %d test (%d dropped)",
+        "%s prepared in %s: %d train (%d dropped), %d test (%d dropped)",
+        env.name,
         out,
         manifest["n_train"],
         filtered["train"],
