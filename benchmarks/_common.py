@@ -28,7 +28,7 @@ if SRC != ROOT:  # child processes (Ray workers, subprocesses) import the same c
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Dense bf16 peak (recipes.md): H100/H800/H200 989 TFLOP/s, H20 148, A100 312.
+# Dense bf16 peak (NVIDIA datasheets, as planner/hardware.py GPUS): H100/H800/H200 989 TFLOP/s, H20 148, A100 312.
 PEAK_TFLOPS = {"H100": 989.0, "H800": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0}
 RECIPE_OF_ARCH = {"0.5b": "qwen2-0.5b-lora-1xh100", "1.5b": "qwen2-1.5b-lora-1xh100",
                   "3b": "qwen2-3b-lora-1xh100", "7b": "qwen2-7b-lora-1xh100"}
@@ -133,7 +133,7 @@ def peak_tflops(name: str | None) -> float | None:
 
 
 def train_flops(n_params: int, layers: int, hidden: int, seq_lens: list[int], epochs: int = 1) -> float:
-    """recipes.md / engines/trainer.py: 6*N*tokens (dense fwd+bwd) + 12*L*h*sum(s^2) attention;
+    """planner/hardware.py train_flops: 6*N*tokens (dense fwd+bwd) + 12*L*h*sum(s^2) attention;
     gradient-checkpointing recomputation not counted."""
     tokens = sum(seq_lens)
     return 6.0 * n_params * tokens * epochs + 12.0 * layers * hidden * sum(s * s for s in seq_lens) * epochs

@@ -15,7 +15,7 @@ each Ray worker holds them) on a random-init Qwen2 of the given shape, then meas
            worker now does for full fine-tuning), with the level-1 wake / reload split; LoRA = the
            adapter save (sync_weights) + vLLM's load of the new adapter at the next generate
            (first call with the new adapter minus a second call with the same).
-  train    trainer tokens/s and MFU (recipes.md formula) of ActorTrainer.update on a synthetic
+  train    trainer tokens/s and MFU (planner/hardware.py formula) of ActorTrainer.update on a synthetic
            batch (random token ids, fixed lengths), peak torch.cuda.max_memory_allocated; a CUDA
            out-of-memory error is recorded as a result (7B full fine-tuning on one 80 GB GPU).
 

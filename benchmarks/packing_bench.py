@@ -10,7 +10,7 @@ off, fp32 master weights + bf16 autocast, gradient checkpointing, fused AdamW. S
 (seeded): --samples sequences of --prompt-len-min..max prompt tokens and --response-len-min..max
 response tokens (uniform), micro-batches of --micro samples, one mini-batch (one optimizer step);
 one warm-up update, then --reps timed updates, and one timed old-log-prob pass.
-MFU = (6*N*tokens + 12*L*h*sum(s^2)) / time / 989 TFLOP/s (recipes.md; recomputation not
+MFU = (6*N*tokens + 12*L*h*sum(s^2)) / time / 989 TFLOP/s (planner/hardware.py; recomputation not
 counted; the same real-token FLOPs for both layouts, so padding is waste, not work).
 """
 

@@ -6,7 +6,7 @@ Each configuration runs in its own process (engine_bench.py, part `train`): the 
 (fp32 master weights, bf16 autocast, gradient checkpointing, AdamW) with its vLLM engine asleep,
 one warm-up update and --train-reps timed updates of a synthetic batch (--samples sequences of
 100-200 prompt + --response-len response tokens). MFU = (6*N*tokens + 12*L*h*sum(s^2)) / time /
-989 TFLOP/s (H100/H200 dense bf16, recipes.md). Peak torch.cuda.max_memory_allocated per
+989 TFLOP/s (H100/H200 dense bf16, planner/hardware.py). Peak torch.cuda.max_memory_allocated per
 configuration. A CUDA OOM is a result (7B full fine-tuning: 16 bytes/parameter of fp32 weights,
 gradients and Adam moments = 122 GB > 80 GB).
 """

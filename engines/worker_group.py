@@ -111,8 +111,7 @@ def host_plan(cfg: GRPOConfig, model_dir: str, ranks_on_node: int) -> dict | Non
         s = shape_from_hf(json.loads(conf.read_text())) if conf.is_file() else model_shape(cfg)[0]
     except ValueError:
         return None
-    shard = cfg.world_size if cfg.world_size > 1 and cfg.actor.strategy in ("fsdp", "fsdp2") else 1
-    return host_memory(cfg, s, shard, ranks_on_node)
+    return host_memory(cfg, s, ranks_on_node=ranks_on_node)
 
 
 def check_host_memory(cfg: GRPOConfig, plan: dict, node: str, have_gib: float, source: str) -> None:

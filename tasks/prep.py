@@ -1,4 +1,8 @@
-"""GSM8K preparation into the standard RL parquet layout (see docs/recipes.md).
+"""GSM8K preparation into the standard RL parquet layout: one row per problem with the columns
+data_source ("openai/gsm8k"), prompt (one user chat message: the question + INSTRUCTION), ability
+("math"), reward_model ({"style": "rule", "ground_truth": the number after "#### ", commas
+removed}) and extra_info ({"split", "index", "answer", "question"}), the reference framework's
+GSM8K layout (its examples/data_preprocess/gsm8k.py) that users expect.
 
 Plain functions so that flows, scripts and tests can call them alike. Input
 problems surface as ``ValueError`` naming the file and the fix before anything
