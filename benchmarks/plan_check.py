@@ -27,7 +27,7 @@ def check(path: str) -> tuple[int, int]:
     logit_bytes = BEFORE_ROWWISE if old_code else P.LOGIT_BYTES
     # Both files were measured before the trainer offloaded anything (engines/trainer/offload.py);
     # 0755f97's AdamW was foreach.
-    feats = dict(param_offload=False, optimizer_offload=False, **({"fused_adamw": False} if old_code else {}))
+    feats = P.TrainerFeatures(param_offload=False, optimizer_offload=False, fused_adamw=not old_code)
     ok = 0
     for row in data["rows"]:
         cfg = load_config(row["recipe"], row["overrides"])

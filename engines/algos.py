@@ -55,9 +55,9 @@ def _masked(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def masked_mean(x: Tensor, mask: Tensor, denom: Tensor | float | None = None) -> Tensor:
-    """Mean of ``x`` over the tokens where ``mask`` is set.
+    """Mean of ``x`` over the tokens where ``mask`` is set: a 0-dim tensor in ``x``'s dtype.
 
-    ``denom`` replaces the local token count; pass the token count of the whole
+    x, mask: the same shape (e.g. ``[B, T]``; mask 0/1 or bool). ``denom`` replaces the local token count; pass the token count of the whole
     mini-batch to get this micro-batch's share of the mini-batch mean (the shares
     sum to the full-batch mean). A zero denominator yields 0 instead of NaN.
     """
@@ -68,8 +68,8 @@ def masked_mean(x: Tensor, mask: Tensor, denom: Tensor | float | None = None) ->
 
 
 def num_valid_seqs(mask: Tensor) -> Tensor:
-    """How many rows have at least one real token: the sequence count the
-    ``seq-mean-*`` modes divide by. Use it to compute ``global_seqs`` over a
+    """How many rows of a ``[B, T]`` 0/1 mask have at least one real token (a 0-dim integer
+    tensor): the sequence count the ``seq-mean-*`` modes divide by. Use it to compute ``global_seqs`` over a
     mini-batch so micro-batch shares add up exactly."""
     return (mask.sum(dim=-1) > 0).sum()
 
@@ -91,6 +91,10 @@ def grpo_advantages(
     ``r / (1 + eps)``; we do the same. ``norm_by_std=False`` (verl's
     ``norm_adv_by_std_in_grpo=False``) drops the std division, as Dr. GRPO argues
     the std re-weights easy/hard prompts. The caller broadcasts over tokens.
+
+    scores: ``[N]`` rewards; group_ids: N ids (any hashables, or a tensor). Returns ``[N]``
+    advantages in scores' dtype (float32 for integer scores). Raises ValueError when scores are
+    not 1-D or the ids are not one per score.
     """
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D [batch], got shape {tuple(scores.shape)}")
@@ -146,6 +150,9 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
       unbiased, always >= 0 and low variance. ``d`` is clamped to [-20, 20] before
       the exp and the result to [-10, 10], as verl does, so one badly-off token
       cannot blow up the loss.
+
+    logp, ref_logp: sampled-token log-probs in nats, the same shape (``[B, T]``); returns that
+    shape, in nats. Raises ValueError for an unknown ``kind`` (KL_ESTIMATORS lists them).
     """
     if kind in ("k1", "kl"):
         return logp - ref_logp
@@ -187,6 +194,9 @@ def agg_loss(
       learning rate) grow with the batch size; we chose the batch-size-independent
       form. Pass ``norm_len`` explicitly (the max response length) if micro-batches
       are padded to different lengths, otherwise the constant would vary.
+
+    loss_mat, mask: ``[B, T]``; returns a 0-dim tensor. Raises ValueError for an unknown mode or
+    a norm_len that is not positive.
 
     Gradient accumulation: ``global_tokens`` / ``global_seqs`` replace T / S by the
     counts of the whole mini-batch; the result is then this micro-batch's share and
@@ -240,6 +250,9 @@ def policy_loss(
     cannot dominate the update. ``advantages`` may be ``[B]`` (one per sequence) or
     ``[B, T]``. ``agg_kwargs`` (``global_tokens``, ``global_seqs``, ``norm_len``) go
     to ``agg_loss``.
+
+    logp, old_logp, mask: ``[B, T]`` (log-probs in nats, mask 0/1). Raises ValueError for
+    clip_ratio_c <= 1 or an unknown loss_agg_mode, TypeError for another keyword.
 
     Returns ``pg_loss`` (differentiable) and the detached 0-dim metrics
     ``pg_clipfrac``, ``ppo_kl`` and ``pg_clipfrac_lower``, all token means over

@@ -22,6 +22,8 @@ class Registry:
     """Classes by name for one config key (`key`, e.g. "actor.strategy"), found in `package`."""
 
     def __init__(self, key: str, package: str):
+        """key: the config key the names are values of (named in errors); package: the dotted
+        package whose modules register classes (imported on first lookup)."""
         self.key, self.package = key, package
         self._classes: dict[str, type] = {}
         self._discovered = False

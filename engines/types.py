@@ -60,6 +60,8 @@ class SamplingSpec:
 
     @classmethod
     def for_training(cls, cfg: "GRPOConfig", seeds: list[int]) -> "SamplingSpec":
+        """The rollout's sampling: rollout.n samples per prompt at rollout.temperature / top_p /
+        top_k, up to rollout.max_response_length tokens; seeds: one per prompt."""
         r = cfg.rollout
         return cls(
             n=r.n,
@@ -72,6 +74,8 @@ class SamplingSpec:
 
     @classmethod
     def for_eval(cls, cfg: "GRPOConfig", seeds: list[int]) -> "SamplingSpec":
+        """The eval's sampling: one sample per prompt at rollout.val_temperature (0: greedy), no
+        top-p / top-k cut, up to rollout.max_response_length tokens; seeds: one per prompt."""
         return cls(
             n=1,
             temperature=cfg.rollout.val_temperature,

@@ -24,6 +24,8 @@ class WeightSync:
     """Sleep level, refill and offload borrowing between one trainer and its rollout engine."""
 
     def __init__(self, trainer: TrainerBackend, rollout: RolloutEngine):
+        """Sleep level 1 with LoRA (the engine keeps its base weights on the host), else 2 (the
+        weights are dropped and refilled from the trainer)."""
         self.trainer, self.rollout = trainer, rollout
         self.level = 1 if trainer.is_lora else 2
         self._owed = False  # a level-2 sleep dropped the engine's weights: refill before generating

@@ -74,10 +74,12 @@ class KnownNoise(logging.Filter):
     """Drops records whose message starts with one of `patterns` (regexes)."""
 
     def __init__(self, patterns: list[str]):
+        """patterns: regexes matched at the start of a record's message."""
         super().__init__()
         self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns))
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """False (drop) when the message matches one of the patterns."""
         return not self.pattern.match(record.getMessage())
 
 
@@ -103,6 +105,11 @@ class GRPOWorker:
     def __init__(
         self, cfg_json: str, model_dir: str, rank: int, world_size: int, master: tuple[str, int] | None = None
     ):
+        """cfg_json: the GRPOConfig as JSON; model_dir: the HF model dir every rank loads; rank,
+        world_size: this rank's place; master: rank 0's (address, port) for the process group
+        (master_address), None on one rank. Joins the process group, builds the trainer (offloaded
+        before vLLM sizes its share of the GPU), then the rollout engine, asleep. Raises what the
+        factories raise (ValueError for an unknown actor.strategy or rollout.name)."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         quiet_known_noise()
         self.cfg = GRPOConfig.model_validate_json(cfg_json)

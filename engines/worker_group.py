@@ -21,7 +21,8 @@ from engines.types import SamplingSpec, UpdateBatch
 
 
 def split(items: list, parts: int) -> list[list]:
-    """Contiguous shares, sizes differing by at most one, order kept."""
+    """`parts` contiguous shares of items, sizes differing by at most one (the first ones longer),
+    order kept; a share is empty when there are fewer items than parts."""
     k, m = divmod(len(items), parts)
     out, start = [], 0
     for i in range(parts):
@@ -111,8 +112,7 @@ def host_plan(cfg: GRPOConfig, model_dir: str, ranks_on_node: int) -> dict | Non
         s = shape_from_hf(json.loads(conf.read_text())) if conf.is_file() else model_shape(cfg)[0]
     except ValueError:
         return None
-    shard = cfg.world_size if cfg.world_size > 1 and cfg.actor.strategy in ("fsdp", "fsdp2") else 1
-    return host_memory(cfg, s, shard, ranks_on_node)
+    return host_memory(cfg, s, ranks_on_node=ranks_on_node)
 
 
 def check_host_memory(cfg: GRPOConfig, plan: dict, node: str, have_gib: float, source: str) -> None:
@@ -228,6 +228,9 @@ class WorkerGroup:
     ranks numbered node by node; each method below calls every rank and gathers (see `gather`)."""
 
     def __init__(self, cfg: GRPOConfig, model_dir: str):
+        """Start the actors on `model_dir` once the cluster has the GPUs (check_resources) and each
+        node the host RAM (check_host_memory) the recipe plans. Raises RuntimeError (too few GPUs)
+        or ValueError (too little host RAM), one line each."""
         import ray
         from ray.util.placement_group import (
             placement_group,

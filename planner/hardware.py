@@ -47,18 +47,18 @@ GPUS = {
 def peak_bf16_tflops(device_name: str | None) -> float | None:
     """Dense bf16 peak (TFLOP/s) of the first GPUS entry named in `device_name` (as
     torch.cuda.get_device_name() says it, e.g. "NVIDIA H100 80GB HBM3"); None if none is."""
-    return next((g.bf16_tflops for k, g in GPUS.items() if device_name and k in device_name), None)
+    return next((spec.bf16_tflops for key, spec in GPUS.items() if device_name and key in device_name), None)
 
 
 def forward_flops(n_params: int, layers: int, hidden: int, seq_lens: list[int]) -> int:
     """One forward over sequences of seq_lens tokens: 2 N per token + 4 L h S^2 per sequence."""
-    return 2 * n_params * sum(seq_lens) + 4 * layers * hidden * sum(s * s for s in seq_lens)
+    return 2 * n_params * sum(seq_lens) + 4 * layers * hidden * sum(length * length for length in seq_lens)
 
 
 def train_flops(n_params: int, tokens: int, layers: int, hidden: int, seq_lens: list[int], epochs: int = 1) -> int:
     """Forward + backward (3 forwards) of `epochs` passes over sequences of seq_lens tokens, with
     `tokens` the tokens of all passes (sum(seq_lens) x epochs): 6 N tokens + 12 L h sum(S^2) x epochs."""
-    return 6 * n_params * tokens + 12 * layers * hidden * sum(s * s for s in seq_lens) * epochs
+    return 6 * n_params * tokens + 12 * layers * hidden * sum(length * length for length in seq_lens) * epochs
 
 
 def gpu_of(cfg: GRPOConfig, name: str | None = None) -> tuple[GPU, str]:

@@ -18,7 +18,10 @@ What each rank keeps in host memory (engines/trainer/offload.py, engines/weight_
   FSDP2 shards it (4 B x all parameters): the load peak, which for large models exceeds the steady
   figure. Measured on CPU (a 187M-parameter Qwen2 saved in bf16, 2026-11-30): RSS rose by 1.52 x 4P,
   4P of fp32 tensors + the bf16 file mapped (2P, page cache that the kernel can reclaim, so not
-  counted here: Ray's monitor counts the node's used memory, total - available).
+  counted here: Ray's monitor counts the node's used memory, total - available);
+- the Megatron trainer (actor.strategy=megatron) instead offloads its rank's share of the split
+  planner/megatron.py plans (bf16 weights and reference, the fp32 gradient buffer, fp32 main params
+  and moments), and loads through the whole HF state dict in model.dtype on every rank.
 Per rank = max(steady, load); per node = ranks on the node x per rank + RAY_AND_DRIVER_GIB.
 """
 
@@ -27,9 +30,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from configs.schema import GRPOConfig
 from configs.text import count
-
-GIB = 2**30
+from planner.fsdp import fsdp_shard
+from planner.items import GIB, TRAINER_IMPLEMENTS, Item
+from planner.megatron import MEGATRON_STRATEGY, layout_note, megatron_layout, params_per_rank
+from planner.shapes import Shape
 
 HOST_PROCESS_GIB = {"cuda": 3.0, "cpu": 1.0}
 """Resident memory of a worker before it holds any model state. CPU: 0.77 GiB measured here for
@@ -52,12 +58,12 @@ def pow2(nbytes: int) -> int:
     return 0 if nbytes <= 0 else 1 << (int(nbytes) - 1).bit_length()
 
 
-def vllm_weight_blocks(shape, tp: int, dtype_bytes: int = 2) -> list[int]:
+def vllm_weight_blocks(shape: Shape, tp: int, dtype_bytes: int = 2) -> list[int]:
     """Sizes of vLLM's weight tensors on one TP rank: fused qkv and gate_up, o, down, embedding and
     (untied) lm_head split over TP; norms and biases are small (ignored). Bytes, one entry per tensor."""
-    q_dim, hidden, inter = shape.heads * shape.d, shape.hidden, shape.intermediate
+    q_dim, hidden, inter = shape.heads * shape.head_size, shape.hidden, shape.intermediate
     vocab = math.ceil(shape.vocab / (64 * tp)) * 64  # vLLM pads the vocabulary to 64 per TP rank
-    kv_rank = max(1, shape.kv_heads // tp) * shape.d  # KV heads are copied when fewer than TP ranks
+    kv_rank = max(1, shape.kv_heads // tp) * shape.head_size  # KV heads are copied when fewer than TP ranks
     per_layer = [
         hidden * (q_dim // tp + 2 * kv_rank),
         q_dim // tp * hidden,
@@ -69,7 +75,7 @@ def vllm_weight_blocks(shape, tp: int, dtype_bytes: int = 2) -> list[int]:
     return blocks
 
 
-def node_ram_gib(cfg) -> tuple[float, str]:
+def node_ram_gib(cfg: GRPOConfig) -> tuple[float, str]:
     """The RAM of one node the plan is checked against, and where the figure comes from."""
     trainer = cfg.trainer
     if trainer.node_ram_gb is not None:
@@ -83,108 +89,154 @@ def node_ram_gib(cfg) -> tuple[float, str]:
     )
 
 
-def host_memory(cfg, shape, shard: int, ranks_on_node: int | None = None) -> dict[str, Any]:
-    """Itemised host bytes of one rank (GiB), its load peak, the node total and the verdict.
+def process_item(device: str) -> Item:
+    """The worker process before it holds any model state: HOST_PROCESS_GIB[trainer.device] GiB."""
+    name = "process (libraries, CUDA context)" if device == "cuda" else "process (libraries)"
+    return Item(name, None, HOST_PROCESS_GIB[device] * GIB, "HOST_PROCESS_GIB (planner/host.py)")
 
-    shape: planner.shapes.Shape; shard: the FSDP shard count (world size when sharded, else 1)."""
-    actor, rollout, model, trainer = cfg.actor, cfg.rollout, cfg.model, cfg.trainer
-    device = trainer.device
+
+def fsdp_state_items(cfg: GRPOConfig, shape: Shape, shard: int) -> list[Item]:
+    """The FSDP2 trainer's state in host RAM, bytes per rank (all / S, the FSDP shard count).
+
+    With actor.param_offload (or on CPU): fp32 master weights 4 B x P, the LoRA adapter 4 B x P_lora,
+    gradients 4 B x P_train (moved with the weights), and the reference for full fine-tuning with a
+    KL loss, 2 B x P (bf16; on CPU in float32 4 B). With actor.optimizer_offload (or on CPU): the
+    AdamW moments, 2 x 4 B x P_train."""
+    actor, model, device = cfg.actor, cfg.model, cfg.trainer.device
     lora = model.lora_rank > 0
     n_params, n_lora = shape.n_params(), shape.lora_params(model.lora_rank, model.target_modules)
-    n_train = n_lora if lora else n_params
-    has_ref = actor.use_kl_loss and not lora
-    rollout_tp = rollout.tensor_model_parallel_size
-    ram, ram_src = node_ram_gib(cfg)
-    ranks = ranks_on_node or trainer.n_gpus_per_node
-    items: list[dict] = []
-
-    def add(item: str, nbytes: float, note: str) -> float:
-        items.append(dict(item=item, gib=nbytes / GIB, note=note))
-        return nbytes
-
-    shard_note = f" / {shard} (FSDP shard)" if shard > 1 else ""
-    steady = add(
-        "process (libraries, CUDA context)" if device == "cuda" else "process (libraries)",
-        HOST_PROCESS_GIB[device] * GIB,
-        "HOST_PROCESS_GIB (planner/host.py)",
-    )
-    on_host_p = device == "cpu" or actor.param_offload
-    on_host_o = device == "cpu" or actor.optimizer_offload
-    why_p = "CPU trainer" if device == "cpu" else "actor.param_offload"
-    why_o = "CPU trainer" if device == "cpu" else "actor.optimizer_offload"
-    if on_host_p:
-        steady += add(
-            "actor weights (fp32 master)", 4 * n_params / shard, f"{why_p}: {n_params / 1e9:.3f}B x 4 B{shard_note}"
+    n_trainable = n_lora if lora else n_params
+    note = f" / {shard} (FSDP shard)" if shard > 1 else ""
+    params_why = "CPU trainer" if device == "cpu" else "actor.param_offload"
+    optimizer_why = "CPU trainer" if device == "cpu" else "actor.optimizer_offload"
+    items = []
+    if device == "cpu" or actor.param_offload:
+        items.append(
+            Item(
+                "actor weights (fp32 master)",
+                None,
+                4 * n_params / shard,
+                f"{params_why}: {n_params / 1e9:.3f}B x 4 B{note}",
+            )
         )
         if lora:
-            steady += add("LoRA adapter (fp32)", 4 * n_lora / shard, f"{why_p}: {n_lora / 1e6:.1f}M x 4 B{shard_note}")
-        steady += add("gradients (fp32)", 4 * n_train / shard, f"{why_p}: moved with the weights{shard_note}")
-        if has_ref:
-            ref_b = 4 if device == "cpu" and model.dtype == "float32" else 2
-            steady += add(
-                f"reference model ({'fp32' if ref_b == 4 else 'bf16'})",
-                ref_b * n_params / shard,
-                f"{why_p}{shard_note}",
+            items.append(
+                Item("LoRA adapter (fp32)", None, 4 * n_lora / shard, f"{params_why}: {n_lora / 1e6:.1f}M x 4 B{note}")
             )
-    if on_host_o:
-        steady += add("AdamW states (exp_avg, exp_avg_sq)", 8 * n_train / shard, f"{why_o}: 2 x 4 B{shard_note}")
-    if device == "cpu":
+        items.append(
+            Item("gradients (fp32)", None, 4 * n_trainable / shard, f"{params_why}: moved with the weights{note}")
+        )
+        if actor.use_kl_loss and not lora:
+            ref_bytes = 4 if device == "cpu" and model.dtype == "float32" else 2
+            name = f"reference model ({'fp32' if ref_bytes == 4 else 'bf16'})"
+            items.append(Item(name, None, ref_bytes * n_params / shard, f"{params_why}{note}"))
+    if device == "cpu" or actor.optimizer_offload:
+        items.append(
+            Item("AdamW states (exp_avg, exp_avg_sq)", None, 8 * n_trainable / shard, f"{optimizer_why}: 2 x 4 B{note}")
+        )
+    return items
+
+
+def megatron_state_items(cfg: GRPOConfig, shape: Shape) -> list[Item]:
+    """The Megatron trainer's offloaded state in host RAM, bytes per rank (planner/megatron.py's
+    split: params_per_rank, the optimizer's / DP with the distributed optimizer).
+
+    param_offload: the bf16 weights 2 B and the bf16 reference 2 B (KL loss); grad_offload: the
+    fp32 gradient buffer 4 B; optimizer_offload: fp32 main params and AdamW moments 3 x 4 B / DP."""
+    layout = megatron_layout(cfg)
+    per_rank = params_per_rank(shape, layout)
+    split = layout.optimizer_split
+    on_rank = f"{per_rank / 1e9:.3f}B on this rank{layout_note(layout)}"
+    items = []
+    if layout.param_offload:
+        items.append(Item("actor weights (bf16)", None, 2 * per_rank, f"actor.param_offload: {on_rank} x 2 B"))
+        if cfg.actor.use_kl_loss:
+            items.append(Item("reference model (bf16)", None, 2 * per_rank, "actor.param_offload"))
+    if layout.grad_offload:
+        items.append(
+            Item("gradients (fp32 buffer)", None, 4 * per_rank, "moved with the weights (actor.param_offload)")
+        )
+    if layout.optimizer_offload:
+        note = "actor.optimizer_offload: 3 x 4 B" + (f" / DP {split}" if split > 1 else "")
+        items.append(Item("optimizer main params + AdamW states (fp32)", None, 12 * per_rank / split, note))
+    return items
+
+
+def vllm_host_items(cfg: GRPOConfig, shape: Shape, node_ram: float) -> list[Item]:
+    """vLLM's host bytes per rank. CPU: its weights (model.dtype, / TP) and its KV cache,
+    rollout.gpu_memory_utilization x node RAM / ranks. CUDA, asleep at level 1 (LoRA): the pinned
+    copy of its TP shard, each tensor rounded up to a power of two (vllm_weight_blocks, pow2); at
+    level 2 (full fine-tuning) nothing: the weights are refilled from the trainer."""
+    rollout, model, trainer = cfg.rollout, cfg.model, cfg.trainer
+    rollout_tp = rollout.tensor_model_parallel_size
+    tp_note = f" / TP {rollout_tp}" if rollout_tp > 1 else ""
+    if trainer.device == "cpu":
         weight_bytes = 4 if model.dtype == "float32" else 2
-        steady += add(
-            "vLLM-CPU weights",
-            weight_bytes * n_params / rollout_tp,
-            f"{model.dtype}" + (f" / TP {rollout_tp}" if rollout_tp > 1 else ""),
+        kv_note = (
+            f"rollout.gpu_memory_utilization {rollout.gpu_memory_utilization} x {node_ram:.1f} GiB / "
+            f"{count(trainer.n_gpus_per_node, 'rank')}"
         )
-        steady += add(
-            "vLLM-CPU KV cache",
-            rollout.gpu_memory_utilization * ram * GIB / trainer.n_gpus_per_node,
-            f"rollout.gpu_memory_utilization {rollout.gpu_memory_utilization} x {ram:.1f} GiB / "
-            f"{count(trainer.n_gpus_per_node, 'rank')}",
-        )
-    elif rollout.free_cache_engine and lora:  # level 1: pinned copy of the weights, power-of-two blocks
+        return [
+            Item("vLLM-CPU weights", None, weight_bytes * shape.n_params() / rollout_tp, f"{model.dtype}{tp_note}"),
+            Item(
+                "vLLM-CPU KV cache",
+                None,
+                rollout.gpu_memory_utilization * node_ram * GIB / trainer.n_gpus_per_node,
+                kv_note,
+            ),
+        ]
+    if rollout.free_cache_engine and model.lora_rank > 0:
         blocks = vllm_weight_blocks(shape, rollout_tp)
-        steady += add(
-            "vLLM weights asleep (level 1, pinned)",
-            sum(pow2(block) for block in blocks),
-            f"{sum(blocks) / GIB:.2f} GiB bf16"
-            + (f" / TP {rollout_tp}" if rollout_tp > 1 else "")
-            + ", each block rounded up to a power of two by torch's pinned allocator",
-        )
-    elif rollout.free_cache_engine:
-        add("vLLM weights asleep (level 2)", 0, "dropped; refilled from the trainer")
-    load = HOST_PROCESS_GIB[device] * GIB + 4 * n_params
-    add(
-        "(load peak: whole fp32 model before sharding)",
-        load,
-        f"from_pretrained(dtype=float32) on every rank: {n_params / 1e9:.3f}B x 4 B + process; not summed",
-    )
-    per_rank = max(steady, load)
+        note = f"{sum(blocks) / GIB:.2f} GiB bf16{tp_note}, each block rounded up to a power of two by torch's pinned allocator"
+        return [Item("vLLM weights asleep (level 1, pinned)", None, sum(pow2(block) for block in blocks), note)]
+    if rollout.free_cache_engine:
+        return [Item("vLLM weights asleep (level 2)", None, 0, "dropped; refilled from the trainer")]
+    return []
+
+
+def load_peak_item(cfg: GRPOConfig, shape: Shape) -> Item:
+    """The load peak of one rank, process included. FSDP2: `from_pretrained(dtype=float32)` builds
+    the whole fp32 model on every rank before sharding, 4 B x P. Megatron: the whole HF state dict
+    in model.dtype (2 B bf16, 4 B fp32) on every rank, which engines/trainer/megatron_weights.py's
+    hf_to_mcore slices into the rank's shard (assumed: the Megatron loader is not measured yet)."""
+    n_params = shape.n_params()
+    process = HOST_PROCESS_GIB[cfg.trainer.device] * GIB
+    if cfg.actor.strategy == MEGATRON_STRATEGY:
+        dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
+        note = f"the whole HF state dict ({cfg.model.dtype}) on every rank: {n_params / 1e9:.3f}B x {dtype_bytes} B + process; not summed"
+        return Item("(load peak: whole HF model before slicing)", None, process + dtype_bytes * n_params, note)
+    note = f"from_pretrained(dtype=float32) on every rank: {n_params / 1e9:.3f}B x 4 B + process; not summed"
+    return Item("(load peak: whole fp32 model before sharding)", None, process + 4 * n_params, note)
+
+
+def host_memory(
+    cfg: GRPOConfig, shape: Shape, shard: int | None = None, ranks_on_node: int | None = None
+) -> dict[str, Any]:
+    """Itemised host memory of one rank (GiB), its load peak, the node total and the verdict.
+
+    shard: the FSDP shard count (default: the world for an FSDP actor.strategy, planner.fsdp's
+    rule; Megatron splits by its own layout and ignores it). ranks_on_node: default
+    trainer.n_gpus_per_node. Per rank = max(steady, load); per node = ranks x per rank +
+    RAY_AND_DRIVER_GIB; it fits below RAY_MEMORY_THRESHOLD x node RAM."""
+    ram, ram_source = node_ram_gib(cfg)
+    ranks = ranks_on_node or cfg.trainer.n_gpus_per_node
+    if cfg.actor.strategy == MEGATRON_STRATEGY:
+        state = megatron_state_items(cfg, shape)
+    else:
+        state = fsdp_state_items(cfg, shape, fsdp_shard(cfg, TRAINER_IMPLEMENTS) if shard is None else shard)
+    steady_items = [process_item(cfg.trainer.device), *state, *vllm_host_items(cfg, shape, ram)]
+    steady = sum(item.nbytes for item in steady_items)
+    load = load_peak_item(cfg, shape)
+    per_rank = max(steady, load.nbytes)
     node = ranks * per_rank + RAY_AND_DRIVER_GIB * GIB
-    limit = RAY_MEMORY_THRESHOLD * ram * GIB
     return dict(
-        host_items=items,
+        host_items=[item.row() for item in [*steady_items, load]],
         host_steady_gib=steady / GIB,
-        host_load_gib=load / GIB,
+        host_load_gib=load.nbytes / GIB,
         host_per_rank_gib=per_rank / GIB,
         host_ranks_per_node=ranks,
         host_node_gib=node / GIB,
         node_ram_gib=ram,
-        node_ram_source=ram_src,
-        host_fits=node <= limit,
+        node_ram_source=ram_source,
+        host_fits=node <= RAY_MEMORY_THRESHOLD * ram * GIB,
     )
-
-
-def format_host(result: dict[str, Any]) -> list[str]:
-    """The host part of `grpo plan`'s table."""
-    lines = ["", f"{'host memory, per rank':44s} {'GiB':>9s}  note", "-" * 100]
-    for item in result["host_items"]:
-        lines.append(f"{item['item']:44s} {item['gib']:9.2f}  {item['note']}")
-    lines += [
-        "-" * 100,
-        f"{'per rank (max of steady / load peak)':44s} {result['host_per_rank_gib']:9.2f}  "
-        f"steady {result['host_steady_gib']:.2f}, load {result['host_load_gib']:.2f}",
-        f"{'PER NODE':44s} {result['host_node_gib']:9.2f}  {count(result['host_ranks_per_node'], 'rank')} + "
-        f"{RAY_AND_DRIVER_GIB:.0f} GiB Ray/driver, of {result['node_ram_gib']:.1f} GiB ({result['node_ram_source']}); "
-        f"Ray kills workers past {RAY_MEMORY_THRESHOLD:.0%}",
-    ]
-    return lines

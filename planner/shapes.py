@@ -26,12 +26,18 @@ class Shape:
     qkv_bias: bool = True  # Qwen2: q/k/v projections carry a bias; Llama: attention_bias
 
     @property
-    def d(self) -> int:
+    def head_size(self) -> int:
+        """Channels per attention head: head_dim, else hidden // heads (config.json's rule)."""
         return self.head_dim or self.hidden // self.heads
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each Linear in one decoder layer, named as in transformers."""
-        hidden, q_dim, kv_dim, inter = self.hidden, self.heads * self.d, self.kv_heads * self.d, self.intermediate
+        hidden, q_dim, kv_dim, inter = (
+            self.hidden,
+            self.heads * self.head_size,
+            self.kv_heads * self.head_size,
+            self.intermediate,
+        )
         return {
             "q_proj": (hidden, q_dim),
             "k_proj": (hidden, kv_dim),
@@ -43,29 +49,40 @@ class Shape:
         }
 
     def n_params(self) -> int:
-        per_layer = sum(a * b for a, b in self.linears().values()) + 2 * self.hidden  # + 2 RMSNorms
+        """All parameters: embedding (+ untied lm_head) V x h, per layer the Linears, the q/k/v biases
+        (Qwen2) and two RMSNorms, and the final norm (tests/test_plan.py checks it against transformers)."""
+        per_layer = (
+            sum(fan_in * fan_out for fan_in, fan_out in self.linears().values()) + 2 * self.hidden
+        )  # + 2 RMSNorms
         if self.qkv_bias:
-            per_layer += (self.heads + 2 * self.kv_heads) * self.d
+            per_layer += (self.heads + 2 * self.kv_heads) * self.head_size
         emb = self.vocab * self.hidden
         return emb * (1 if self.tie else 2) + self.layers * per_layer + self.hidden
 
     def n_linear(self) -> int:
         """Parameters autocast casts to bf16 in a forward: every Linear, lm_head included."""
-        return self.layers * sum(a * b for a, b in self.linears().values()) + self.vocab * self.hidden
+        return (
+            self.layers * sum(fan_in * fan_out for fan_in, fan_out in self.linears().values())
+            + self.vocab * self.hidden
+        )
 
     def lora_params(self, rank: int, targets: str | list[str]) -> int:
+        """LoRA adapter parameters: L x rank x (in + out) summed over the targeted Linears
+        (model.target_modules: "all-linear", one name or a list); 0 at rank 0."""
         if rank == 0:
             return 0
-        lin = self.linears()
-        names = list(lin) if targets == "all-linear" else ([targets] if isinstance(targets, str) else targets)
-        return self.layers * sum(rank * (lin[n][0] + lin[n][1]) for n in names if n in lin)
+        linears = self.linears()
+        names = list(linears) if targets == "all-linear" else ([targets] if isinstance(targets, str) else targets)
+        return self.layers * sum(rank * sum(linears[name]) for name in names if name in linears)
 
     def kv_bytes_per_token(self, tp: int = 1, dtype_bytes: int = 2) -> int:
         """K and V of one token, all layers, on one GPU of a TP group (KV heads replicate past TP)."""
-        return 2 * self.layers * max(1, self.kv_heads // tp) * self.d * dtype_bytes
+        return 2 * self.layers * max(1, self.kv_heads // tp) * self.head_size * dtype_bytes
 
 
 def shape_from_hf(conf: dict) -> Shape:
+    """The Shape of a HF config.json dict (Qwen2 or Llama field names). Raises KeyError for a
+    missing size field."""
     heads = conf["num_attention_heads"]
     return Shape(
         hidden=conf["hidden_size"],

@@ -10,9 +10,9 @@ from typing import Any
 from configs.schema import GRPOConfig
 from engines.batching import on_policy
 from planner.hardware import GPU, forward_flops
+from planner.items import GIB
 from planner.shapes import Shape
 
-GIB = 2**30
 ASSUMED_MFU = 0.40
 """Share of dense bf16 peak a training/prefill matmul pass reaches (stated, not measured)."""
 ASSUMED_BW_EFF = 0.70

@@ -19,6 +19,9 @@ from configs.load import (
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
+# The table of reference recipes the project was seeded with. It lies beside the repository (shared/, which
+# CI also lays beside its clone), not in it: no product code reads it; this test checks that every recipe
+# named there has a config here.
 RECIPES_MD = ROOT.parent / "shared" / "docs" / "recipes.md"
 
 

@@ -6,8 +6,8 @@ import pytest
 from configs.load import load_config, recipe_names
 from engines.models import ARCH_PRESETS
 from planner import plan
+from planner.fsdp import activation_bytes, layer_act_bytes_per_token
 from planner.hardware import gpu_of
-from planner.memory import activation_bytes, layer_act_bytes_per_token
 from planner.shapes import PUBLISHED_HUB_CONFIGS, Shape, shape_from_hf
 
 
@@ -304,7 +304,21 @@ class _no_exit:
             1,
             "rollout.tensor_model_parallel_size=4 must divide the model's 14 attention heads",
         ),
-        ("qwen2-32b-megatron-8xh20", [], "NOT MODELLED", 1, "note: actor.strategy=megatron is not modelled"),
+        ("qwen2-32b-megatron-8xh20", [], "FITS", 0, "trainer: Megatron TP 8 x PP 1 x DP 1, sequence parallel"),
+        (  # LoRA on Megatron has no branch: said, not planned silently
+            "qwen2-32b-megatron-8xh20",
+            ["model.lora_rank=32"],
+            "NOT MODELLED",
+            1,
+            "note: LoRA on actor.strategy=megatron is not modelled",
+        ),
+        (  # 16 ranks at TP 16: 8 key-value heads cannot split; the backend's own rule names it
+            "qwen2-32b-megatron-8xh20",
+            ["trainer.nnodes=2", "actor.megatron_tensor_parallel_size=16"],
+            "INVALID",
+            1,
+            "actor.megatron.tensor_model_parallel_size=16 does not divide the model's num_key_value_heads (8)",
+        ),
     ],
 )
 def test_plan_exit_code_follows_the_verdict(capsys, recipe, overrides, verdict, code, needle):
@@ -358,6 +372,10 @@ VLLM14 = (
 VLLM32 = 64 * (2**25 + 2**24 + 2**28 + 2**27) + 2 * 2**29  # TP 4: 1.84e7, 1.31e7, 1.42e8, 7.08e7; 38016x5120x2=3.89e8
 VLLM72 = 80 * (2**25 + 2**24 + 2**27 + 2**26) + 2 * 2**29  # TP 8: 2.10e7, 16777216 (exact), 1.21e8, 6.06e7; 3.11e8
 CUDA, CPU = 3 * GIB, 1 * GIB  # HOST_PROCESS_GIB
+# Qwen2.5-32B on one rank of Megatron TP 8: per layer qkv (h x (q + 2 kv)) and its bias, o (q x h), gate+up
+# (h x 2I), down (I x h), all / 8, + two replicated RMSNorms; + embedding and lm_head (V / 8 rows) + final norm.
+LAYER32_TP8 = (5120 * 7168 + 7168 + 5120 * 5120 + 5120 * 2 * 27648 + 27648 * 5120) // 8 + 2 * 5120
+P32_RANK = 64 * LAYER32_TP8 + 2 * (152064 // 8) * 5120 + 5120
 
 # recipe -> (steady bytes per rank, ranks per node, node RAM GiB). LoRA: fp32 base 4P, adapter +
 # gradients + AdamW 4L + 4L + 8L, all / FSDP shard, + vLLM's pinned copy. Full FT: weights 4P,
@@ -376,13 +394,16 @@ HOST_TABLE = {
     "qwen2-14b-4xh800": (CUDA + 18 * P14 / 4, 4, 503.6),
     "qwen2-70b-32xh20": (CUDA + 18 * P72 / 32, 8, 1007.2),
     "qwen2-70b-32xh800": (CUDA + 18 * P72 / 32, 8, 1007.2),
-    "qwen2-32b-megatron-8xh20": (CUDA + 18 * P32, 8, 1007.2),  # planned unsharded: no Megatron trainer
+    # Megatron TP 8, everything offloaded: bf16 weights 2, reference 2, fp32 grads 4, main params +
+    # AdamW 12 bytes per parameter of the rank's TP shard (P32_RANK, worked out above).
+    "qwen2-32b-megatron-8xh20": (CUDA + 20 * P32_RANK, 8, 1007.2),
     "tiny-cpu": (CPU + 24 * P_TINY + 0.05 * 24 * GIB, 1, 24.0),
     "tiny-cpu-demo": (CPU + 24 * P_TINY + 0.05 * 24 * GIB, 1, 24.0),  # tiny-cpu with another reward and n
     "smollm2-135m-cpu": (CPU + 24 * P_SMOL + 0.1 * 24 * GIB, 1, 24.0),
     "smollm2-135m-1xh200": (CUDA, 1, 125.9),  # full FT, nothing offloaded; vLLM at level 2 keeps nothing
 }
-# Load peak, every recipe: the whole fp32 model on each rank before sharding, 4P + process.
+# Load peak: FSDP2, the whole fp32 model on each rank before sharding, 4P + process; Megatron, the whole
+# HF state dict in model.dtype (bf16: 2P) + process.
 # Per rank = max(steady, load); per node = ranks x per rank + 2 GiB (Ray, driver); fits below 95%.
 
 
@@ -398,7 +419,7 @@ def test_host_plan_of_every_recipe_by_hand(recipe):
     ov = ["trainer.node_ram_gb=24", "model.path=/nonexistent/model"] if cpu else []
     p = plan(_cfg(recipe, **dict(o.split("=") for o in ov)))
     n = p["n_params"]
-    load = (CPU if cpu else CUDA) + 4 * n
+    load = (CPU if cpu else CUDA) + (2 if "megatron" in recipe else 4) * n
     per_rank = max(steady, load)
     node = ranks * per_rank + 2 * GIB
     assert p["host_steady_gib"] == pytest.approx(steady / GIB, rel=1e-9)
@@ -431,7 +452,11 @@ def test_pinned_rounding_explains_the_7b_host_oom():
 
     s = shape_from_hf(PUBLISHED_HUB_CONFIGS["Qwen/Qwen2-7B-Instruct"])
     shapes = [(o, i) for i, o in s.linears().values() for _ in range(s.layers)]
-    shapes += [(s.heads * s.d,), (s.kv_heads * s.d,), (s.kv_heads * s.d,)] * s.layers  # qkv biases
+    shapes += [
+        (s.heads * s.head_size,),
+        (s.kv_heads * s.head_size,),
+        (s.kv_heads * s.head_size,),
+    ] * s.layers  # qkv biases
     shapes += [(s.hidden,)] * (2 * s.layers + 1) + [(s.vocab, s.hidden)] * 2  # norms, embedding, lm_head
     assert sum(math.prod(x) for x in shapes) == P7
     shard = [math.ceil(x[0] / 2) * math.prod(x[1:]) for x in shapes]  # FSDP2 shards dim 0 over 2 ranks

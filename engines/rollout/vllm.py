@@ -29,6 +29,10 @@ class VLLMRollout(RolloutEngine):
     The ranks of a group must make every call together, with the same arguments."""
 
     def __init__(self, cfg: GRPOConfig, model_dir: str, rank: int = 0):
+        """Start vLLM on `model_dir` (a HF model dir) with the rollout section's memory and batch
+        settings; rank: this process's rank (vLLM's seed offset and, with TP > 1, its place in the
+        tensor-parallel group). Errors from vLLM's start (out of memory, a shape it cannot serve)
+        propagate as vLLM raises them."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
@@ -200,6 +204,7 @@ class AdapterDirs:
     PREFIX = "grpo-lora-"
 
     def __init__(self, base: str | None = None):
+        """base: the parent directory (default: the system temp dir); orphans there are removed first."""
         base = base or tempfile.gettempdir()
         _remove_orphans(base, self.PREFIX)
         self.root = tempfile.mkdtemp(prefix=f"{self.PREFIX}{os.getpid()}-", dir=base)
@@ -219,6 +224,7 @@ class AdapterDirs:
         return path
 
     def close(self) -> None:
+        """Remove the directory and every version in it (idempotent)."""
         self._remove()
 
 

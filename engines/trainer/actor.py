@@ -73,7 +73,10 @@ class GRPOActor(TrainerBackend):
         """PPO epochs over mini-batches; one optimizer step per mini-batch.
 
         steps: the indices into batch of this rank's share of each optimizer step
-        (minibatch_schedule; the default is the one-rank schedule of the whole batch)."""
+        (minibatch_schedule; the default is the one-rank schedule of the whole batch); seed: the
+        schedule's shuffle seed. Returns the `actor/*` metrics averaged over the optimizer steps
+        (losses per token, actor/lr, actor/skipped_steps) and `perf/*` (update tokens, MFU on CUDA).
+        Raises ValueError when batch.old_log_probs is None for more than one optimizer step."""
         if steps is None:
             steps = minibatch_schedule(len(batch.prompts), self.cfg, seed)
         if batch.old_log_probs is None and len(steps) != 1:

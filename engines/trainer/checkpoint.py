@@ -27,6 +27,7 @@ class RecordingWriter(FileSystemWriter):
     written: list[str] = []
 
     def write_data(self, plan, planner):
+        """FileSystemWriter.write_data, recording the files written (waits for the writes)."""
         fut = super().write_data(plan, planner)
         self.written = sorted({r.storage_data.relative_path for r in fut.wait()})
         return fut

@@ -36,7 +36,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: gathered from every rank's shard (a collective) or as it is."""
+    """The whole tensor, in its global shape and dtype, detached: gathered from every rank's shard
+    (a DTensor: a collective every rank must join) or as it is."""
     return t.full_tensor() if isinstance(t, DTensor) else t.detach()
 
 
@@ -297,8 +298,8 @@ class FSDPTrainer(GRPOActor):
 
     @torch.no_grad()
     def compute_log_prob(self, prompts, responses, ref: bool = False) -> list[np.ndarray]:
-        """Log-probs of each response under the current policy (old_log_prob) or the reference:
-        float32 arrays (float64 with master_dtype=torch.float64).
+        """Log-probs (nats) of each response under the current policy (old_log_prob) or the
+        reference: one [len(responses[i])] float32 array each (float64 with master_dtype=torch.float64).
 
         Sharded: every rank must pass the same number of samples (each forward is a collective).
         Returned in the order given, whatever the micro-batches' grouping."""
@@ -330,8 +331,9 @@ class FSDPTrainer(GRPOActor):
     def full_state(
         self, dtype: torch.dtype | None = None, lora_only: bool = False, files: bool = False
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF-named full tensors, gathered one at a time; every rank must drain it (collectives).
-        files: without the tied output embedding (vLLM's in-place reload wants it, files do not)."""
+        """HF-named full tensors in their HF shapes (a Linear's weight [out, in]), in `dtype`
+        (default: as held, fp32), gathered one at a time; every rank must drain it (collectives).
+        lora_only: the adapter's tensors only. files: without the tied output embedding (vLLM's in-place reload wants it, files do not)."""
         for name, t in self.model.state_dict().items():
             if (files and name in self.tied) or (lora_only and "lora_" not in name):
                 continue
@@ -339,7 +341,8 @@ class FSDPTrainer(GRPOActor):
             yield name, (t if dtype is None else t.to(dtype))
 
     def weights_for_rollout(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF-named tensors in the rollout dtype (model.dtype), one at a time (full fine-tuning)."""
+        """HF-named tensors in their HF shapes and the rollout dtype (model.dtype), one at a time
+        (full fine-tuning; a collective when sharded: every rank must drain it)."""
         return self.full_state(self.compute_dtype)
 
     def save_adapter(self, out_dir: str) -> None:
@@ -352,21 +355,28 @@ class FSDPTrainer(GRPOActor):
         return self.save_state(ckpt_dir) + self.save_exports(ckpt_dir, export_hf)
 
     def save_state(self, ckpt_dir: str) -> list[Path]:
+        """TrainerBackend.save_state through engines/trainer/checkpoint.py (a collective when sharded)."""
         return checkpoint.save_state(self, ckpt_dir)
 
     def save_exports(self, ckpt_dir: str, export_hf: bool = True) -> list[Path]:
+        """TrainerBackend.save_exports through engines/trainer/checkpoint.py (a collective when sharded)."""
         return checkpoint.save_exports(self, ckpt_dir, export_hf)
 
     def load(self, ckpt_dir: str) -> None:
+        """TrainerBackend.load through engines/trainer/checkpoint.py. Raises ValueError naming the
+        checkpoint and the model when they do not match."""
         checkpoint.load(self, ckpt_dir)
 
     # ---- memory between uses (engines/trainer/offload.py) -------------------------------------
     def to_host(self) -> None:
+        """TrainerBackend.to_host: engines/trainer/offload.py's Offloader moves what the config offloads."""
         self._offload.to_host()
 
     def to_device(self, optimizer: bool = False) -> None:
+        """TrainerBackend.to_device: the weights back on the GPU; with optimizer, the AdamW state too."""
         self._offload.to_device(optimizer=optimizer)
 
     @property
     def weights_on_host(self) -> bool:
+        """TrainerBackend.weights_on_host: the weights are in host memory now."""
         return self._offload.params_on_host

@@ -27,12 +27,15 @@ class HostPool:
     speed without torch's power-of-two pinned blocks. `nbytes` is what the pool holds in all."""
 
     def __init__(self, pin: bool):
+        """pin: page-lock each new buffer (CUDA only)."""
         self.pin = pin
         self.nbytes = 0
         self._free: dict[tuple, list[torch.Tensor]] = {}
         self._lent: list[tuple[tuple, torch.Tensor]] = []
 
     def take(self, like: torch.Tensor) -> torch.Tensor:
+        """A CPU buffer of `like`'s dtype and shape (any shape; contents undefined), lent until
+        release_all. Raises RuntimeError when cudaHostRegister fails (host memory exhausted)."""
         key = (like.dtype, tuple(like.shape))
         free = self._free.setdefault(key, [])
         if free:
@@ -48,6 +51,7 @@ class HostPool:
         return buf
 
     def release_all(self) -> None:
+        """Every lent buffer back to the free lists (the tensors in them must be back on the device)."""
         for key, buf in self._lent:
             self._free[key].append(buf)
         self._lent = []
@@ -122,6 +126,8 @@ class Offloader:
         param_offload: bool,
         optimizer_offload: bool,
     ):
+        """device: the trainer's; param_offload / optimizer_offload: actor.param_offload and
+        actor.optimizer_offload (both ignored off CUDA)."""
         cuda = device.type == "cuda"
         self.modules, self.optimizer = modules, optimizer
         self.params = cuda and param_offload
@@ -130,6 +136,9 @@ class Offloader:
         self.param_pool, self.optim_pool = HostPool(pin=cuda), HostPool(pin=cuda)
 
     def to_host(self) -> None:
+        """What the config offloads (weights with their gradients and the reference; the AdamW
+        state) into exact-size host buffers, then the CUDA cache emptied for vLLM; a no-op for
+        what is already there."""
         moved = False
         if self.params and not self.params_on_host:
             for m in self.modules:

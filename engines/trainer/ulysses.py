@@ -145,7 +145,9 @@ def size() -> int:
 
 
 def gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows, in rank order (no autograd; for log-probs the caller returns)."""
+    """Every rank's rows, in rank order: [B, ...] on each of the group's sp ranks (the same shape
+    on every rank) -> [sp x B, ...], same dtype. A collective of the Ulysses group; no autograd
+    (for the log-probs the caller returns)."""
     parts = [torch.empty_like(t) for _ in range(size())]
     dist.all_gather(parts, t.contiguous(), group=_GROUP)
     return torch.cat(parts)
