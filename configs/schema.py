@@ -57,7 +57,9 @@ class ModelConfig(_Section):
     lora_alpha: int = Field(16, ge=1)
     target_modules: str | list[str] = "all-linear"
     enable_gradient_checkpointing: bool = True
-    """Recompute activations in backward: less memory for ~30% more compute."""
+    """Recompute activations in backward: less memory for ~30% more compute. With
+    actor.strategy=megatron: megatron-core's full recompute, on CUDA only (it saves and restores
+    the CUDA RNG state, which a CPU build cannot; CPU runs keep the activations)."""
     use_remove_padding: bool = False
     """Pack each micro-batch into one row without padding (position ids restarting per sample,
     attention within each sample: FlashAttention varlen on CUDA, a block-diagonal SDPA mask on

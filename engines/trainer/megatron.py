@@ -23,10 +23,11 @@ What this build uses, and why:
   `cpu_compat` points that call at the CPU (megatron_model.py). Dropout is 0, so the CUDA RNG
   tracker is the no-op one there.
 - Checkpoints: engines/trainer/megatron_checkpoint.py (per-tp-rank torch files, any dp size).
-- Not in this build: pipeline parallelism > 1, sequence parallelism (megatron-core needs
-  Transformer Engine or Apex norms for it), LoRA, model.use_remove_padding, Ulysses, distributed
-  optimizer, activation recompute on CPU (each refused in one config error line, configs/schema.py;
-  recompute: model.enable_gradient_checkpointing applies on CUDA only).
+- Not in this build, each refused in one config error line (configs/schema.py): pipeline
+  parallelism > 1, sequence parallelism (megatron-core needs Transformer Engine or Apex norms for
+  it), LoRA, model.use_remove_padding, Ulysses. Activation recompute
+  (model.enable_gradient_checkpointing) applies on CUDA only: megatron-core's saves the CUDA RNG.
+- Untested on GPUs so far: everything above ran on CPU gloo ranks only (tests/test_megatron_trainer.py).
 """
 
 from __future__ import annotations
