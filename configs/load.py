@@ -105,7 +105,6 @@ VERL_NAMES = {
     "actor.fsdp_config.param_offload": "actor.param_offload",
     "actor.fsdp_config.optimizer_offload": "actor.optimizer_offload",
     "ref.fsdp_config.param_offload": "actor.param_offload, which offloads the reference too",
-    "actor.megatron.tensor_model_parallel_size": "actor.megatron_tensor_parallel_size",
     "algorithm.kl_ctrl.kl_coef": "actor.kl_loss_coef; verl's kl_ctrl weighs a KL in the reward, which this "
     "build does not support: GRPO puts the KL in the loss",
     "algorithm.kl_ctrl.type": "actor.kl_loss_type; the KL is in the loss here, not in the reward",

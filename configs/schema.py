@@ -66,7 +66,9 @@ class ModelConfig(_Section):
     the output head), or module names such as [q_proj, v_proj]; a name the model lacks is one
     error line listing its Linear layers. Unused when lora_rank is 0."""
     enable_gradient_checkpointing: bool = True
-    """Recompute activations in backward: less memory for ~30% more compute."""
+    """Recompute activations in backward: less memory for ~30% more compute. With
+    actor.strategy=megatron: megatron-core's full recompute, on CUDA only (it saves and restores
+    the CUDA RNG state, which a CPU build cannot; CPU runs keep the activations)."""
     use_remove_padding: bool = False
     """Pack each micro-batch into one row without padding (position ids restarting per sample,
     attention within each sample: FlashAttention varlen on CUDA, a block-diagonal SDPA mask on
@@ -123,11 +125,29 @@ class RolloutConfig(_Section):
     """Eval sampling temperature; 0 is greedy (mean@1 as published)."""
 
 
+class MegatronConfig(_Section):
+    """The Megatron backend's parallel layout (actor.strategy=megatron, engines/trainer/megatron.py).
+    verl: actor_rollout_ref.actor.megatron.*"""
+
+    tensor_model_parallel_size: int = Field(1, ge=1)
+    """Ranks that split each layer's weights (megatron-core tensor parallelism: attention by query
+    groups, MLP and vocabulary by rows/columns); world_size / (this x pipeline_model_parallel_size)
+    data-parallel ranks share each mini-batch. Must divide the model's key-value heads, attention
+    heads, intermediate size and vocabulary."""
+    pipeline_model_parallel_size: int = Field(1, ge=1)
+    """Pipeline stages of the model's layers. This build runs one stage: a value above 1 is refused."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (the norms and the activations between tensor-parallel blocks
+    split over the sequence: activation memory / tp). megatron-core runs it only with Transformer
+    Engine's or Apex's norms (its torch norm asserts against it), which neither the CPU nor the GPU
+    install has: true is refused in this build, not ignored."""
+
+
 class ActorConfig(_Section):
     strategy: str = "fsdp2"
-    """The trainer backend (engines/trainer/): fsdp2 (fsdp is the same backend). Another backend
-    (Megatron: the next issue) is one module there that registers its name; an unknown name is one
-    error line before any work."""
+    """The trainer backend (engines/trainer/): fsdp2 (fsdp is the same backend) or megatron
+    (megatron-core tensor parallelism, actor.megatron). Another backend is one module there that
+    registers its name; an unknown name is one error line before any work."""
     lr: float = Field(1e-6, gt=0)
     """AdamW peak learning rate (after warmup; constant after it). verl: actor.optim.lr."""
     lr_warmup_steps: int = _minus_one_means(-1, "derive it from actor.lr_warmup_steps_ratio (0: no warmup)")
@@ -195,9 +215,18 @@ class ActorConfig(_Section):
     """Ulysses sequence parallelism: this many consecutive ranks split each sequence's columns
     between them (activation memory / sp) and act as one data-parallel rank; ppo_mini_batch_size
     is then split over world_size / sp ranks."""
-    megatron_tensor_parallel_size: int = Field(1, ge=1)
-    """Tensor-parallel size of the Megatron backend (actor.strategy=megatron, not in this build);
-    any other backend refuses a value above 1 rather than ignore it."""
+    megatron: MegatronConfig = MegatronConfig()
+    """The Megatron backend's layout (actor.strategy=megatron only: any other backend refuses a
+    value other than the defaults rather than ignore it)."""
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Consecutive ranks that hold one copy of the model between them and take the same samples
+        (one data-parallel rank): ulysses_sequence_parallel_size, or with actor.strategy=megatron
+        its tensor x pipeline parallel sizes."""
+        if self.strategy == "megatron":
+            return self.megatron.tensor_model_parallel_size * self.megatron.pipeline_model_parallel_size
+        return self.ulysses_sequence_parallel_size
 
 
 class AlgorithmConfig(_Section):
@@ -354,11 +383,40 @@ class GRPOConfig(_Section):
                 "algorithm.use_kl_in_reward=true (a KL penalty in the reward) is not supported in this "
                 "build; GRPO puts the KL in the loss: actor.use_kl_loss=true, actor.kl_loss_coef"
             )
-        tp = self.actor.megatron_tensor_parallel_size
-        if tp > 1 and self.actor.strategy != "megatron":
+        a = self.actor
+        if a.strategy != "megatron":
+            for key, value in a.megatron.model_dump().items():
+                if value != MegatronConfig.model_fields[key].default:
+                    raise ValueError(
+                        f"actor.megatron.{key}={value} is read only by actor.strategy=megatron, not by "
+                        f"actor.strategy={a.strategy}; leave it unset (FSDP2 shards over every GPU)"
+                    )
+            return self
+        m = a.megatron
+        if m.pipeline_model_parallel_size > 1:
             raise ValueError(
-                f"actor.megatron_tensor_parallel_size={tp} is read only by actor.strategy=megatron, not by "
-                f"actor.strategy={self.actor.strategy}; set it to 1 (FSDP2 shards over every GPU)"
+                f"actor.megatron.pipeline_model_parallel_size={m.pipeline_model_parallel_size}: this build's "
+                "Megatron backend runs one pipeline stage; set it to 1 (tensor_model_parallel_size splits the layers)"
+            )
+        if m.sequence_parallel:
+            raise ValueError(
+                "actor.megatron.sequence_parallel=true needs Transformer Engine or Apex norms, which this build's "
+                "megatron-core install lacks; set it to false"
+            )
+        if self.model.lora_rank > 0:
+            raise ValueError(
+                f"model.lora_rank={self.model.lora_rank}: LoRA is not supported with actor.strategy=megatron in "
+                "this build; set model.lora_rank=0 (full fine-tuning) or actor.strategy=fsdp2"
+            )
+        if a.ulysses_sequence_parallel_size > 1:
+            raise ValueError(
+                f"actor.ulysses_sequence_parallel_size={a.ulysses_sequence_parallel_size} is for actor.strategy="
+                "fsdp2; with actor.strategy=megatron set it to 1"
+            )
+        if self.model.use_remove_padding:
+            raise ValueError(
+                "model.use_remove_padding=true is not supported with actor.strategy=megatron in this build; "
+                "set it to false (the padded layout)"
             )
         return self
 
@@ -366,9 +424,14 @@ class GRPOConfig(_Section):
     def _batch_arithmetic(self) -> "GRPOConfig":
         """The divisibility rules users know; broken ones fail before any work starts."""
         a, n, ws = self.actor, self.rollout.n, self.world_size
-        sp = a.ulysses_sequence_parallel_size
+        sp = a.model_parallel_size
         if ws % sp:
-            raise ValueError(f"actor.ulysses_sequence_parallel_size={sp} must divide the {count(ws, 'GPU')} of the run")
+            key = (
+                "actor.megatron.tensor_model_parallel_size*pipeline_model_parallel_size"
+                if a.strategy == "megatron"
+                else "actor.ulysses_sequence_parallel_size"
+            )
+            raise ValueError(f"{key}={sp} must divide the {count(ws, 'GPU')} of the run")
         ws //= sp  # data-parallel ranks
         if self.data.train_batch_size % a.ppo_mini_batch_size:
             raise ValueError(
@@ -379,7 +442,7 @@ class GRPOConfig(_Section):
             raise ValueError(
                 f"actor.ppo_mini_batch_size*rollout.n={a.ppo_mini_batch_size * n} samples must split "
                 f"evenly over {count(ws, 'data-parallel rank')} (trainer.n_gpus_per_node*trainer.nnodes"
-                f"/actor.ulysses_sequence_parallel_size)"
+                f"/actor.ulysses_sequence_parallel_size, or /megatron tensor x pipeline parallel sizes)"
             )
         per_gpu = a.ppo_mini_batch_size * n // ws
         if not a.use_dynamic_bsz and per_gpu % a.ppo_micro_batch_size_per_gpu:

@@ -333,8 +333,9 @@ class WorkerGroup:
         return merged
 
     def compute_log_prob(self, prompts, responses, ref: bool = False) -> list[np.ndarray]:
-        """One contiguous share per data-parallel rank (a Ulysses group of sp ranks shares one)."""
-        sp = self.cfg.actor.ulysses_sequence_parallel_size
+        """One contiguous share per data-parallel rank (a Ulysses group or a Megatron tensor-parallel
+        group of sp ranks shares one: actor.model_parallel_size)."""
+        sp = self.cfg.actor.model_parallel_size
         dp = self.world_size // sp
         if len(prompts) % dp:  # sharded forwards are collectives: equal shares only
             raise ValueError(f"{len(prompts)} samples do not split evenly over {count(dp, 'data-parallel rank')}")
@@ -354,7 +355,7 @@ class WorkerGroup:
         same mini-batches as one rank would use) and the order to take them in."""
         from engines.batching import minibatch_schedule
 
-        sp = self.cfg.actor.ulysses_sequence_parallel_size
+        sp = self.cfg.actor.model_parallel_size
         n, shares = len(batch), []
         for rank in range(self.world_size):
             steps = minibatch_schedule(n, self.cfg, seed, rank // sp, self.world_size // sp)

@@ -89,12 +89,22 @@ def model_signature(cfg: GRPOConfig) -> dict:
         }
     except ValueError:  # a hub model outside the planner's table: its path stands in
         shape = None
-    return {
+    sig = {
         "model.path": cfg.model.path,
         "shape": shape,
         "model.lora_rank": cfg.model.lora_rank,
         "world_size": cfg.world_size,
+        "actor.strategy": _state_format(cfg.actor.strategy),
     }
+    if cfg.actor.strategy == "megatron":  # its state is per tensor-parallel rank (megatron_checkpoint.py)
+        sig["actor.megatron.tensor_model_parallel_size"] = cfg.actor.megatron.tensor_model_parallel_size
+    return sig
+
+
+def _state_format(strategy: str | None) -> str:
+    """The training-state format a backend writes: fsdp and fsdp2 (and checkpoints from before the
+    key was recorded) write DCP shards, megatron per-tp-rank files."""
+    return "fsdp2" if strategy in (None, "fsdp") else strategy
 
 
 def check_resumable(cfg: GRPOConfig) -> None:
@@ -113,7 +123,9 @@ def check_resumable(cfg: GRPOConfig) -> None:
         return
     want = model_signature(cfg)
     model_key = "shape" if saved.get("shape") and want["shape"] else "model.path"  # shapes when both known
-    diff = [k for k in (model_key, "model.lora_rank") if saved.get(k) != want[k]]
+    saved["actor.strategy"] = _state_format(saved.get("actor.strategy"))
+    keys = (model_key, "model.lora_rank", "actor.strategy", "actor.megatron.tensor_model_parallel_size")
+    diff = [k for k in keys if k in want and saved.get(k) != want[k]]
     if diff:
         what = ", ".join(f"{k}: checkpoint {saved.get(k)} vs config {want[k]}" for k in diff)
         raise ValueError(

@@ -371,9 +371,9 @@ def test_top_k_below_minus_one_is_a_config_error():
             "supported in this build; GRPO puts the KL in the loss: actor.use_kl_loss=true, actor.kl_loss_coef",
         ),
         (
-            ["actor.megatron_tensor_parallel_size=8"],
-            "actor.megatron_tensor_parallel_size=8 is read only by "
-            "actor.strategy=megatron, not by actor.strategy=fsdp2; set it to 1 (FSDP2 shards over every GPU)",
+            ["actor.megatron.tensor_model_parallel_size=8"],
+            "actor.megatron.tensor_model_parallel_size=8 is read only by "
+            "actor.strategy=megatron, not by actor.strategy=fsdp2; leave it unset (FSDP2 shards over every GPU)",
         ),
         (["algorithm.adv_estimator=gae"], "algorithm.adv_estimator=gae is not supported in this build (choose 'grpo')"),
         (

@@ -180,7 +180,7 @@ def test_lora_keeps_the_engine_base_at_level_1_and_pushes_only_the_adapter():
     assert CALLS == [("trainer_to_device", False), ("load_adapter",), ("save_adapter", False)]
 
 
-@pytest.mark.parametrize("key, value", [("actor.strategy", "megatron"), ("rollout.name", "sglang")])
+@pytest.mark.parametrize("key, value", [("actor.strategy", "deepspeed"), ("rollout.name", "sglang")])
 def test_a_backend_this_build_lacks_is_one_error_line_before_any_work(key, value):
     from flows.preflight import preflight
 

@@ -4,9 +4,10 @@ The trainer backend on megatron-core (issue 16) builds its policy here and fills
 engines/trainer/megatron_weights.py. megatron-core is imported inside the functions: the CPU install
 does not need it, and importing this module costs nothing.
 
-Building runs on CPU (``use_cpu_initialization``), which the weight-layout tests use; the forward
-of megatron-core 0.16 does not (its rotary embedding, attention core and tensor-parallel gathers
-allocate on CUDA), so the backend itself runs on GPUs only.
+Building runs on CPU (``use_cpu_initialization``). The forward of megatron-core 0.16 allocates on
+``torch.cuda.current_device()`` (its rotary embedding, attention buffers and tensor-parallel
+gathers) and forks the CUDA RNG around attention dropout; ``cpu_compat`` makes both work in a
+process whose torch has no CUDA, so the backend's CPU tests run megatron-core's own code on gloo ranks.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["build_gpt_model", "rope_theta", "transformer_config"]
+__all__ = [
+    "build_gpt_model",
+    "cpu_compat",
+    "load_hf_weights",
+    "mark_tp_shards",
+    "rope_theta",
+    "seed_rng",
+    "transformer_config",
+]
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 
@@ -122,3 +131,115 @@ def build_gpt_model(hf_config: Any, config, *, pre_process: bool = True, post_pr
         rotary_base=int(rope_theta(hf_config)),
         share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
     )
+
+
+def cpu_compat() -> None:
+    """Let megatron-core's forward run on CPU: in a process whose torch build has no CUDA,
+    ``torch.cuda.current_device()`` (which megatron-core 0.16 passes as ``device=`` when it
+    allocates) returns the CPU device instead of raising. A no-op where CUDA exists, so a GPU
+    process is never affected."""
+    if torch.cuda.is_available() or getattr(torch.cuda.current_device, "_cpu_compat", False):
+        return
+
+    def current_device():
+        return torch.device("cpu")
+
+    current_device._cpu_compat = True
+    torch.cuda.current_device = current_device
+
+
+def seed_rng(seed: int, device: torch.device) -> None:
+    """megatron-core's RNG tracker: on CUDA seeded per tensor-parallel rank
+    (``model_parallel_cuda_manual_seed``); on CPU the no-op tracker (``inference_rng_tracker``):
+    the backend's dropouts are 0, so no random number is drawn under it."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if device.type == "cuda":
+        mrandom.model_parallel_cuda_manual_seed(seed)
+    else:
+        mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+class _SafetensorsDir:
+    """The HF tensors of a model dir, read on access (``hf[name]``, ``name in hf``) from its
+    safetensors files, so that a caller holds only the tensors it asks for. Raises ValueError
+    for a dir without safetensors."""
+
+    def __init__(self, model_dir: str):
+        import json
+        from pathlib import Path
+
+        d = Path(model_dir)
+        index = d / "model.safetensors.index.json"
+        if index.is_file():
+            self.where = {k: d / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        elif (d / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(d / "model.safetensors", "pt") as f:
+                self.where = {k: d / "model.safetensors" for k in f.keys()}
+        else:
+            raise ValueError(
+                f"{model_dir} has no model.safetensors(.index.json): the Megatron backend reads safetensors"
+            )
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.where[name], "pt") as f:
+            return f.get_tensor(name)
+
+
+def load_hf_weights(model, model_dir: str, shape, tp: int, tp_rank: int) -> None:
+    """Fill ``model`` (this tensor-parallel rank's GPTModel, one pipeline stage) from the HF
+    safetensors of model_dir, one decoder layer at a time (host memory: one layer's full tensors),
+    through megatron_weights.hf_to_mcore. Raises ValueError naming the tensors the files lack or
+    the model does not have."""
+    from engines.trainer.megatron_weights import hf_to_mcore
+
+    hf = _SafetensorsDir(model_dir)
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    done: set[str] = set()
+
+    def fill(part: dict, layer: int | None) -> None:
+        for name, t in part.items():
+            if layer is not None:
+                name = name.replace("decoder.layers.0.", f"decoder.layers.{layer}.", 1)
+            if name not in own:
+                raise ValueError(f"{model_dir}: megatron-core model has no tensor {name}")
+            with torch.no_grad():
+                own[name].copy_(t)
+            done.add(name)
+
+    try:
+        fill(hf_to_mcore(hf, shape, tp=tp, tp_rank=tp_rank, layers=range(0), last_stage=True), None)
+        for i in range(shape.num_layers):
+            fill(
+                hf_to_mcore(
+                    hf, shape, tp=tp, tp_rank=tp_rank, layers=range(i, i + 1), first_stage=False, last_stage=False
+                ),
+                i,
+            )
+    except KeyError as e:
+        raise ValueError(f"{model_dir}: the weight files lack {e}") from None
+    missing = sorted(set(own) - done)
+    if missing:
+        raise ValueError(f"{model_dir}: no HF weight for megatron-core tensors {missing[:5]}")
+
+
+def mark_tp_shards(model) -> None:
+    """Sets megatron-core's ``tensor_model_parallel`` / ``partition_dim`` attributes on every
+    parameter that megatron_weights.tp_split_dim says is split over tensor-parallel ranks (the
+    gradient norm counts those on every rank, the others once). megatron-core sets them in its
+    weight initialisers, which ``perform_initialization=False`` skips."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    from engines.trainer.megatron_weights import tp_split_dim
+
+    for name, p in model.named_parameters():
+        dim = tp_split_dim(name)
+        if dim is not None and not hasattr(p, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(p, True, dim, 1)
