@@ -124,6 +124,8 @@ def main() -> None:
                         }
                     )
 
+            # The flow names some task runs per step (stages.score.with_options(...)): the same timing.
+            call.with_options = lambda **options: make_call(task.with_options(**options), name)
             return call
 
         setattr(st, name, make_call())

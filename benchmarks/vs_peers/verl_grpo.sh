@@ -4,6 +4,9 @@
 # prompt, data_source, reward_model.ground_truth, extra_info), batch 64 x n 8, 256-token responses,
 # lr 1e-5, mini-batch 32, micro 64, KL loss low_var_kl 0.001, reward = reference scorer with
 # format_score 0.1 (verl_reward.py), full test set val before training and at the end.
+# Attention is SDPA and remove-padding off: verl's defaults (flash_attention_2, and remove-padding
+# through flash-attn's varlen kernels) need the flash-attn package, which the GPU image lacks and
+# PyPI has only as a source build. TRL must not be importable (tools/device/gpu_issue14.sh setup).
 #   benchmarks/vs_peers/verl_grpo.sh STEPS DATA_DIR MODEL_DIR [extra hydra overrides]
 set -uo pipefail
 steps=$1 data=$2 model=$3; shift 3
@@ -13,7 +16,8 @@ python3 -m verl.trainer.main_ppo \
   data.train_files="$data/train.parquet" data.val_files="$data/test.parquet" \
   data.train_batch_size=64 data.max_prompt_length=512 data.max_response_length=256 \
   data.filter_overlong_prompts=True data.truncation=error data.shuffle=False \
-  actor_rollout_ref.model.path="$model" actor_rollout_ref.model.use_remove_padding=True \
+  actor_rollout_ref.model.path="$model" actor_rollout_ref.model.use_remove_padding=False \
+  +actor_rollout_ref.model.override_config.attn_implementation=sdpa \
   actor_rollout_ref.model.enable_gradient_checkpointing=False \
   actor_rollout_ref.actor.optim.lr=1e-5 actor_rollout_ref.actor.ppo_mini_batch_size=32 \
   actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=64 actor_rollout_ref.actor.use_kl_loss=True \

