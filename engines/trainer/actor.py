@@ -28,7 +28,22 @@ from planner.hardware import peak_bf16_tflops, train_flops
 class GRPOActor(TrainerBackend):
     """Backend-independent GRPO update. Subclasses set: cfg, model, optimizer, scheduler, device
     (torch.device), world (ranks), sp (Ulysses group size; 1 without), n_params, hf_config (the HF
-    model config: layers, hidden size) and bad_steps (int, skipped steps so far)."""
+    model config: layers, hidden size), bad_steps (int, skipped steps so far) and _offload (an
+    engines/trainer/offload.py Offloader over their model, reference and optimizer)."""
+
+    # ---- memory between uses (engines/trainer/offload.py) -------------------------------------
+    def to_host(self) -> None:
+        """TrainerBackend.to_host: the Offloader moves what the config offloads."""
+        self._offload.to_host()
+
+    def to_device(self, optimizer: bool = False) -> None:
+        """TrainerBackend.to_device: the weights back on the GPU; with optimizer, the AdamW state too."""
+        self._offload.to_device(optimizer=optimizer)
+
+    @property
+    def weights_on_host(self) -> bool:
+        """TrainerBackend.weights_on_host: the weights are in host memory now."""
+        return self._offload.params_on_host
 
     # ---- what a backend supplies -------------------------------------------------------------
     @abstractmethod

@@ -88,16 +88,25 @@ def save_state(trainer, ckpt_dir: str) -> list[Path]:
     dcp.save(_train_state(trainer), storage_writer=writer, no_dist=not dist.is_initialized())
     written = [actor / f for f in writer.written]
     if trainer.rank == 0:
-        torch.save(
-            {
-                "scheduler": trainer.scheduler.state_dict(),
-                "bad_steps": trainer.bad_steps,
-                "torch_rng": torch.get_rng_state(),
-            },
-            actor / "extra_state.pt",
-        )
-        written += [actor / ".metadata", actor / "extra_state.pt"]
+        written += [actor / ".metadata", save_extra_state(trainer, actor)]
     return written
+
+
+def save_extra_state(trainer, actor: Path) -> Path:
+    """actor/extra_state.pt, rank 0's, for every backend: the LR scheduler's state, the count of
+    skipped (non-finite) steps and torch's CPU RNG state. Returns the file."""
+    f = actor / "extra_state.pt"
+    state = {"scheduler": trainer.scheduler.state_dict(), "bad_steps": trainer.bad_steps}
+    torch.save({**state, "torch_rng": torch.get_rng_state()}, f)
+    return f
+
+
+def load_extra_state(trainer, actor: Path) -> None:
+    """save_extra_state's file back into trainer's scheduler, bad_steps and torch's RNG."""
+    extra = torch.load(actor / "extra_state.pt", weights_only=True)
+    trainer.scheduler.load_state_dict(extra["scheduler"])
+    trainer.bad_steps = extra["bad_steps"]
+    torch.set_rng_state(extra["torch_rng"])
 
 
 def save_exports(trainer, ckpt_dir: str, export_hf: bool = True) -> list[Path]:
@@ -177,7 +186,4 @@ def load(trainer, ckpt_dir: str) -> None:
         # LoRA: the frozen base stays as loaded from model_dir (dcp.load checked the adapter)
         options=StateDictOptions(ignore_frozen_params=trainer.is_lora, strict=not trainer.is_lora),
     )
-    extra = torch.load(actor / "extra_state.pt", weights_only=True)
-    trainer.scheduler.load_state_dict(extra["scheduler"])
-    trainer.bad_steps = extra["bad_steps"]
-    torch.set_rng_state(extra["torch_rng"])
+    load_extra_state(trainer, actor)

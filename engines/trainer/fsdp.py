@@ -366,17 +366,3 @@ class FSDPTrainer(GRPOActor):
         """TrainerBackend.load through engines/trainer/checkpoint.py. Raises ValueError naming the
         checkpoint and the model when they do not match."""
         checkpoint.load(self, ckpt_dir)
-
-    # ---- memory between uses (engines/trainer/offload.py) -------------------------------------
-    def to_host(self) -> None:
-        """TrainerBackend.to_host: engines/trainer/offload.py's Offloader moves what the config offloads."""
-        self._offload.to_host()
-
-    def to_device(self, optimizer: bool = False) -> None:
-        """TrainerBackend.to_device: the weights back on the GPU; with optimizer, the AdamW state too."""
-        self._offload.to_device(optimizer=optimizer)
-
-    @property
-    def weights_on_host(self) -> bool:
-        """TrainerBackend.weights_on_host: the weights are in host memory now."""
-        return self._offload.params_on_host

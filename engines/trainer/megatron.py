@@ -294,17 +294,6 @@ class MegatronTrainer(GRPOActor):
 
         megatron_checkpoint.load(self, ckpt_dir)
 
-    # ---- memory between uses (engines/trainer/offload.py) -------------------------------------
-    def to_host(self) -> None:
-        self._offload.to_host()
-
-    def to_device(self, optimizer: bool = False) -> None:
-        self._offload.to_device(optimizer=optimizer)
-
-    @property
-    def weights_on_host(self) -> bool:
-        return self._offload.params_on_host
-
 
 def _ensure_process_group(world: int, device: torch.device) -> None:
     """megatron-core needs torch.distributed even on one rank: a 1-rank group on a free port

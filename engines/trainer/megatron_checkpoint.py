@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from engines.trainer.checkpoint import SHARD_BYTES, write_safetensors
+from engines.trainer.checkpoint import SHARD_BYTES, load_extra_state, save_extra_state, write_safetensors
 
 
 def _file(actor: Path, tp_rank: int, tp: int) -> Path:
@@ -40,15 +40,7 @@ def save_state(trainer, ckpt_dir: str) -> list[Path]:
         torch.save({"model": model, "optim": trainer.optimizer.state_dict()}, f)
         written.append(f)
     if trainer.rank == 0:
-        torch.save(
-            {
-                "scheduler": trainer.scheduler.state_dict(),
-                "bad_steps": trainer.bad_steps,
-                "torch_rng": torch.get_rng_state(),
-            },
-            actor / "extra_state.pt",
-        )
-        written.append(actor / "extra_state.pt")
+        written.append(save_extra_state(trainer, actor))
     return written
 
 
@@ -78,10 +70,7 @@ def load(trainer, ckpt_dir: str) -> None:
         for k, v in state["model"].items():
             own[k].copy_(v)
     trainer.optimizer.load_state_dict(state["optim"])
-    extra = torch.load(actor / "extra_state.pt", weights_only=True)
-    trainer.scheduler.load_state_dict(extra["scheduler"])
-    trainer.bad_steps = extra["bad_steps"]
-    torch.set_rng_state(extra["torch_rng"])
+    load_extra_state(trainer, actor)
 
 
 def save_exports(trainer, ckpt_dir: str, export_hf: bool = True) -> list[Path]:
