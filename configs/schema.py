@@ -68,7 +68,7 @@ class ModelConfig(_Section):
     enable_gradient_checkpointing: bool = True
     """Recompute activations in backward: less memory for ~30% more compute. With
     actor.strategy=megatron: megatron-core's full recompute, on CUDA only (it saves and restores
-    the CUDA RNG state, which a CPU build cannot; CPU runs keep the activations)."""
+    the CUDA RNG state, which a CPU build cannot: refused with trainer.device=cpu)."""
     use_remove_padding: bool = False
     """Pack each micro-batch into one row without padding (position ids restarting per sample,
     attention within each sample: FlashAttention varlen on CUDA, a block-diagonal SDPA mask on
@@ -417,6 +417,11 @@ class GRPOConfig(_Section):
             raise ValueError(
                 "model.use_remove_padding=true is not supported with actor.strategy=megatron in this build; "
                 "set it to false (the padded layout)"
+            )
+        if self.model.enable_gradient_checkpointing and self.trainer.device == "cpu":
+            raise ValueError(
+                "model.enable_gradient_checkpointing=true with actor.strategy=megatron needs trainer.device=cuda "
+                "(megatron-core's recompute saves the CUDA RNG state); set it to false on CPU"
             )
         return self
 

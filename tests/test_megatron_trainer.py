@@ -249,8 +249,12 @@ def _logp_main(rank, port, model_dir, tmp):
             ["actor.megatron.tensor_model_parallel_size=2"],
             "actor.megatron.tensor_model_parallel_size*pipeline_model_parallel_size=2 must divide the 1 GPU",
         ),
+        (
+            ["model.enable_gradient_checkpointing=true"],
+            "model.enable_gradient_checkpointing=true with actor.strategy=megatron needs trainer.device=cuda",
+        ),
     ],
-    ids=["lora", "pipeline", "sequence_parallel", "remove_padding", "tp_vs_world"],
+    ids=["lora", "pipeline", "sequence_parallel", "remove_padding", "tp_vs_world", "recompute_on_cpu"],
 )
 def test_config_errors_are_one_line(extra, needle):
     from configs.load import ConfigError

@@ -26,7 +26,7 @@ What this build uses, and why:
 - Not in this build, each refused in one config error line (configs/schema.py): pipeline
   parallelism > 1, sequence parallelism (megatron-core needs Transformer Engine or Apex norms for
   it), LoRA, model.use_remove_padding, Ulysses. Activation recompute
-  (model.enable_gradient_checkpointing) applies on CUDA only: megatron-core's saves the CUDA RNG.
+  (model.enable_gradient_checkpointing) is CUDA only (megatron-core saves the CUDA RNG): refused on CPU.
 - Untested on GPUs so far: everything above ran on CPU gloo ranks only (tests/test_megatron_trainer.py).
 """
 
@@ -110,7 +110,7 @@ class MegatronTrainer(GRPOActor):
             mm.mark_tp_shards(model)  # megatron-core marks them only when it initialises them
             return model
 
-        recompute = cfg.model.enable_gradient_checkpointing and self.device.type == "cuda"
+        recompute = cfg.model.enable_gradient_checkpointing and self.device.type == "cuda"  # schema: not on CPU
         self.model = build(master_dtype, recompute)
         self.ref = build(self.compute_dtype, False).eval().requires_grad_(False) if cfg.actor.use_kl_loss else None
         local = [(p.numel(), getattr(p, "tensor_model_parallel", False)) for p in self.model.parameters()]
