@@ -1,3 +1,6 @@
+"""GSM8K prep through envs/prep.py: the standard parquet rows, the length filter, the cache by
+content, and one error line per bad input file."""
+
 import json
 from pathlib import Path
 

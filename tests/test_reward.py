@@ -1,3 +1,6 @@
+"""The GSM8K reward (envs/gsm8k.py): the reference scorer strict and flexible, format_score, and
+the reward.function hook, against hand-worked answers."""
+
 import pytest
 
 from configs.load import load_config
