@@ -3,7 +3,7 @@ node, from config numbers alone (no CUDA, no weights, no network; never runs on 
 
     memory.py       what one GPU holds in each phase: a trainer branch + vLLM, the peak
     fsdp.py         the FSDP2 trainer's items (actor.strategy fsdp/fsdp2), activations, logits
-    megatron.py     the Megatron trainer's items (actor.strategy megatron): TP/PP/DP split
+    megatron.py     the Megatron trainer's items (actor.strategy megatron): its TP x DP layout
     vllm_memory.py  vLLM's budget, weights, activations and KV cache on one GPU
     host.py         what one rank and one node hold in host RAM (offload, vLLM asleep, load peak)
     items.py        the GiB unit, a table row, the trainer features a plan models
@@ -33,10 +33,9 @@ __all__ = ["LOGIT_BYTES", "LogitBytes", "TRAINER_IMPLEMENTS", "TrainerFeatures",
 
 
 def modelled(cfg: GRPOConfig) -> bool:
-    """Whether the planner models this trainer: the FSDP2 backend, or Megatron for full
-    fine-tuning (planner/megatron.py has no LoRA branch)."""
-    strategy = cfg.actor.strategy
-    return strategy in FSDP_STRATEGIES or (strategy == MEGATRON_STRATEGY and cfg.model.lora_rank == 0)
+    """Whether the planner has a branch for this trainer backend: FSDP2 or Megatron (whose LoRA
+    configs/schema.py refuses, so planner/megatron.py plans full fine-tuning only)."""
+    return cfg.actor.strategy in FSDP_STRATEGIES or cfg.actor.strategy == MEGATRON_STRATEGY
 
 
 def megatron_split_problem(cfg: GRPOConfig, shape: Shape) -> str | None:
@@ -56,7 +55,7 @@ def megatron_split_problem(cfg: GRPOConfig, shape: Shape) -> str | None:
         shape.tie,
     )
     try:
-        split.check_tp(cfg.actor.megatron_tensor_parallel_size)
+        split.check_tp(cfg.actor.megatron.tensor_model_parallel_size)
     except ValueError as error:
         return str(error)
     return None
@@ -77,7 +76,7 @@ def shape_problems(cfg: GRPOConfig, shape: Shape) -> list[str]:
 
 def samples_per_rank(cfg: GRPOConfig) -> int:
     """Samples one data-parallel rank gets per mini-batch: ppo_mini_batch_size x rollout.n over the
-    data-parallel ranks (FSDP2: world / Ulysses; Megatron: world / (TP x PP), the GPUs of one model
+    data-parallel ranks (FSDP2: world / Ulysses; Megatron: world / TP, the GPUs of one model
     replica sharing its samples). A micro-batch must divide it (configs/schema.py)."""
     actor = cfg.actor
     samples = actor.ppo_mini_batch_size * cfg.rollout.n

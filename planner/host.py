@@ -19,9 +19,11 @@ What each rank keeps in host memory (engines/trainer/offload.py, engines/weight_
   figure. Measured on CPU (a 187M-parameter Qwen2 saved in bf16, 2026-11-30): RSS rose by 1.52 x 4P,
   4P of fp32 tensors + the bf16 file mapped (2P, page cache that the kernel can reclaim, so not
   counted here: Ray's monitor counts the node's used memory, total - available);
-- the Megatron trainer (actor.strategy=megatron) instead offloads its rank's share of the split
-  planner/megatron.py plans (bf16 weights and reference, the fp32 gradient buffer, fp32 main params
-  and moments), and loads through the whole HF state dict in model.dtype on every rank.
+- the Megatron trainer (actor.strategy=megatron) instead offloads its rank's TP shard as
+  planner/megatron.py plans it (fp32 weights with their fp32 gradients and the reference in
+  model.dtype; the fp32 AdamW moments), through the same Offloader, and loads from the safetensors
+  one HF layer at a time (engines/trainer/megatron_model.py load_hf_weights): its load peak is
+  the largest such read, not the whole model.
 Per rank = max(steady, load); per node = ranks on the node x per rank + RAY_AND_DRIVER_GIB.
 """
 
@@ -34,7 +36,7 @@ from configs.schema import GRPOConfig
 from configs.text import count
 from planner.fsdp import fsdp_shard
 from planner.items import GIB, TRAINER_IMPLEMENTS, Item
-from planner.megatron import MEGATRON_STRATEGY, layout_note, megatron_layout, params_per_rank
+from planner.megatron import MEGATRON_STRATEGY, layout_note, megatron_layout, params_per_rank, reference_bytes
 from planner.shapes import Shape
 
 HOST_PROCESS_GIB = {"cuda": 3.0, "cpu": 1.0}
@@ -139,27 +141,42 @@ def fsdp_state_items(cfg: GRPOConfig, shape: Shape, shard: int) -> list[Item]:
 
 def megatron_state_items(cfg: GRPOConfig, shape: Shape) -> list[Item]:
     """The Megatron trainer's offloaded state in host RAM, bytes per rank (planner/megatron.py's
-    split: params_per_rank, the optimizer's / DP with the distributed optimizer).
-
-    param_offload: the bf16 weights 2 B and the bf16 reference 2 B (KL loss); grad_offload: the
-    fp32 gradient buffer 4 B; optimizer_offload: fp32 main params and AdamW moments 3 x 4 B / DP."""
+    params_per_rank, the rank's TP shard; nothing is split over DP). engines/trainer/offload.py's
+    Offloader, on CUDA only: with actor.param_offload the modules (`Module._apply` moves each
+    parameter with its `.grad`): fp32 weights 4 B, fp32 gradients 4 B, the reference in model.dtype
+    (planner/megatron.py reference_bytes) with a KL loss; with actor.optimizer_offload the AdamW
+    moments 2 x 4 B. On CPU all of it is host memory anyway (the same items)."""
     layout = megatron_layout(cfg)
     per_rank = params_per_rank(shape, layout)
-    split = layout.optimizer_split
+    cpu = cfg.trainer.device == "cpu"
     on_rank = f"{per_rank / 1e9:.3f}B on this rank{layout_note(layout)}"
+    params_why = "CPU trainer" if cpu else "actor.param_offload"
     items = []
-    if layout.param_offload:
-        items.append(Item("actor weights (bf16)", None, 2 * per_rank, f"actor.param_offload: {on_rank} x 2 B"))
+    if cpu or layout.param_offload:
+        items.append(Item("actor weights (fp32)", None, 4 * per_rank, f"{params_why}: {on_rank} x 4 B"))
+        items.append(Item("gradients (fp32)", None, 4 * per_rank, f"{params_why}: moved with the weights"))
         if cfg.actor.use_kl_loss:
-            items.append(Item("reference model (bf16)", None, 2 * per_rank, "actor.param_offload"))
-    if layout.grad_offload:
-        items.append(
-            Item("gradients (fp32 buffer)", None, 4 * per_rank, "moved with the weights (actor.param_offload)")
-        )
-    if layout.optimizer_offload:
-        note = "actor.optimizer_offload: 3 x 4 B" + (f" / DP {split}" if split > 1 else "")
-        items.append(Item("optimizer main params + AdamW states (fp32)", None, 12 * per_rank / split, note))
+            name = f"reference model ({cfg.model.dtype})"
+            items.append(Item(name, None, reference_bytes(cfg) * per_rank, params_why))
+    if cpu or layout.optimizer_offload:
+        why = "CPU trainer" if cpu else "actor.optimizer_offload"
+        items.append(Item("AdamW states (exp_avg, exp_avg_sq)", None, 8 * per_rank, f"{why}: 2 x 4 B"))
     return items
+
+
+def megatron_load_elements(shape: Shape) -> tuple[int, int]:
+    """Elements of HF tensors one rank holds at once while engines/trainer/megatron_model.py
+    load_hf_weights reads the safetensors (whole tensors, every rank), as (head read, layer read).
+
+    Head: the embedding and, untied, lm_head (V x h each) with the final norm (h), read together.
+    Layer (megatron_weights.hf_to_mcore of one layer): the two norms (2h), the fused linear_qkv
+    weight and bias ((q_dim + 2 kv_dim) x (h + 1)) and o_proj (q_dim x h) while gate and up
+    (I x h each) and their fused copy (2I x h) exist: 2h + (q_dim + 2 kv_dim)(h + 1) + q_dim h + 4Ih."""
+    hidden, q_dim = shape.hidden, shape.heads * shape.head_size
+    qkv_out = q_dim + 2 * shape.kv_heads * shape.head_size
+    head = shape.vocab * hidden * (1 if shape.tie else 2) + hidden
+    layer = 2 * hidden + qkv_out * (hidden + (1 if shape.qkv_bias else 0)) + q_dim * hidden
+    return head, layer + 4 * shape.intermediate * hidden
 
 
 def vllm_host_items(cfg: GRPOConfig, shape: Shape, node_ram: float) -> list[Item]:
@@ -196,15 +213,20 @@ def vllm_host_items(cfg: GRPOConfig, shape: Shape, node_ram: float) -> list[Item
 
 def load_peak_item(cfg: GRPOConfig, shape: Shape) -> Item:
     """The load peak of one rank, process included. FSDP2: `from_pretrained(dtype=float32)` builds
-    the whole fp32 model on every rank before sharding, 4 B x P. Megatron: the whole HF state dict
-    in model.dtype (2 B bf16, 4 B fp32) on every rank, which engines/trainer/megatron_weights.py's
-    hf_to_mcore slices into the rank's shard (assumed: the Megatron loader is not measured yet)."""
+    the whole fp32 model on every rank before sharding, 4 B x P. Megatron: the larger of
+    megatron_load_elements' two reads in the checkpoint's dtype, taken as model.dtype's width (2 B
+    bfloat16: the published Qwen2.5 files are bf16; 4 B float32). Its model is built on the host
+    first (megatron-core's use_cpu_initialization) with torch.empty and never written there
+    (perform_initialization=False), so those pages take no resident memory before the move to the
+    GPU: not counted (assumed; the Megatron loader's host memory is not measured yet)."""
     n_params = shape.n_params()
     process = HOST_PROCESS_GIB[cfg.trainer.device] * GIB
     if cfg.actor.strategy == MEGATRON_STRATEGY:
         dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
-        note = f"the whole HF state dict ({cfg.model.dtype}) on every rank: {n_params / 1e9:.3f}B x {dtype_bytes} B + process; not summed"
-        return Item("(load peak: whole HF model before slicing)", None, process + dtype_bytes * n_params, note)
+        head, layer = megatron_load_elements(shape)
+        which = "embedding + lm_head" if head >= layer else "one layer"
+        note = f"{which}, whole HF tensors ({cfg.model.dtype}), every rank: {max(head, layer) / 1e9:.3f}B x {dtype_bytes} B + process; not summed"
+        return Item("(load peak: largest HF read)", None, process + dtype_bytes * max(head, layer), note)
     note = f"from_pretrained(dtype=float32) on every rank: {n_params / 1e9:.3f}B x 4 B + process; not summed"
     return Item("(load peak: whole fp32 model before sharding)", None, process + 4 * n_params, note)
 

@@ -1,22 +1,23 @@
 """`grpo plan`'s Megatron trainer (actor.strategy=megatron, issue 16): what one GPU holds, item by item.
 
-The backend builds megatron-core's GPT model with the local layer spec (no Transformer Engine:
-engines/trainer/megatron_model.py): bf16 weights, its DistributedDataParallel's fp32 gradient
-buffer, and an optimizer holding fp32 main params and AdamW's two moments; tensor parallelism (TP)
-splits every Linear and the vocabulary, pipeline parallelism (PP) splits the layers, and the
-distributed optimizer splits its state over the data-parallel ranks (DP = world / (TP x PP)).
+What engines/trainer/megatron.py builds, and so what is planned here: megatron-core's GPT model
+with the local layer spec (no Transformer Engine), tensor parallelism (TP) splitting every Linear
+and the vocabulary, one pipeline stage, no sequence parallelism (configs/schema.py refuses
+actor.megatron.pipeline_model_parallel_size > 1 and sequence_parallel=true), DP = world / TP
+data-parallel ranks. fp32 parameters; on CUDA the forward runs under bf16 autocast (model.dtype
+bfloat16); torch AdamW (fused on CUDA) over the rank's shards, its state replicated over DP (no
+distributed optimizer); the KL reference a second model in model.dtype on the same GPU; offload
+through engines/trainer/offload.py (the modules with their gradients; the AdamW state).
 
-Bytes per parameter: bf16 weights 2, fp32 gradients 4, fp32 main params 4, AdamW moments 2 x 4:
-"bf16 parameters, fp32 gradients: 18 (non-distributed optimizer), 6 + 12/d (distributed
-optimizer)", d the data-parallel size (the Megatron Core developer guide, "Distributed Optimizer",
-its table of theoretical bytes per parameter). Activations follow the per-layer count of Korthikanti et al. 2022, "Reducing Activation
-Recomputation in Large Transformer Models" (s. 4, Table 2: sequence parallelism splits the part
-tensor parallelism leaves whole), redone for the local spec's tensors: SwiGLU MLP, grouped-query
-attention whose K/V are expanded to every query head, softmax in fp32, no dropout (p = 0).
+Bytes per parameter of the rank's shard: fp32 weights 4, fp32 gradients 4, AdamW moments 2 x 4,
+the reference 2 (bf16): 18, none split over DP. Activations are counted from megatron-core 0.16's
+local-spec code (transformer/attention.py, dot_product_attention.py, mlp.py,
+tensor_parallel/layers.py and random.py), not measured: every tensor whole on each TP rank but for
+the heads and the MLP columns it holds.
 
-Symbols: h hidden, I intermediate, a query heads, q_dim = a x head_dim, kv_dim = kv_heads x
-head_dim, L layers, V vocabulary, b micro-batch samples, T = prompt + response tokens (every sample
-at full length, padded: the local spec's DotProductAttention takes no packed sequences).
+Symbols: h hidden, I intermediate, a query heads, q_dim = a x head_dim, L layers, V vocabulary,
+t = TP, b micro-batch samples, T = prompt + response tokens and R response tokens (every sample at
+full length, padded: the backend takes no packed rows).
 """
 
 from __future__ import annotations
@@ -31,202 +32,170 @@ from planner.shapes import Shape
 MEGATRON_STRATEGY = "megatron"
 """The actor.strategy of the Megatron backend."""
 
-MEGATRON_LOGIT_BYTES_TRAIN = 8
-"""Bytes per vocab-parallel logit element in a training micro-batch: the output layer's bf16 logits
-(2), the fp32 copy megatron-core's vocab-parallel cross-entropy works on in place and saves as the
-softmax for backward (4: tensor_parallel/cross_entropy.py, `.float()`, `exp`, `div_`), and the bf16
-gradient back into the output layer (2). Read from megatron-core 0.16, not measured."""
-MEGATRON_LOGIT_BYTES_NOGRAD = 6
-"""The same in a no-grad log-prob pass: bf16 logits (2) and the fp32 working copy (4)."""
-
 
 @dataclass(frozen=True)
 class MegatronLayout:
-    """How the Megatron backend splits the model over the world.
+    """What the backend does with the config.
 
-    tensor_parallel / pipeline_parallel / data_parallel: TP, PP and DP = world / (TP x PP).
-    sequence_parallel: the tensors TP leaves whole (norm and Linear inputs) are split over the
-    sequence too. distributed_optimizer: fp32 main params and moments split over DP. recompute:
-    full activation recompute, one layer per checkpoint. param_offload / grad_offload /
-    optimizer_offload: which state leaves the GPU while vLLM generates (verl's
-    actor.megatron.param_offload, grad_offload, optimizer_offload)."""
+    tensor_parallel / data_parallel: TP (actor.megatron.tensor_model_parallel_size) and DP =
+    world / TP. autocast: the forward under bf16 autocast on fp32 weights (CUDA and model.dtype
+    bfloat16; else everything fp32). recompute: megatron-core's full recompute, one layer per
+    checkpoint (model.enable_gradient_checkpointing, CUDA only). param_offload / optimizer_offload:
+    actor.param_offload (weights with their gradients, and the reference) and
+    actor.optimizer_offload (the AdamW moments) to host memory while vLLM generates (CUDA only)."""
 
     tensor_parallel: int
-    pipeline_parallel: int
     data_parallel: int
-    sequence_parallel: bool
-    distributed_optimizer: bool
+    autocast: bool
     recompute: bool
     param_offload: bool
-    grad_offload: bool
     optimizer_offload: bool
-
-    @property
-    def optimizer_split(self) -> int:
-        """How many ranks share the optimizer state: DP with the distributed optimizer, else 1."""
-        return self.data_parallel if self.distributed_optimizer else 1
 
 
 def megatron_layout(cfg: GRPOConfig) -> MegatronLayout:
-    """The layout from the config: TP from actor.megatron_tensor_parallel_size; this build's
-    schema has no pipeline, sequence-parallel, distributed-optimizer or gradient-offload key yet, so
-    PP = 1, sequence parallel whenever TP > 1, the distributed optimizer on (verl's defaults), the
-    gradients offloaded with the weights (actor.param_offload, as the FSDP2 backend moves them),
-    recompute from model.enable_gradient_checkpointing. Raises ValueError, one line, when TP x PP
-    does not divide the world."""
-    actor = cfg.actor
-    tensor_parallel, pipeline_parallel = actor.megatron_tensor_parallel_size, 1
-    model_parallel = tensor_parallel * pipeline_parallel
-    if cfg.world_size % model_parallel:
-        raise ValueError(
-            f"actor.megatron_tensor_parallel_size={tensor_parallel} does not divide the world size "
-            f"{cfg.world_size} (trainer.n_gpus_per_node x trainer.nnodes); choose a tensor-parallel size that divides it"
-        )
+    """The layout from the config (configs/schema.py has checked that TP divides the world)."""
+    actor, cuda = cfg.actor, cfg.trainer.device == "cuda"
+    tensor_parallel = actor.megatron.tensor_model_parallel_size
     return MegatronLayout(
         tensor_parallel=tensor_parallel,
-        pipeline_parallel=pipeline_parallel,
-        data_parallel=cfg.world_size // model_parallel,
-        sequence_parallel=tensor_parallel > 1,
-        distributed_optimizer=True,
-        recompute=cfg.model.enable_gradient_checkpointing,
-        param_offload=actor.param_offload,
-        grad_offload=actor.param_offload,
-        optimizer_offload=actor.optimizer_offload,
+        data_parallel=cfg.world_size // tensor_parallel,
+        autocast=cuda and cfg.model.dtype == "bfloat16",
+        recompute=cuda and cfg.model.enable_gradient_checkpointing,
+        param_offload=cuda and actor.param_offload,
+        optimizer_offload=cuda and actor.optimizer_offload,
     )
 
 
 # ---- parameters on one rank --------------------------------------------------------------------
+def layer_linear_weights(shape: Shape, tensor_parallel: int) -> int:
+    """Linear weights of one decoder layer on one TP rank: linear_qkv (h x (q_dim + 2 kv_dim)),
+    linear_proj (q_dim x h), linear_fc1 (h x 2I: gate and up), linear_fc2 (I x h), each / TP."""
+    hidden, q_dim = shape.hidden, shape.heads * shape.head_size
+    qkv_out = q_dim + 2 * shape.kv_heads * shape.head_size
+    return (hidden * qkv_out + q_dim * hidden + hidden * 2 * shape.intermediate + shape.intermediate * hidden) // (
+        tensor_parallel
+    )
+
+
 def layer_params_per_rank(shape: Shape, tensor_parallel: int) -> int:
-    """Parameters of one decoder layer on one TP rank: linear_qkv (h x (q_dim + 2 kv_dim), its bias
-    for Qwen2), linear_proj (q_dim x h), linear_fc1 (h x 2I: gate and up), linear_fc2 (I x h), each
-    / TP; the two RMSNorm weights (h each) are replicated on every TP rank."""
-    hidden, qkv_out = shape.hidden, (shape.heads + 2 * shape.kv_heads) * shape.head_size
-    split = (
-        hidden * qkv_out
-        + (qkv_out if shape.qkv_bias else 0)
-        + shape.heads * shape.head_size * hidden
-        + hidden * 2 * shape.intermediate
-        + shape.intermediate * hidden
-    ) // tensor_parallel
-    return split + 2 * hidden
+    """Parameters of one decoder layer on one TP rank: layer_linear_weights, the qkv bias
+    ((q_dim + 2 kv_dim) / TP, Qwen2), and the two RMSNorm weights (h each, on every TP rank)."""
+    qkv_out = (shape.heads + 2 * shape.kv_heads) * shape.head_size
+    bias = qkv_out // tensor_parallel if shape.qkv_bias else 0
+    return layer_linear_weights(shape, tensor_parallel) + bias + 2 * shape.hidden
+
+
+def vocab_rows(shape: Shape, layout: MegatronLayout) -> int:
+    """Vocabulary rows on one TP rank: ceil(V / TP) (vocab-parallel embedding and output layer)."""
+    return math.ceil(shape.vocab / layout.tensor_parallel)
 
 
 def params_per_rank(shape: Shape, layout: MegatronLayout) -> int:
-    """Parameters on the most loaded rank: ceil(L / PP) layers (layer_params_per_rank), the
-    vocab-parallel embedding (ceil(V / TP) x h), and on the last stage the final norm (h) and the
-    output layer (ceil(V / TP) x h; tied: with PP > 1 the last stage holds a copy of the embedding,
-    megatron-core's shared output weight; with PP = 1 nothing more)."""
-    tensor_parallel, pipeline_parallel = layout.tensor_parallel, layout.pipeline_parallel
-    layers = math.ceil(shape.layers / pipeline_parallel) * layer_params_per_rank(shape, tensor_parallel)
-    vocab_rows = math.ceil(shape.vocab / tensor_parallel) * shape.hidden
-    if pipeline_parallel == 1:
-        return layers + vocab_rows * (1 if shape.tie else 2) + shape.hidden
-    return layers + vocab_rows + shape.hidden  # the last stage: output layer + final norm
+    """Parameters on one rank: L layers (layer_params_per_rank), the embedding (ceil(V / TP) x h),
+    the final norm (h) and, untied, the output layer (ceil(V / TP) x h; tied, it is the embedding)."""
+    layers = shape.layers * layer_params_per_rank(shape, layout.tensor_parallel)
+    return layers + vocab_rows(shape, layout) * shape.hidden * (1 if shape.tie else 2) + shape.hidden
 
 
 def layout_note(layout: MegatronLayout) -> str:
-    """The note naming the split, e.g. " / TP 8" or " / TP 2 x PP 2"."""
-    parts = [f"TP {layout.tensor_parallel}"] + (
-        [f"PP {layout.pipeline_parallel}"] if layout.pipeline_parallel > 1 else []
-    )
-    return " / " + " x ".join(parts)
+    """The note naming the split, e.g. " / TP 8"."""
+    return f" / TP {layout.tensor_parallel}"
 
 
 # ---- resident state ----------------------------------------------------------------------------
 def megatron_weights(per_rank: int, layout: MegatronLayout) -> Item:
-    """The model's bf16 weights on one rank: 2 B x params_per_rank."""
-    return Item(
-        "actor weights (bf16)",
-        "both",
-        2 * per_rank,
-        f"{per_rank / 1e9:.3f}B params on this rank x 2 B{layout_note(layout)}",
-    )
+    """The policy's fp32 parameters (master weights): 4 B x params_per_rank."""
+    note = f"{per_rank / 1e9:.3f}B params on this rank x 4 B{layout_note(layout)}"
+    return Item("actor weights (fp32)", "both", 4 * per_rank, note)
 
 
 def megatron_gradients(per_rank: int) -> Item:
-    """DistributedDataParallel's fp32 gradient buffer (grad_reduce_in_fp32, the bf16 default of
-    Megatron-LM): 4 B x params_per_rank, allocated when the model is wrapped and zeroed, not freed,
-    between steps; not split by the distributed optimizer (it reduce-scatters from it)."""
-    return Item("gradients (fp32 buffer)", "both", 4 * per_rank, "DDP grad buffer, kept between steps")
-
-
-def main_params(per_rank: int, layout: MegatronLayout) -> Item:
-    """The optimizer's fp32 main params: 4 B x params_per_rank / (DP with the distributed optimizer)."""
-    note = (
-        f"fp32 copy / DP {layout.optimizer_split} (distributed optimizer)"
-        if layout.optimizer_split > 1
-        else "fp32 copy"
-    )
-    return Item("optimizer main params (fp32)", "both", 4 * per_rank / layout.optimizer_split, note)
+    """fp32 `.grad` of every parameter (autograd casts the bf16 weight gradients to the fp32
+    parameter's dtype): 4 B x params_per_rank, made in the first backward of a step and kept
+    until the next step's zero_grad(set_to_none=True) (engines/trainer/actor.py)."""
+    return Item("gradients (fp32)", "both", 4 * per_rank, "kept between steps (zero_grad at the next step)")
 
 
 def megatron_adamw_states(per_rank: int, layout: MegatronLayout) -> Item:
-    """AdamW's exp_avg and exp_avg_sq in fp32: 2 x 4 B x params_per_rank / (DP with the
-    distributed optimizer), created at the first step."""
-    split = layout.optimizer_split
-    note = "2 x 4 B" + (f" / DP {split} (distributed optimizer)" if split > 1 else "")
-    return Item("AdamW states (exp_avg, exp_avg_sq)", "both", 8 * per_rank / split, note)
+    """torch AdamW's exp_avg and exp_avg_sq in fp32: 2 x 4 B x params_per_rank, made at the first
+    step; every DP rank holds all of its TP shard's (no distributed optimizer)."""
+    replicated = f", replicated over DP {layout.data_parallel}" if layout.data_parallel > 1 else ""
+    return Item("AdamW states (exp_avg, exp_avg_sq)", "both", 8 * per_rank, f"2 x 4 B{replicated}")
 
 
-def megatron_reference(per_rank: int, has_reference: bool) -> Item:
-    """The KL reference, a second bf16 model with the same layout: 2 B x params_per_rank; nothing
-    without actor.use_kl_loss."""
-    if has_reference:
-        return Item("reference model (bf16)", "both", 2 * per_rank, "same TP/PP split, full FT with KL loss")
-    return Item("reference model", "both", 0, "no KL loss")
+def reference_bytes(cfg: GRPOConfig) -> int:
+    """Bytes per parameter of the reference: it is built in model.dtype (2 B bfloat16, 4 B float32)."""
+    return 2 if cfg.model.dtype == "bfloat16" else 4
 
 
-# ---- one training micro-batch ------------------------------------------------------------------
-def layer_activation_bytes_per_token(shape: Shape, layout: MegatronLayout, seq: int) -> float:
+def megatron_reference(per_rank: int, cfg: GRPOConfig) -> Item:
+    """The KL reference (actor.use_kl_loss): a second GPTModel of the same split in model.dtype on
+    the trainer's GPU, reference_bytes x params_per_rank; nothing without a KL loss."""
+    if not cfg.actor.use_kl_loss:
+        return Item("reference model", "both", 0, "no KL loss")
+    nbytes = reference_bytes(cfg)
+    return Item(f"reference model ({cfg.model.dtype})", "both", nbytes * per_rank, f"same TP split x {nbytes} B")
+
+
+def attention_score_buffer(shape: Shape, layout: MegatronLayout, micro: int, seq: int) -> Item:
+    """The [b x a / TP, T, T] buffer DotProductAttention takes from megatron-core's global memory
+    buffer for torch.baddbmm's input, one per dtype, never freed (not offloaded either). Its dtype
+    is the query's: fp32 when linear_qkv adds its fp32 bias (Qwen2: bf16 + fp32 promotes) or
+    without autocast, bf16 otherwise; the recompute in backward runs without autocast (megatron-core's
+    CheckpointFunction does not restore it), so recompute adds an fp32 one. Bytes per element:
+    (4 if qkv bias or no autocast, else 2) + (4 with recompute when that first one is bf16)."""
+    forward = 4 if shape.qkv_bias or not layout.autocast else 2
+    per_element = forward + (4 if layout.recompute and forward == 2 else 0)
+    nbytes = per_element * micro * (shape.heads // layout.tensor_parallel) * seq * seq
+    note = f"megatron-core global memory buffer, [B x heads/TP, T, T] x {per_element} B"
+    return Item("attention score buffer", "both", nbytes, note)
+
+
+# ---- one micro-batch ---------------------------------------------------------------------------
+def layer_bytes_per_token(shape: Shape, layout: MegatronLayout, seq: int, autocast: bool) -> int:
     """Bytes one decoder layer saves for backward, per token of a micro-batch of T = seq tokens.
 
-    Sequence-parallel part, split by TP only with sequence parallelism: 2 B x (the two norm inputs
-    and the inputs of linear_qkv and linear_fc1) = 8h. Tensor-parallel part, / TP: q, and K and V
-    expanded to every query head (2 B x 3 q_dim, saved by the two batched matmuls), linear_proj's
-    input (2 B x q_dim), fc1's output (gate and up, 2 B x 2I), silu(gate) (2 B x I) and fc2's input
-    (2 B x I): 8 q_dim + 8I; and the attention scores, per token a / TP heads x T scores, each kept
-    as the fp32 softmax output and its bf16 copy (6 B). Korthikanti et al.'s 34 sbh + 5 as^2 b
-    counts the same tensors for a 4h GeLU MLP with dropout."""
-    tensor_parallel = layout.tensor_parallel
-    sequence_part = 8 * shape.hidden
-    tensor_part = 8 * shape.heads * shape.head_size + 8 * shape.intermediate + 6 * shape.heads * seq
-    return (sequence_part / (tensor_parallel if layout.sequence_parallel else 1)) + tensor_part / tensor_parallel
+    Both ways: the two RMSNorms' fp32 inputs (the residual stream is fp32: fp32 embedding plus bf16
+    branch outputs) and their fp32 outputs, which linear_qkv and linear_fc1 save: 4 B x 4h.
+    Under autocast (bf16 matmuls): q, and K and V repeat_interleave'd to a / TP heads, as the
+    bf16 casts baddbmm and bmm save (2 B x 3 q_dim / TP), linear_proj's bf16 input (2 B x q_dim /
+    TP), fc1's output (gate and up), silu(gate) and their product (2 B x 4I / TP), and per score
+    (a / TP heads x T) the fp32 softmax output and its bf16 cast for bmm (6 B). Without autocast
+    (the recompute in backward, or no CUDA) the same tensors in fp32, the probabilities once:
+    4 B x (4 q_dim + 4I) / TP + 4 B per score."""
+    tensor_parallel, q_dim = layout.tensor_parallel, shape.heads * shape.head_size
+    heads = shape.heads // tensor_parallel
+    if autocast:
+        split = 2 * (4 * q_dim + 4 * shape.intermediate) // tensor_parallel + 6 * heads * seq
+    else:
+        split = 4 * (4 * q_dim + 4 * shape.intermediate) // tensor_parallel + 4 * heads * seq
+    return 16 * shape.hidden + split
 
 
-def hidden_bytes_per_token(shape: Shape, layout: MegatronLayout) -> float:
-    """One bf16 hidden state per token, 2 B x h, / TP with sequence parallelism: what a recompute
-    checkpoint keeps of each layer (its input), and each of the final norm's and the output
-    layer's saved inputs."""
-    return 2 * shape.hidden / (layout.tensor_parallel if layout.sequence_parallel else 1)
-
-
-def in_flight_micro_batches(layout: MegatronLayout) -> int:
-    """Micro-batches whose activations the first pipeline stage holds at once under the 1F1B
-    schedule: PP (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU
-    Clusters Using Megatron-LM", s. 2.2.1); 1 without pipeline parallelism."""
-    return layout.pipeline_parallel
+def head_input_bytes_per_token(shape: Shape) -> int:
+    """The final norm's fp32 input and its fp32 output (saved by the output layer): 4 B x 2h."""
+    return 8 * shape.hidden
 
 
 def megatron_activations(shape: Shape, layout: MegatronLayout, micro: int, seq: int) -> tuple[Item, float, float]:
-    """Saved activations of one training micro-batch of b x T tokens on the most loaded stage, and
-    their split: (item, kept, recomputed layer) in bytes.
+    """Saved activations of one training micro-batch of b x T tokens: (item, kept, recomputed
+    layer) in bytes.
 
-    Recompute (full, one layer per checkpoint): each of the stage's ceil(L / PP) layers keeps its
-    input (hidden_bytes_per_token) for each in-flight micro-batch, and one layer's tensors live
-    while it is recomputed in backward. Without: every layer's tensors for each in-flight
-    micro-batch. Plus the final norm's and the output layer's inputs (2 x hidden_bytes_per_token)."""
+    Recompute: each of the L checkpoints keeps its layer's fp32 input (4 B x h per token); in
+    backward one layer is recomputed without autocast (layer_bytes_per_token, fp32) and lives with
+    its fp32 pre-softmax scores (4 B x a / TP x T per token). Without: L x layer_bytes_per_token
+    (autocast as the layout runs). Both: + head_input_bytes_per_token."""
     tokens = micro * seq
-    layers = math.ceil(shape.layers / layout.pipeline_parallel)
-    in_flight = in_flight_micro_batches(layout)
-    per_layer = layer_activation_bytes_per_token(shape, layout, seq) * tokens
-    head_inputs = 2 * hidden_bytes_per_token(shape, layout) * tokens
+    head = head_input_bytes_per_token(shape) * tokens
     if layout.recompute:
-        kept = in_flight * layers * hidden_bytes_per_token(shape, layout) * tokens + head_inputs
-        recomputed = per_layer
+        kept = shape.layers * 4 * shape.hidden * tokens + head
+        scores = 4 * (shape.heads // layout.tensor_parallel) * seq * tokens
+        recomputed = layer_bytes_per_token(shape, layout, seq, autocast=False) * tokens + scores
     else:
-        kept, recomputed = in_flight * layers * per_layer + head_inputs, 0
-    note = f"micro-batch {micro} x {seq} tokens{layout_note(layout)}" + (
-        ", sequence parallel" if layout.sequence_parallel else ""
+        kept = shape.layers * layer_bytes_per_token(shape, layout, seq, layout.autocast) * tokens + head
+        recomputed = 0
+    note = f"micro-batch {micro} x {seq} tokens{layout_note(layout)}, no sequence parallel" + (
+        f"; + {recomputed / 2**30:.2f} GiB: one layer recomputed in fp32" if recomputed else ""
     )
     name = f"activations, recompute {'on' if layout.recompute else 'off'}"
     return Item(name, "train", kept + recomputed, note), kept, recomputed
@@ -235,94 +204,125 @@ def megatron_activations(shape: Shape, layout: MegatronLayout, micro: int, seq: 
 def megatron_activations_other_way(shape: Shape, layout: MegatronLayout, micro: int, seq: int) -> Item:
     """The activations with recompute flipped, for comparison: not summed into any phase."""
     flipped = megatron_activations(shape, replace(layout, recompute=not layout.recompute), micro, seq)[0]
-    return Item(
-        f"(activations if recompute {'off' if layout.recompute else 'on'})", "-", flipped.nbytes, "for comparison only"
-    )
-
-
-def attention_score_buffer(shape: Shape, layout: MegatronLayout, micro: int, seq: int) -> Item:
-    """The bf16 [b x a / TP, T, T] buffer DotProductAttention takes from megatron-core's global memory
-    buffer for its scores (torch.baddbmm's input): 2 B x b x a / TP x T^2, kept across layers and steps."""
-    nbytes = 2 * micro * (shape.heads // layout.tensor_parallel) * seq * seq
-    return Item(
-        "attention score buffer (bf16)", "train", nbytes, "megatron-core global memory buffer, [B x heads/TP, T, T]"
-    )
+    name = f"(activations if recompute {'off' if layout.recompute else 'on'})"
+    return Item(name, "-", flipped.nbytes, "for comparison only")
 
 
 def megatron_attention_mask(micro: int, seq: int) -> Item:
-    """The [b, 1, T, T] bool attention mask of a padded micro-batch (causal + padding): 1 B x b x T^2."""
-    return Item("attention mask", "train", micro * seq * seq, "[B,1,T,T] bool (padded batch, no packed sequences)")
+    """The backend's masks (engines/trainer/megatron.py _forward): the [T, T] causal bool and the
+    [b, 1, T, T] bool mask of the padded micro-batch, 1 B x (b + 1) x T^2."""
+    return Item("attention mask", "train", (micro + 1) * seq * seq, "[T,T] causal + [B,1,T,T] bool (padded batch)")
 
 
-def vocab_parallel_logit_elements(shape: Shape, layout: MegatronLayout, micro: int, seq: int) -> int:
-    """Logit elements on one TP rank: b x T x ceil(V / TP) (megatron-core's output layer computes
-    every position, split over the vocabulary)."""
-    return micro * seq * math.ceil(shape.vocab / layout.tensor_parallel)
+def weight_casts(shape: Shape, layout: MegatronLayout) -> Item:
+    """bf16 copies of the rank's matmul weights: autocast casts each fp32 weight once and caches
+    the copy until the forward's autocast context exits (a cached leaf that requires grad), so at
+    the forward's end all of them exist: 2 B x (L x layer_linear_weights + ceil(V / TP) x h, the
+    output layer's, or the embedding's when tied). Biases and norms are not cast. None without
+    autocast."""
+    if not layout.autocast:
+        return Item("bf16 weight copies", "train", 0, "none: no autocast")
+    n = shape.layers * layer_linear_weights(shape, layout.tensor_parallel) + vocab_rows(shape, layout) * shape.hidden
+    return Item("bf16 weight copies", "train", 2 * n, "autocast cache of every Linear during a policy forward")
 
 
-def megatron_logits(shape: Shape, layout: MegatronLayout, micro: int, seq: int) -> Item:
-    """Vocab-parallel logits of a training micro-batch: MEGATRON_LOGIT_BYTES_TRAIN x
-    vocab_parallel_logit_elements."""
-    elements = vocab_parallel_logit_elements(shape, layout, micro, seq)
-    note = f"{micro} x {seq} x vocab {shape.vocab}/{layout.tensor_parallel} x {MEGATRON_LOGIT_BYTES_TRAIN} B"
-    return Item("logits (vocab-parallel, fwd+bwd)", "train", MEGATRON_LOGIT_BYTES_TRAIN * elements, note)
+def logit_elements(shape: Shape, layout: MegatronLayout, micro: int, tokens: int) -> int:
+    """Vocab-parallel logit elements of `tokens` positions per sample: b x tokens x ceil(V / TP)."""
+    return micro * tokens * vocab_rows(shape, layout)
 
 
-def megatron_step_temporary(per_rank: int, layout: MegatronLayout) -> Item:
-    """AdamW's step temporary: without Transformer Engine or Apex megatron-core steps with
-    torch.optim.AdamW (optimizer/__init__.py), foreach on CUDA, which materialises
-    sqrt(exp_avg_sq): 4 B x params_per_rank / (DP with the distributed optimizer)."""
-    nbytes = 4 * per_rank / layout.optimizer_split
-    return Item("optimizer step temporary", "train", nbytes, "torch foreach AdamW sqrt(exp_avg_sq)")
+def logit_dtype_bytes(layout: MegatronLayout) -> int:
+    """Bytes of the output layer's logits: 2 under bf16 autocast, 4 without."""
+    return 2 if layout.autocast else 4
+
+
+def forward_end_logits(shape: Shape, layout: MegatronLayout, micro: int, seq: int) -> int:
+    """The output layer's [T, b, V / TP] logits and GPTModel's transposed contiguous [b, T, V / TP]
+    copy, both alive a moment: 2 x logit_dtype_bytes x b x T x ceil(V / TP)."""
+    return 2 * logit_dtype_bytes(layout) * logit_elements(shape, layout, micro, seq)
+
+
+def megatron_logits(shape: Shape, layout: MegatronLayout, micro: int, seq: int, resp: int) -> Item:
+    """The log-prob stage of a training micro-batch (engines/trainer/megatron_logprobs.py, with
+    entropy): the logits of every position stay (c = logit_dtype_bytes, [b, T, V / TP]) while the
+    response slice ([b, R, V / TP]) is worked in fp32: x = logits.float() / temperature, z = x - m,
+    e = exp(z) and e x z, 4 B each: c x b T V/TP + 16 B x b R V/TP. Backward: the saved z and e
+    with the products of MulBackward (e x z), their sum and exp's gradient, five fp32 [b, R, V/TP]
+    at once: 20 B x b R V/TP. The larger of the two (read from the code, not measured)."""
+    full, response = logit_elements(shape, layout, micro, seq), logit_elements(shape, layout, micro, resp)
+    forward = logit_dtype_bytes(layout) * full + 16 * response
+    nbytes = max(forward, 20 * response)
+    note = (
+        f"{micro} x {seq} x vocab {shape.vocab}/{layout.tensor_parallel}; fp32 copies of the {resp} response positions"
+    )
+    return Item("logits + fp32 log-prob copies", "train", nbytes, note)
+
+
+def nograd_logits(shape: Shape, layout: MegatronLayout, micro: int, seq: int, resp: int) -> int:
+    """The log-prob stage of a no-grad pass (no entropy): the logits of every position and x, z
+    and e of the response slice: logit_dtype_bytes x b T V/TP + 12 B x b R V/TP."""
+    full, response = logit_elements(shape, layout, micro, seq), logit_elements(shape, layout, micro, resp)
+    return logit_dtype_bytes(layout) * full + 12 * response
+
+
+def gradient_all_reduce_buffer(per_rank: int, layout: MegatronLayout) -> Item:
+    """With DP > 1 the clip sums the gradients over DP through one flat fp32 buffer of all of them
+    (engines/trainer/megatron.py _all_reduce_coalesced, torch.cat): 4 B x params_per_rank; none at
+    DP 1. AdamW is fused on CUDA: its step makes no temporary."""
+    if layout.data_parallel == 1:
+        return Item("gradient all-reduce buffer", "train", 0, "none: DP 1")
+    return Item(
+        "gradient all-reduce buffer", "train", 4 * per_rank, f"flat fp32 copy, summed over DP {layout.data_parallel}"
+    )
 
 
 def megatron_trainer_memory(cfg: GRPOConfig, shape: Shape, micro: int) -> TrainerMemory:
     """The Megatron trainer's items and phase peaks for micro-batches of `micro` samples.
 
-    Update: the state in the update (the reference off the GPU with actor.param_offload) + score
-    buffer + mask + kept activations + the larger of the logits (the loss's backward comes first)
-    and the recomputed layer (after the logits are freed). Log-prob (no grad): the resident state +
-    score buffer + mask + the larger of one layer's tensors and the no-grad logits. Optimizer step:
-    the state in the update + the step temporary. At vLLM's start the weights, gradient buffer and
-    main params exist unless offloaded; the AdamW moments not yet. LoRA is not planned here
-    (planner/__init__.py says NOT MODELLED)."""
+    State: weights + gradients + moments + reference; the score buffer stays on the GPU through
+    every phase. Update (engines/worker.py brings everything back first): state + buffer + mask +
+    kept activations + the largest of the forward's end (weight casts + forward_end_logits), the
+    log-prob stage (megatron_logits) and the recomputed layer; the gradients are counted whole
+    (from a step's second micro-batch on they all exist). Log-prob pass (no grad; the moments stay
+    on the host with actor.optimizer_offload): state + buffer + mask + the larger of the policy
+    forward's end (casts + the larger of the logits and one layer's tensors) and nograd_logits.
+    Optimizer step: state + buffer + gradient_all_reduce_buffer. At vLLM's start (after the first
+    offload) the weights and reference unless offloaded; no gradient, moment or buffer yet."""
     layout = megatron_layout(cfg)
     per_rank = params_per_rank(shape, layout)
-    seq = cfg.data.max_prompt_length + cfg.rollout.max_response_length
-    weights = megatron_weights(per_rank, layout)
-    grads = megatron_gradients(per_rank)
-    main = main_params(per_rank, layout)
-    moments = megatron_adamw_states(per_rank, layout)
-    ref = megatron_reference(per_rank, cfg.actor.use_kl_loss)
-    saved, kept, recomputed = megatron_activations(shape, layout, micro, seq)
+    resp = cfg.rollout.max_response_length
+    seq = cfg.data.max_prompt_length + resp
+    weights, grads = megatron_weights(per_rank, layout), megatron_gradients(per_rank)
+    moments, ref = megatron_adamw_states(per_rank, layout), megatron_reference(per_rank, cfg)
     buffer = attention_score_buffer(shape, layout, micro, seq)
+    saved, kept, recomputed = megatron_activations(shape, layout, micro, seq)
     mask = megatron_attention_mask(micro, seq)
-    logit_item = megatron_logits(shape, layout, micro, seq)
-    step_temp = megatron_step_temporary(per_rank, layout)
+    casts = weight_casts(shape, layout)
+    logit_item = megatron_logits(shape, layout, micro, seq, resp)
+    all_reduce = gradient_all_reduce_buffer(per_rank, layout)
     comparison = megatron_activations_other_way(shape, layout, micro, seq)
-    items = [weights, grads, main, moments, ref, saved, comparison, buffer, mask, logit_item, step_temp]
+    items = [weights, grads, moments, ref, buffer, saved, comparison, mask, casts, logit_item, all_reduce]
 
-    resident = weights.nbytes + grads.nbytes + main.nbytes + moments.nbytes + ref.nbytes
-    params_away = weights.nbytes + ref.nbytes if layout.param_offload else 0
-    grads_away = grads.nbytes if layout.grad_offload else 0
-    offloaded = params_away + grads_away + (main.nbytes + moments.nbytes if layout.optimizer_offload else 0)
-    at_vllm_init = (
-        resident - moments.nbytes - params_away - grads_away - (main.nbytes if layout.optimizer_offload else 0)
+    state = weights.nbytes + grads.nbytes + moments.nbytes + ref.nbytes
+    resident = state + buffer.nbytes
+    offloaded = (weights.nbytes + grads.nbytes + ref.nbytes if layout.param_offload else 0) + (
+        moments.nbytes if layout.optimizer_offload else 0
     )
-    in_update = resident - (ref.nbytes if layout.param_offload else 0)
-    update_peak = in_update + buffer.nbytes + mask.nbytes + kept + max(logit_item.nbytes, recomputed)
-    nograd_logits = MEGATRON_LOGIT_BYTES_NOGRAD * vocab_parallel_logit_elements(shape, layout, micro, seq)
-    one_layer = layer_activation_bytes_per_token(shape, layout, seq) * micro * seq
-    log_prob_peak = resident + buffer.nbytes + mask.nbytes + max(nograd_logits, one_layer)
+    forward_end = casts.nbytes + forward_end_logits(shape, layout, micro, seq)
+    update_peak = resident + mask.nbytes + kept + max(forward_end, logit_item.nbytes, recomputed)
+    one_layer = layer_bytes_per_token(shape, layout, seq, layout.autocast) * micro * seq
+    nograd_forward = casts.nbytes + max(forward_end_logits(shape, layout, micro, seq), one_layer)
+    in_log_prob = resident - (moments.nbytes if layout.optimizer_offload else 0)
+    log_prob_peak = in_log_prob + mask.nbytes + max(nograd_forward, nograd_logits(shape, layout, micro, seq, resp))
     n_params = shape.n_params()
     return TrainerMemory(
         items=items,
         resident=resident,
         offloaded=offloaded,
-        at_vllm_init=at_vllm_init,
+        at_vllm_init=0 if layout.param_offload else weights.nbytes + ref.nbytes,
         update=update_peak,
         log_prob=log_prob_peak,
-        optimizer_step=in_update + step_temp.nbytes,
+        optimizer_step=resident + all_reduce.nbytes,
         shard=1,
         n_params=n_params,
         n_trainable=n_params,

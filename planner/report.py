@@ -10,20 +10,15 @@ from planner.timing import ASSUMED_BW_EFF, ASSUMED_MFU
 
 
 def format_layout(layout: dict[str, Any]) -> str:
-    """The Megatron layout line: TP x PP x DP and the switches that change the memory."""
+    """The Megatron layout line: TP x DP and the switches that change the memory."""
     switches = [
         name
-        for name, on in (
-            ("sequence parallel", layout["sequence_parallel"]),
-            ("distributed optimizer", layout["distributed_optimizer"]),
-            ("full recompute", layout["recompute"]),
-        )
+        for name, on in (("bf16 autocast on fp32 weights", layout["autocast"]), ("full recompute", layout["recompute"]))
         if on
     ]
-    offloaded = [name for name in ("param", "grad", "optimizer") if layout[f"{name}_offload"]]
+    offloaded = [name for name in ("param", "optimizer") if layout[f"{name}_offload"]]
     return (
-        f"trainer: Megatron TP {layout['tensor_parallel']} x PP {layout['pipeline_parallel']} x DP "
-        f"{layout['data_parallel']}"
+        f"trainer: Megatron TP {layout['tensor_parallel']} x DP {layout['data_parallel']}"
         + "".join(f", {switch}" for switch in switches)
         + (f"; offloaded between uses: {', '.join(offloaded)}" if offloaded else "")
     )
@@ -33,7 +28,7 @@ def format_plan(result: dict[str, Any], other: dict[str, Any] | None = None) -> 
     """The itemised table `grpo plan` prints for one plan() result; other: the plan in the other
     mode (current trainer / as configured), summarised in one line."""
     gpu, shape, layout = result["gpu"], result["shape"], result.get("megatron")
-    per = "data-parallel rank" if layout else "GPU"  # Megatron: the TP x PP GPUs of a replica share its samples
+    per = "data-parallel rank" if layout else "GPU"  # Megatron: the TP GPUs of a replica share its samples
     lines = [
         f"plan: {result['recipe']} on {result['world_size']} x {gpu['name']} ({gpu['mem_gib']:.1f} GiB each; GPU from "
         f"{result['gpu_source']}), {result['mode']}",
@@ -66,7 +61,7 @@ def format_plan(result: dict[str, Any], other: dict[str, Any] | None = None) -> 
     verdict = result["verdict"]
     why = list(result["problems"])
     if not result["modelled"]:
-        why.append(f"{'LoRA on ' if layout else ''}actor.strategy={result['strategy']} is not modelled by the planner")
+        why.append(f"actor.strategy={result['strategy']} is not modelled by the planner")
     if not result["vllm_kv_ok"]:
         why.append("vLLM weights + activations exceed its budget: no KV cache")
     if not result["vllm_init_ok"]:
@@ -100,9 +95,7 @@ def format_plan(result: dict[str, Any], other: dict[str, Any] | None = None) -> 
                 else f" (FSDP shard {other['shard']}, offload/empty_cache as configured)"
             )
         )
-    if not result["modelled"] and layout:
-        lines.append("note: LoRA on actor.strategy=megatron is not modelled: the numbers above plan full fine-tuning")
-    elif not result["modelled"]:
+    if not result["modelled"]:
         lines.append(
             f"note: actor.strategy={result['strategy']} is not modelled by the planner: the numbers above are an "
             "unsharded replica per GPU (no tensor or pipeline parallelism), not what that backend would hold"
