@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, replace
 
 from configs.schema import GRPOConfig
-from planner.items import Item, TrainerMemory
+from planner.items import GIB, Item, TrainerMemory
 from planner.shapes import Shape
 
 MEGATRON_STRATEGY = "megatron"
@@ -195,7 +195,7 @@ def megatron_activations(shape: Shape, layout: MegatronLayout, micro: int, seq: 
         kept = shape.layers * layer_bytes_per_token(shape, layout, seq, layout.autocast) * tokens + head
         recomputed = 0
     note = f"micro-batch {micro} x {seq} tokens{layout_note(layout)}, no sequence parallel" + (
-        f"; + {recomputed / 2**30:.2f} GiB: one layer recomputed in fp32" if recomputed else ""
+        f"; + {recomputed / GIB:.2f} GiB: one layer recomputed in fp32" if recomputed else ""
     )
     name = f"activations, recompute {'on' if layout.recompute else 'off'}"
     return Item(name, "train", kept + recomputed, note), kept, recomputed
