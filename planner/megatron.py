@@ -40,7 +40,7 @@ class MegatronLayout:
     tensor_parallel / data_parallel: TP (actor.megatron.tensor_model_parallel_size) and DP =
     world / TP. autocast: the forward under bf16 autocast on fp32 weights (CUDA and model.dtype
     bfloat16; else everything fp32). recompute: megatron-core's full recompute, one layer per
-    checkpoint (model.enable_gradient_checkpointing, CUDA only). param_offload / optimizer_offload:
+    checkpoint (model.enable_gradient_checkpointing; CUDA only, the config refuses it on CPU). param_offload / optimizer_offload:
     actor.param_offload (weights with their gradients, and the reference) and
     actor.optimizer_offload (the AdamW moments) to host memory while vLLM generates (CUDA only)."""
 
@@ -60,7 +60,7 @@ def megatron_layout(cfg: GRPOConfig) -> MegatronLayout:
         tensor_parallel=tensor_parallel,
         data_parallel=cfg.world_size // tensor_parallel,
         autocast=cuda and cfg.model.dtype == "bfloat16",
-        recompute=cuda and cfg.model.enable_gradient_checkpointing,
+        recompute=cfg.model.enable_gradient_checkpointing,  # configs/schema.py refuses it on CPU
         param_offload=cuda and actor.param_offload,
         optimizer_offload=cuda and actor.optimizer_offload,
     )
