@@ -194,8 +194,9 @@ def megatron_activations(shape: Shape, layout: MegatronLayout, micro: int, seq: 
     else:
         kept = shape.layers * layer_bytes_per_token(shape, layout, seq, layout.autocast) * tokens + head
         recomputed = 0
-    note = f"micro-batch {micro} x {seq} tokens{layout_note(layout)}, no sequence parallel" + (
-        f"; + {recomputed / GIB:.2f} GiB: one layer recomputed in fp32" if recomputed else ""
+    note = (
+        f"micro-batch {micro} x {seq} tokens, TP {layout.tensor_parallel} splits heads and MLP only (no sequence parallel)"
+        + (f"; + {recomputed / GIB:.2f} GiB: one layer recomputed in fp32" if recomputed else "")
     )
     name = f"activations, recompute {'on' if layout.recompute else 'off'}"
     return Item(name, "train", kept + recomputed, note), kept, recomputed
