@@ -28,6 +28,10 @@ What this build uses, and why:
   it), LoRA, model.use_remove_padding, Ulysses. Activation recompute
   (model.enable_gradient_checkpointing) is CUDA only (megatron-core saves the CUDA RNG): refused on CPU.
 - Untested on GPUs so far: everything above ran on CPU gloo ranks only (tests/test_megatron_trainer.py).
+- Open, for the first GPU run: megatron-core's recompute (tensor_parallel.CheckpointFunction) does
+  not restore autocast in backward, so with model.enable_gradient_checkpointing each layer is
+  recomputed in fp32 while its forward ran in bf16 (gradients of a slightly different forward;
+  planner/megatron.py plans that memory). torch.utils.checkpoint per layer would keep autocast.
 """
 
 from __future__ import annotations
