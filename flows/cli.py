@@ -32,6 +32,9 @@ def cmd_run(args) -> None:
     from tasks.stages import prepare
 
     prepare(cfg)  # data and model errors surface here as one line; the flow's prep then hits the cache
+    from flows.preflight import check_resumable
+
+    check_resumable(cfg)  # a preset model's vocab is known once built: a foreign checkpoint in one line
     final = grpo(args.config, args.overrides)
     print(
         f"done: recipe {cfg.recipe}, checkpoints in {cfg.checkpoint_dir}, "
@@ -47,20 +50,47 @@ def cmd_prep(args) -> None:
     print(f"prepared {len(train)} train / {len(test)} test rows in {cfg.data.dir}")
 
 
-def eval_target(target: str, config: str, overrides: list[str]) -> tuple[str, list[str]]:
+# What an eval of a checkpoint takes from the config its run recorded (flows/preflight.checkpoint_state):
+# the dataset, its prepared dir (tokenized with the checkpoint's tokenizer), lengths, reward, eval settings.
+EVAL_KEYS = tuple(
+    """
+    data.data_source data.source data.dir data.max_prompt_length data.filter_overlong_prompts
+    data.val_max_samples rollout.max_response_length rollout.val_temperature
+    reward.function reward.on_error reward.gsm8k_scorer reward.format_score
+    """.split()
+)
+
+
+def eval_target(target: str, config: str | None, overrides: list[str]) -> tuple[str, list[str]]:
     """(recipe, overrides) that evaluate `target`: a recipe's model, or a checkpoint's HF export
-    (`.../global_step_N`, a LoRA run's merged) under the settings of recipe `config`. An eval
+    (`.../global_step_N`, a LoRA run's merged) under the settings of recipe `config`, else of the
+    config the checkpoint's run recorded (EVAL_KEYS over its recipe), else of tiny-cpu. An eval
     resumes nothing, so the training resume guard (a checkpoint dir left by another model or LoRA
     rank) is off: trainer.resume_mode=disable."""
     from pathlib import Path
 
+    from configs.load import CONFIG_DIR, recipe_names
     from flows.evaluate import checkpoint_export
+    from flows.preflight import recorded_config
 
     overrides = list(overrides)
-    hf = checkpoint_export(Path(target))  # ValueError: a checkpoint without its export
+    ckpt = Path(target)
+    hf = checkpoint_export(ckpt)  # ValueError: a checkpoint without its export
     if hf is not None:
+        run = recorded_config(ckpt)
+        if config is None and run:
+            config = run["recipe"] if run.get("recipe") in recipe_names() else "tiny-cpu"
+            overrides = [f"{k}={'null' if run[k] == 'None' else run[k]}" for k in EVAL_KEYS if k in run] + overrides
+        elif config is None:
+            config = "tiny-cpu"
+            print(f"{target}: its checkpoint records no config (an earlier build); evaluating with --config {config}")
         overrides += [f"model.path={hf}", "model.source=hf", "model.lora_rank=0"]
     else:
+        if not (ckpt.suffix in (".yaml", ".yml") and ckpt.is_file() or (CONFIG_DIR / f"{target}.yaml").is_file()):
+            raise ValueError(
+                f"grpo eval {target}: neither a recipe/YAML nor a checkpoint directory; give a YAML path, one of: "
+                f"{', '.join(recipe_names())}, or a checkpoint's global_step_N (with its huggingface/ export)"
+            )
         config = target
     return config, overrides + ["trainer.total_training_steps=1", "trainer.resume_mode=disable"]
 
@@ -117,7 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("eval", help="test accuracy (mean@1) of a recipe's model or of a checkpoint dir")
     s.add_argument("target", help="recipe name/YAML, or a global_step_N checkpoint directory")
     s.add_argument("overrides", nargs="*")
-    s.add_argument("--config", default="tiny-cpu", help="recipe whose settings eval a checkpoint")
+    s.add_argument(
+        "--config",
+        default=None,
+        help="recipe whose settings eval a checkpoint (default: the config its run recorded, else tiny-cpu)",
+    )
     s.set_defaults(fn=cmd_eval)
     s = sub.add_parser(
         "plan",

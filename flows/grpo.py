@@ -23,7 +23,7 @@ from configs.load import load_config
 from configs.schema import GRPOConfig
 from configs.text import count
 from envs import get_env
-from flows.preflight import checkpoint_state, preflight, resume_warnings
+from flows.preflight import check_resumable, checkpoint_state, in_effect, preflight, resume_warnings
 from runtime import checkpoints
 from runtime.killpoints import StepStages
 from runtime.tracking import Tracker, clip_text
@@ -144,6 +144,7 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
     log = get_run_logger()
     env = get_env(cfg.data.data_source)
     model_dir, tokenizer, train, test = stages.prep(cfg)
+    check_resumable(cfg)  # again, now that a preset model is built: its vocab is known, before Ray
     if cfg.data.val_max_samples:
         test = test.iloc[: cfg.data.val_max_samples]
     total = stages.total_steps(cfg, len(train))
@@ -155,13 +156,13 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
     workers, status = None, "FAILED"
     try:
         workers = WorkerGroup(stages.with_total_steps(cfg, total), model_dir)  # the LR schedule's length
-        start = 0
+        start, restored = 0, {}
         ckpt = checkpoints.newest_valid(root) if cfg.trainer.resume_mode == "auto" else None
         if cfg.trainer.resume_mode == "disable":  # start over: reuse nothing an earlier run persisted
             stages.set_aside_rollouts(root, log)
         if ckpt is not None:
             workers.load_checkpoint(str(ckpt))
-            start = checkpoints.step_of(ckpt)
+            start, restored = checkpoints.step_of(ckpt), in_effect(ckpt)
             log.info("resumed from %s", ckpt)
             for line in resume_warnings(cfg, ckpt):
                 log.warning(line)
@@ -223,7 +224,7 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
                             cfg,
                             step,
                             root,
-                            checkpoint_state(cfg, tracker.run_id),
+                            checkpoint_state(cfg, tracker.run_id, restored),
                             last_step,
                         )
                     tracker.log({"timing_s/save_checkpoint": this.timing["timing_s/save_checkpoint"]}, step)

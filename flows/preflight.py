@@ -86,7 +86,11 @@ def model_signature(cfg: GRPOConfig) -> dict:
             "heads": s.heads,
             "kv_heads": s.kv_heads,
             "intermediate": s.intermediate,
+            "vocab": s.vocab,
+            "tie_word_embeddings": s.tie,
         }
+        if cfg.model.source == "random" and not (Path(cfg.model.path) / "config.json").is_file():
+            del shape["vocab"]  # a preset not built yet: its vocab is the tokenizer's, trained at prep
     except ValueError:  # a hub model outside the planner's table: its path stands in
         shape = None
     sig = {
@@ -123,6 +127,10 @@ def check_resumable(cfg: GRPOConfig) -> None:
         return
     want = model_signature(cfg)
     model_key = "shape" if saved.get("shape") and want["shape"] else "model.path"  # shapes when both known
+    if model_key == "shape":  # only the facts both record: a checkpoint of an earlier build lacks some
+        common = [k for k in want["shape"] if k in saved["shape"]]
+        saved["shape"] = {k: saved["shape"][k] for k in common}
+        want = {**want, "shape": {k: want["shape"][k] for k in common}}
     saved["actor.strategy"] = _state_format(saved.get("actor.strategy"))
     keys = (model_key, "model.lora_rank", "actor.strategy", "actor.megatron.tensor_model_parallel_size")
     diff = [k for k in keys if k in want and saved.get(k) != want[k]]
@@ -142,7 +150,7 @@ def check_resumable(cfg: GRPOConfig) -> None:
 RESTORED = ("actor.lr", "actor.betas", "actor.weight_decay")
 TRAINING_KEYS = RESTORED + tuple(
     """
-    data.source data.train_batch_size data.max_prompt_length data.filter_overlong_prompts data.shuffle
+    model.path data.data_source data.source data.train_batch_size data.max_prompt_length data.filter_overlong_prompts data.shuffle
     model.dtype model.lora_alpha model.target_modules
     rollout.n rollout.temperature rollout.top_p rollout.top_k rollout.max_response_length
     actor.lr_warmup_steps actor.lr_warmup_steps_ratio actor.ppo_mini_batch_size actor.ppo_epochs
@@ -155,21 +163,35 @@ TRAINING_KEYS = RESTORED + tuple(
 )
 
 
-def checkpoint_state(cfg: GRPOConfig, mlflow_run_id: str | None) -> dict:
+def recorded_config(ckpt: Path) -> dict[str, str]:
+    """The config checkpoint `ckpt` recorded (checkpoint_state); {} for one of an earlier build."""
+    try:
+        return json.loads((ckpt / "trainer_state.json").read_text()).get("config") or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def in_effect(ckpt: Path) -> dict[str, str]:
+    """The RESTORED keys' values a run resumed from `ckpt` trains with: the checkpoint's own, not
+    the config's. Read once at resume (a later save may rotate `ckpt` away)."""
+    saved = recorded_config(ckpt)
+    return {k: saved[k] for k in RESTORED if k in saved}
+
+
+def checkpoint_state(cfg: GRPOConfig, mlflow_run_id: str | None, restored: dict[str, str] | None = None) -> dict:
     """What the flow writes into each checkpoint's trainer_state.json beside the step: the MLflow
     run to go on logging into, the model signature (check_resumable) and the whole config as
-    dotted keys -> strings (configs.load.flatten; resume_warnings)."""
-    return {"mlflow_run_id": mlflow_run_id, "model": model_signature(cfg), "config": flatten(cfg)}
+    dotted keys -> strings (configs.load.flatten; resume_warnings) as the run uses it: `restored`
+    (in_effect of the checkpoint it resumed from) overrides the config's RESTORED keys."""
+    config = {**flatten(cfg), **{k: v for k, v in (restored or {}).items() if k in RESTORED}}
+    return {"mlflow_run_id": mlflow_run_id, "model": model_signature(cfg), "config": config}
 
 
 def resume_warnings(cfg: GRPOConfig, ckpt: Path) -> list[str]:
     """One line per TRAINING_KEYS key whose value in cfg differs from the config the checkpoint
     `ckpt` (global_step_<N>) was written with, naming both values and the one the run uses. No
     lines for a checkpoint of an earlier build, which recorded no config."""
-    try:
-        saved = json.loads((ckpt / "trainer_state.json").read_text()).get("config") or {}
-    except (OSError, ValueError):
-        return []
+    saved = recorded_config(ckpt)
     now, step = flatten(cfg), checkpoints.step_of(ckpt)
     lines = []
     for key in TRAINING_KEYS:
@@ -181,6 +203,12 @@ def resume_warnings(cfg: GRPOConfig, ckpt: Path) -> list[str]:
                 f"the checkpoint's {old} stays in effect, not the config's {new} (restored with the "
                 f"optimizer state); to train with {new}, start over: trainer.resume_mode=disable or "
                 "another trainer.default_local_dir"
+            )
+        elif key == "model.path":
+            effect = (
+                f"training goes on from the checkpoint's weights (trained from {old}); {new} gives only the "
+                f"model files and tokenizer; to train {new} itself, start over: trainer.resume_mode=disable "
+                "or another trainer.default_local_dir"
             )
         else:
             effect = f"the config's {new} takes effect from step {step + 1} (the checkpoint was written with {old})"
