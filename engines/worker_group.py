@@ -58,8 +58,13 @@ def init_ray(device: str = "cuda") -> None:
             include_dashboard=False,
             runtime_env=env,
             log_to_driver=True,
-            num_cpus=max(2, os.cpu_count() or 1),
+            num_cpus=local_ray_cpus(),
         )
+
+
+def local_ray_cpus() -> int:
+    """The CPUs a local Ray (init_ray without RAY_ADDRESS) offers: one per core, at least 2."""
+    return max(2, os.cpu_count() or 1)
 
 
 def local_gpu_count() -> int:
@@ -69,20 +74,33 @@ def local_gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def check_resources(cfg: GRPOConfig) -> None:
-    """Fail within seconds, naming both numbers, when the cluster is smaller than the recipe
-    (GPUs; on CPU one core per rank), rather than wait for a placement group that never forms."""
-    import ray
+class ClusterTooSmall(ValueError):
+    """Fewer GPUs (on CPU: cores) than the recipe has ranks: bad input, one line, never retried."""
 
+
+def check_rank_count(cfg: GRPOConfig, have: int, where: str) -> None:
+    """Raises ClusterTooSmall naming both numbers and the fix when `have` GPUs (trainer.device=cuda;
+    on CPU one core per rank) cannot hold cfg.world_size ranks; `where`: what has them."""
     kind = "GPU" if cfg.trainer.device == "cuda" else "CPU"
-    have = int(ray.cluster_resources().get(kind, 0))
     need = cfg.world_size
     if have < need:
-        raise RuntimeError(
+        raise ClusterTooSmall(
             f"recipe '{cfg.recipe}' needs {need} {kind}s (trainer.n_gpus_per_node={cfg.trainer.n_gpus_per_node} x "
-            f"trainer.nnodes={cfg.trainer.nnodes}) but the Ray cluster has {have}; run it on a larger cluster "
+            f"trainer.nnodes={cfg.trainer.nnodes}) but {where} {have}; run it on a larger cluster "
             f"(RAY_ADDRESS) or lower trainer.n_gpus_per_node"
         )
+
+
+def check_resources(cfg: GRPOConfig) -> None:
+    """Fail within seconds, naming both numbers, when the cluster is smaller than the recipe
+    (GPUs; on CPU one core per rank), rather than wait for a placement group that never forms.
+    Starts (or joins) Ray. The flow calls it before the MLflow run and the checkpoint dir exist;
+    for a local Ray, flows/preflight.py says the same before any work."""
+    import ray
+
+    init_ray(cfg.trainer.device)
+    kind = "GPU" if cfg.trainer.device == "cuda" else "CPU"
+    check_rank_count(cfg, int(ray.cluster_resources().get(kind, 0)), "the Ray cluster has")
 
 
 class WorkerOOMError(RuntimeError):
@@ -229,8 +247,8 @@ class WorkerGroup:
 
     def __init__(self, cfg: GRPOConfig, model_dir: str):
         """Start the actors on `model_dir` once the cluster has the GPUs (check_resources) and each
-        node the host RAM (check_host_memory) the recipe plans. Raises RuntimeError (too few GPUs)
-        or ValueError (too little host RAM), one line each."""
+        node the host RAM (check_host_memory) the recipe plans. Raises ClusterTooSmall (too few
+        GPUs) or ValueError (too little host RAM), one line each."""
         import ray
         from ray.util.placement_group import (
             placement_group,
@@ -241,8 +259,7 @@ class WorkerGroup:
 
         from engines.worker import GRPOWorker, master_address
 
-        init_ray(cfg.trainer.device)
-        check_resources(cfg)
+        check_resources(cfg)  # init_ray too
         self.cfg, self.world_size = cfg, cfg.world_size
         gpu = cfg.trainer.device == "cuda"
         bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}

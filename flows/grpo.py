@@ -132,7 +132,7 @@ _FINAL: dict[str, BaseException] = {}
 @flow(name="grpo", log_prints=True, retries=1, retry_delay_seconds=5)
 def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[str, float]:
     """Train a policy with GRPO. `config`: recipe name or YAML path; `overrides`: ["key=value", ...]."""
-    from engines.worker_group import WorkerGroup, WorkerOOMError
+    from engines.worker_group import WorkerGroup, WorkerOOMError, check_resources
 
     run_id = str(runtime.flow_run.id)
     if run_id in _FINAL:
@@ -149,6 +149,11 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
         test = test.iloc[: cfg.data.val_max_samples]
     total = stages.total_steps(cfg, len(train))
     root = Path(cfg.checkpoint_dir)
+    try:  # a cluster too small for the ranks: before the MLflow run and the checkpoint dir exist
+        check_resources(cfg)
+    except ValueError as e:
+        _FINAL[run_id] = e
+        raise
     tracker = Tracker(cfg, root, _tags(cfg))
     announce(tracker, log)
     for df, split, context in ((train, "train", "training"), (test, "test", "evaluation")):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from configs.load import flatten
@@ -57,6 +58,8 @@ def preflight(cfg: GRPOConfig) -> None:
             arch=cfg.model.arch,
             model_dir=cfg.model.path if cfg.model.source == "hf" else None,
         )
+    check_model_fit(cfg)
+    check_local_ray(cfg)
     for key, path in (("trainer.default_local_dir", cfg.checkpoint_dir), ("data.dir", cfg.data.dir)):
         _check_writable(key, Path(path))
     check_tracking_uri(cfg)
@@ -217,9 +220,135 @@ def resume_warnings(cfg: GRPOConfig, ckpt: Path) -> list[str]:
 
 
 def _check_writable(key: str, path: Path) -> None:
-    """The nearest existing ancestor must be a writable directory (nothing is created here)."""
+    """The nearest existing ancestor must be a directory this process can create entries in: a
+    probe directory is made there and removed (os.access says yes for root even on /proc or a
+    read-only mount; nothing is left behind)."""
     p = path.expanduser().absolute()
     while not p.exists():
         p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
-        raise ValueError(f"{key}={path}: {p} is not a writable directory; choose a writable location")
+    why = "not a directory" if not p.is_dir() else _probe_write(p)
+    if why:
+        raise ValueError(f"{key}={path}: {p} is not a writable directory ({why}); choose a writable location")
+
+
+def _probe_write(directory: Path) -> str | None:
+    """Why nothing can be created in `directory` (None if a probe directory could be made and removed)."""
+    try:
+        probe = tempfile.mkdtemp(prefix=".grpo-write-probe-", dir=directory)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    os.rmdir(probe)
+    return None
+
+
+def check_local_ray(cfg: GRPOConfig) -> None:
+    """A CPU run on the local Ray (no RAY_ADDRESS) gets one CPU per core of this machine
+    (engines/worker_group.py local_ray_cpus) and needs one per rank: more ranks are refused here,
+    in the words of the flow's check_resources, not once Ray is up. GPUs: preflight's own check."""
+    if cfg.trainer.device != "cpu" or os.environ.get("RAY_ADDRESS"):
+        return
+    from engines.worker_group import check_rank_count, local_ray_cpus
+
+    check_rank_count(cfg, local_ray_cpus(), "the local Ray (one CPU per core of this machine) has")
+
+
+def check_model_fit(cfg: GRPOConfig) -> None:
+    """What the config asks of the model's shape and context, before any work, from its config.json
+    fields (planner.shapes.model_config: a local config.json, a preset or the published table; a
+    hub model outside the table is left to the backends): every parallel size must split its heads
+    (planner.shape_problems, the rules the backends refuse at start-up: Ulysses, vLLM's tensor
+    parallelism, Megatron's), and the context vLLM is given must fit the model's (context_problem)."""
+    from planner import shape_problems
+    from planner.shapes import model_config, shape_from_hf
+
+    try:
+        conf, source = model_config(cfg)
+        shape = shape_from_hf(conf)
+    except (ValueError, KeyError):  # unknown (hub) model, or config.json without the size fields
+        return
+    problems = [problem.partition("; ") for problem in shape_problems(cfg, shape)]
+    if problems:  # each: what cannot split, (the shape's source), the fix
+        raise ValueError(
+            "; ".join(
+                f"{what} (the model's shape from {source}); {fix or 'choose a size that does'}"
+                for what, _, fix in problems
+            )
+        )
+    problem = context_problem(cfg, conf, source)
+    if problem:
+        raise ValueError(problem)
+
+
+# vLLM's rule for the longest context a model allows (vllm/config/model.py, _get_and_verify_max_len):
+# the smallest of these config.json fields and the tokenizer's model_max_length, times the RoPE
+# scaling factor unless its type already counts it in max_position_embeddings.
+CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_target_positions",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+PRESCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def context_limit(conf: dict, model_dir: Path | None = None) -> tuple[int, str] | None:
+    """(tokens, what sets them) of the longest context the model of config.json fields `conf` (its
+    tokenizer's files in `model_dir`, if local) allows, by vLLM's rule; None if no field says."""
+    found = [(conf[k], f"{k}={conf[k]}") for k in CONTEXT_KEYS if isinstance(conf.get(k), int)]
+    tokenizer = model_dir / "tokenizer_config.json" if model_dir is not None else None
+    if tokenizer is not None and tokenizer.is_file():
+        try:
+            n = json.loads(tokenizer.read_text()).get("model_max_length")
+        except ValueError:
+            n = None
+        if isinstance(n, int):
+            found.append((n, f"the tokenizer's model_max_length={n}"))
+    if not found:
+        return None
+    limit, what = min(found)
+    rope = conf.get("rope_scaling") or conf.get("rope_parameters") or {}
+    factor = rope.get("factor") if isinstance(rope, dict) else None
+    if (
+        isinstance(factor, (int, float))
+        and factor > 0
+        and (rope.get("rope_type") or rope.get("type")) not in PRESCALED_ROPE
+    ):
+        limit, what = int(limit * factor), f"{what} x rope_scaling factor {factor}"
+    return limit, what
+
+
+def context_problem(cfg: GRPOConfig, conf: dict, source: str) -> str | None:
+    """Why the context vLLM gets (rollout.max_model_len, else data.max_prompt_length +
+    rollout.max_response_length) exceeds what the model allows (context_limit), naming the keys,
+    the numbers and the fix; None if it fits, if unknown, or with VLLM_ALLOW_LONG_MAX_MODEL_LEN
+    (vLLM then allows it, warning)."""
+    if os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").strip().lower() in ("1", "true"):
+        return None
+    local = Path(source).parent if source.endswith("config.json") else None
+    found = context_limit(conf, local)
+    prompt, response, set_len = cfg.data.max_prompt_length, cfg.rollout.max_response_length, cfg.rollout.max_model_len
+    want = set_len or prompt + response
+    if found is None or want <= found[0]:
+        return None
+    limit, what = found
+    if prompt + response > limit:
+        fix = (
+            f"lower rollout.max_response_length to at most {limit - prompt}"
+            if prompt < limit
+            else f"lower data.max_prompt_length and rollout.max_response_length to at most {limit} together"
+        )
+        if set_len:
+            fix += f" and rollout.max_model_len to at most {limit} (or null)"
+    else:
+        fix = f"lower rollout.max_model_len to at most {limit} (or null)"
+    asked = (
+        f"rollout.max_model_len={set_len}"
+        if set_len
+        else f"data.max_prompt_length+rollout.max_response_length={prompt}+{response}={want}"
+    )
+    return f"{asked} is more than the model's context of {limit} tokens ({what}, {source}): vLLM refuses it; {fix}"

@@ -128,23 +128,31 @@ PUBLISHED_HUB_CONFIGS: dict[str, dict] = {
 }
 
 
-def model_shape(cfg: GRPOConfig) -> tuple[Shape, str]:
-    """The policy's shape and where it came from: a local config.json, a preset, or the table."""
+def model_config(cfg: GRPOConfig) -> tuple[dict, str]:
+    """The policy's config.json fields and where they came from: a local config.json, a preset, or
+    the table. Raises ValueError for a hub id outside the table (no network here)."""
     model = cfg.model
     local = Path(model.path) / "config.json"
     if local.is_file():
-        return shape_from_hf(json.loads(local.read_text())), str(local)
+        return json.loads(local.read_text()), str(local)
     if model.source == "random":
         if model.arch not in ARCH_PRESETS:
             raise ValueError(f"model.arch={model.arch!r} is not a preset; choose one of {sorted(ARCH_PRESETS)}")
         # tiny's vocab is the trained tokenizer's size rounded to 64, known only after the build.
-        preset = {"vocab_size": 1024, "model_type": "qwen2", **ARCH_PRESETS[model.arch]}
-        return shape_from_hf(preset), f"engines.models.ARCH_PRESETS[{model.arch!r}]"
+        return {"vocab_size": 1024, "model_type": "qwen2", **ARCH_PRESETS[model.arch]}, (
+            f"engines.models.ARCH_PRESETS[{model.arch!r}]"
+        )
     if model.source == "gguf":
-        return shape_from_hf(PUBLISHED_HUB_CONFIGS["HuggingFaceTB/SmolLM2-135M-Instruct"]), "SmolLM2 table"
+        return PUBLISHED_HUB_CONFIGS["HuggingFaceTB/SmolLM2-135M-Instruct"], "SmolLM2 table"
     if model.path in PUBLISHED_HUB_CONFIGS:
-        return shape_from_hf(PUBLISHED_HUB_CONFIGS[model.path]), "PUBLISHED_HUB_CONFIGS"
+        return PUBLISHED_HUB_CONFIGS[model.path], "PUBLISHED_HUB_CONFIGS"
     raise ValueError(
         f"model.path={model.path}: no config.json there and not a known hub id; give a local "
         f"HF dir or one of: {', '.join(PUBLISHED_HUB_CONFIGS)}"
     )
+
+
+def model_shape(cfg: GRPOConfig) -> tuple[Shape, str]:
+    """The policy's shape and where it came from: a local config.json, a preset, or the table."""
+    conf, source = model_config(cfg)
+    return shape_from_hf(conf), source
