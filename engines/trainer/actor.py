@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from abc import abstractmethod
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -27,9 +28,15 @@ from planner.hardware import peak_bf16_tflops, train_flops
 
 class GRPOActor(TrainerBackend):
     """Backend-independent GRPO update. Subclasses set: cfg, model, optimizer, scheduler, device
-    (torch.device), world (ranks), sp (Ulysses group size; 1 without), n_params, hf_config (the HF
+    (torch.device), compute_dtype (the autocast dtype), world (ranks), sp (Ulysses group size; 1 without), n_params, hf_config (the HF
     model config: layers, hidden size), bad_steps (int, skipped steps so far) and _offload (an
     engines/trainer/offload.py Offloader over their model, reference and optimizer)."""
+
+    def _autocast(self):
+        """bf16 (model.dtype) autocast for the forward on CUDA; a no-op on CPU or in fp32."""
+        if self.device.type == "cuda" and self.compute_dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.compute_dtype)
+        return nullcontext()
 
     # ---- memory between uses (engines/trainer/offload.py) -------------------------------------
     def to_host(self) -> None:

@@ -186,11 +186,6 @@ class FSDPTrainer(GRPOActor):
         return self._sum(values, op=dist.ReduceOp.MAX)
 
     # ---- forward ----------------------------------------------------------------------------
-    def _autocast(self):
-        if self.device.type == "cuda" and self.compute_dtype != torch.float32:
-            return torch.autocast("cuda", dtype=self.compute_dtype)
-        return nullcontext()
-
     def _forward(self, model, prompts, responses, with_entropy: bool):
         """Per-token log-probs (and entropy) of responses under `model`: [B, R] tensors, the mask,
         and which of the given samples the rows are: all of them, or with Ulysses this rank's

@@ -36,7 +36,6 @@ What this build uses, and why:
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -149,11 +148,6 @@ class MegatronTrainer(GRPOActor):
         return self._sum(values, op=dist.ReduceOp.MAX)
 
     # ---- forward ----------------------------------------------------------------------------
-    def _autocast(self):
-        if self.device.type == "cuda" and self.compute_dtype != torch.float32:
-            return torch.autocast("cuda", dtype=self.compute_dtype)
-        return nullcontext()
-
     def _forward(self, model, prompts, responses, with_entropy: bool):
         """Per-token log-probs (and entropy) of responses under `model`: [B, R] tensors, the mask,
         and the rows (all of them: the tp ranks share the samples). Layout as the FSDP2 path's:
