@@ -144,7 +144,13 @@ def bench_rollout(w, a, cfg) -> dict:
         for k, v in rollout_cfg.items():
             setattr(r, k, v)
         sampling = dict(
-            n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=max_tokens, seeds=seeds
+            n=r.n,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_tokens=max_tokens,
+            seeds=seeds,
+            logprobs=r.calculate_log_probs,
         )
         w.sync_weights()  # as in the flow: the update's sync comes right before the next rollout
         ro.wake_up, ro.sleep, llm.generate = (

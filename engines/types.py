@@ -48,8 +48,10 @@ ROLLOUT_COLUMNS = {**GENERATED, **ADDED, **SCORED}
 class SamplingSpec:
     """How one generate call samples: n responses per prompt, prompt i drawn with seeds[i] (so a
     retry, a resume or another number of engines draws the same); temperature 0 is greedy, top_k -1
-    all tokens; max_tokens caps each response (tokens). Built once per purpose from the config:
-    `for_training` (rollout.*) and `for_eval` (greedy by default, rollout.val_temperature)."""
+    all tokens; max_tokens caps each response (tokens); logprobs: also return each sampled token's
+    log-prob (nats). Built once per purpose from the config: `for_training` (rollout.*, log-probs
+    where rollout.calculate_log_probs) and `for_eval` (greedy by default, rollout.val_temperature;
+    never log-probs: nothing reads them)."""
 
     n: int
     temperature: float
@@ -57,6 +59,7 @@ class SamplingSpec:
     top_k: int
     max_tokens: int
     seeds: list[int]
+    logprobs: bool = False
 
     @classmethod
     def for_training(cls, cfg: "GRPOConfig", seeds: list[int]) -> "SamplingSpec":
@@ -70,6 +73,7 @@ class SamplingSpec:
             top_k=r.top_k,
             max_tokens=r.max_response_length,
             seeds=list(seeds),
+            logprobs=r.calculate_log_probs,
         )
 
     @classmethod

@@ -38,7 +38,8 @@ def _worker(tmp_path, *overrides):
 
 
 def _vllm_vs_trainer(worker, prompts):
-    sampling = dict(n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=24, seeds=list(range(len(prompts))))
+    seeds = list(range(len(prompts)))
+    sampling = dict(n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=24, seeds=seeds, logprobs=True)
     out = worker.generate(prompts, sampling)
     responses = [o["response_ids"] for o in out]
     trainer = worker.compute_log_prob(prompts, responses)
@@ -95,7 +96,7 @@ def test_vllm_logprobs_match_trainer_after_weight_update(tmp_path, gsm8k, mode):
 def test_per_prompt_seeds_ignore_the_batch_and_leave_the_trainer_rng_alone(tmp_path, gsm8k):
     """A prompt's samples depend on its seed only, not on the prompts beside it (so a retry, a
     resume or another number of engines draws the same); generate does not move the worker's
-    torch RNG (saved in checkpoints); no log-probs unless rollout.calculate_log_probs."""
+    torch RNG (saved in checkpoints); no log-probs unless the sampling asks (SamplingSpec.logprobs)."""
     worker, _ = _worker(tmp_path, "rollout.calculate_log_probs=false")
     p0, p1 = _prompts(worker)
     sampling = dict(n=2, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=16)

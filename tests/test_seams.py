@@ -77,7 +77,7 @@ class FakeRollout(RolloutEngine):
     def __init__(self, cfg, model_dir, rank=0):
         self.sleep_mode, self.asleep, self.weights = True, set(), None
 
-    def generate(self, prompts, *, n, temperature, top_p, top_k, max_tokens, seeds):
+    def generate(self, prompts, *, n, temperature, top_p, top_k, max_tokens, seeds, logprobs=False):
         assert not self.asleep, f"generate while {self.asleep} sleep"
         CALLS.append(("generate",))
         return [
@@ -206,7 +206,7 @@ def _factories_main(rank: int) -> None:
     trainer, rollout = build_trainer(cfg), build_rollout(cfg)
     try:
         assert type(trainer) is FSDPTrainer and type(rollout) is VLLMRollout
-        out = rollout.generate([[5, 6, 7]], **SAMPLING)
+        out = rollout.generate([[5, 6, 7]], **SAMPLING, logprobs=True)
         logp = trainer.compute_log_prob([[5, 6, 7]] * 2, [o["response_ids"] for o in out])
         assert [len(x) for x in logp] == [len(o["response_ids"]) for o in out]
         diff = max(float(np.abs(np.asarray(o["rollout_log_probs"]) - x).max()) for o, x in zip(out, logp))
@@ -224,12 +224,15 @@ def test_the_factories_build_the_real_trainer_and_engine_from_config_alone(gsm8k
 
 def test_sampling_specs_come_from_the_config_once():
     """Training samples as rollout.* says; eval one greedy sample (rollout.val_temperature) over the
-    whole vocabulary; a share of the prompts keeps everything but its seeds."""
+    whole vocabulary, without log-probs (tiny-cpu's training asks for them: rollout.calculate_log_probs);
+    a share of the prompts keeps everything but its seeds."""
     cfg = load_config("tiny-cpu", ["rollout.top_p=0.9", "rollout.top_k=50"])
     train = SamplingSpec.for_training(cfg, [3, 4])
-    assert train.as_kwargs() == dict(n=4, temperature=1.0, top_p=0.9, top_k=50, max_tokens=32, seeds=[3, 4])
+    assert train.as_kwargs() == dict(
+        n=4, temperature=1.0, top_p=0.9, top_k=50, max_tokens=32, seeds=[3, 4], logprobs=True
+    )
     assert SamplingSpec.for_eval(cfg, [5]).as_kwargs() == dict(
-        n=1, temperature=0.0, top_p=1.0, top_k=-1, max_tokens=32, seeds=[5]
+        n=1, temperature=0.0, top_p=1.0, top_k=-1, max_tokens=32, seeds=[5], logprobs=False
     )
     assert train.with_seeds([4]) == SamplingSpec.for_training(cfg, [4])
 

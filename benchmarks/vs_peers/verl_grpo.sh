@@ -7,7 +7,9 @@
 # Attention is SDPA and remove-padding off: verl's defaults (flash_attention_2, and remove-padding
 # through flash-attn's varlen kernels) need the flash-attn package, which the GPU image lacks and
 # PyPI has only as a source build. TRL must not be importable (tools/device/gpu_issue14.sh setup).
-#   benchmarks/vs_peers/verl_grpo.sh STEPS DATA_DIR MODEL_DIR [extra hydra overrides]
+# Val: verl_reward.py's "acc" (strict, no format credit) is val-core/openai/gsm8k/acc/mean@1 and
+# "flexible" val-aux/.../flexible/mean@1, at step 0 and every TEST_FREQ steps (default: the end).
+#   [TEST_FREQ=K] benchmarks/vs_peers/verl_grpo.sh STEPS DATA_DIR MODEL_DIR [extra hydra overrides]
 set -uo pipefail
 steps=$1 data=$2 model=$3; shift 3
 here=$(cd "$(dirname "$0")" && pwd)
@@ -29,5 +31,5 @@ python3 -m verl.trainer.main_ppo \
   actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=64 \
   reward.custom_reward_function.path="$here/verl_reward.py" reward.custom_reward_function.name=compute_score \
   trainer.logger='["console"]' trainer.project_name=issue14 trainer.experiment_name=smollm2-verl \
-  trainer.n_gpus_per_node=1 trainer.nnodes=1 trainer.save_freq=-1 trainer.test_freq="$steps" \
+  trainer.n_gpus_per_node=1 trainer.nnodes=1 trainer.save_freq=-1 trainer.test_freq="${TEST_FREQ:-$steps}" \
   trainer.val_before_train=True trainer.total_training_steps="$steps" trainer.total_epochs=1 "$@"

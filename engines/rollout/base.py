@@ -32,9 +32,11 @@ class RolloutEngine(ABC):
         top_k: int,
         max_tokens: int,
         seeds: list[int],
+        logprobs: bool = False,
     ) -> list[dict]:
         """n samples for each prompt (token ids), prompt i drawn with its own seed seeds[i]
-        (temperature 0: greedy; top_k -1: all tokens; max_tokens: response tokens at most). One row
+        (temperature 0: greedy; top_k -1: all tokens; max_tokens: response tokens at most;
+        logprobs: fill rollout_log_probs, else it is empty). One row
         per sample, prompt by prompt: the columns of engines/types.py GENERATED (prompt_index,
         sample_index, response_ids, response_text, rollout_log_probs, finish_reason). Needs the
         engine awake."""

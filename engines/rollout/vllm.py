@@ -97,9 +97,11 @@ class VLLMRollout(RolloutEngine):
         top_k: int,
         max_tokens: int,
         seeds: list[int],
+        logprobs: bool = False,
     ) -> list[dict]:
         """n samples per prompt: token ids, text, finish reason (and sampling log-probs, nats after
-        temperature, if rollout.calculate_log_probs; else []).
+        temperature, if `logprobs`: SamplingSpec.for_training sets it from rollout.calculate_log_probs;
+        else []).
 
         Each prompt carries its own seed, so a retried or resumed rollout draws the same samples,
         whatever the batch around it or the number of engines.
@@ -107,7 +109,6 @@ class VLLMRollout(RolloutEngine):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        r = self.cfg.rollout
         greedy = temperature == 0.0
         # flat_logprobs: vLLM keeps each request's log-probs in a few flat lists instead of one
         # dict + Logprob object per generated token (benchmarks/BENCHMARKS.md, rollout row).
@@ -117,7 +118,7 @@ class VLLMRollout(RolloutEngine):
             top_p=1.0 if greedy else top_p,
             top_k=-1 if greedy else top_k,
             max_tokens=max_tokens,
-            logprobs=0 if r.calculate_log_probs else None,
+            logprobs=0 if logprobs else None,
             flat_logprobs=True,
         )
         params = [SamplingParams(**common, seed=s) for s in seeds]
