@@ -107,9 +107,10 @@ class RolloutConfig(_Section):
     """Return vLLM's log-prob of each sampled token, for the `training/rollout_probs_diff_*` check
     of weight sync, against old_log_prob (off-policy) or the update's own forward (on-policy
     steps). A diagnostic only: the loss never uses them (cost: benchmarks/BENCHMARKS.md, section 1)."""
-    max_num_seqs: int = Field(1024, ge=1)
-    """Most sequences vLLM decodes at once (its max_num_seqs): larger batches decode faster but need
-    more KV cache."""
+    max_num_seqs: int = Field(256, ge=1)
+    """Most sequences vLLM decodes at once (its max_num_seqs; 256 as the reference framework's
+    default): larger batches decode faster but need more KV cache. A rollout of more samples than
+    this (train_batch_size x rollout.n) or a larger eval set is decoded in waves."""
     max_model_len: int | None = Field(None, ge=1)
     """vLLM's context length (prompt + response tokens). None: data.max_prompt_length +
     rollout.max_response_length; a set value must be at least that, or vLLM would cut responses

@@ -74,10 +74,10 @@ def test_the_32b_recipe_by_hand():
     assert 2 * full + 16 * response < 20 * response
     assert items["logits + fp32 log-prob copies"] == 20 * response == 2_335_703_040
     assert items["gradient all-reduce buffer"] == 0  # DP 1
-    # vLLM: bf16 / TP 8; profile at max(8192, max_model_len 8192) tokens + 1024 sequences (rollout.max_num_seqs, the reference default)' logits; KV the rest.
+    # vLLM: bf16 / TP 8; profile at max(8192, max_model_len 8192) tokens + 256 sequences' logits; KV the rest.
     budget = 0.6 * H20
     vllm_weights = 2 * P32 / 8
-    vllm_act = 8192 * (4 * INTER // 8 + 8 * H) + 8 * 1024 * VOCAB
+    vllm_act = 8192 * (4 * INTER // 8 + 8 * H) + 8 * 256 * VOCAB
     assert items["vLLM weights (bf16)"] == vllm_weights
     assert items["vLLM activations + CUDA graphs"] == vllm_act + GIB / 2
     assert items["vLLM KV cache"] == pytest.approx(budget - vllm_weights - vllm_act - GIB / 2, rel=1e-12)

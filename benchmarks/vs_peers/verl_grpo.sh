@@ -2,7 +2,7 @@
 # verl (PyPI verl 0.9.1) GRPO entry point, FSDP + vLLM colocated (its defaults), on the work of
 # recipe smollm2-135m-1xh200: same model dir, parquet (our prep writes the reference's columns:
 # prompt, data_source, reward_model.ground_truth, extra_info), batch 64 x n 8, 256-token responses,
-# lr 1e-5, mini-batch 32, micro 64, KL loss low_var_kl 0.001, reward = reference scorer with
+# lr 1e-5, mini-batch 32, micro 64, vLLM max_num_seqs 1024 (the recipe's; verl's default is 256), KL loss low_var_kl 0.001, reward = reference scorer with
 # format_score 0.1 (verl_reward.py), full test set val before training and at the end.
 # Attention is SDPA and remove-padding off: verl's defaults (flash_attention_2, and remove-padding
 # through flash-attn's varlen kernels) need the flash-attn package, which the GPU image lacks and
@@ -27,6 +27,7 @@ python3 -m verl.trainer.main_ppo \
   actor_rollout_ref.actor.entropy_coeff=0 \
   actor_rollout_ref.rollout.name=vllm actor_rollout_ref.rollout.n=8 \
   actor_rollout_ref.rollout.tensor_model_parallel_size=1 actor_rollout_ref.rollout.gpu_memory_utilization=0.4 \
+  actor_rollout_ref.rollout.max_num_seqs=1024 \
   actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64 \
   actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=64 \
   reward.custom_reward_function.path="$here/verl_reward.py" reward.custom_reward_function.name=compute_score \
