@@ -14,11 +14,15 @@ What each rank keeps in host memory (engines/trainer/offload.py, engines/weight_
 - on CPU (trainer.device=cpu) everything is host memory: the trainer's whole state, vLLM-CPU's
   weights and its KV cache (rollout.gpu_memory_utilization x node RAM, split over the node's ranks);
 - a fixed per-process part (HOST_PROCESS_GIB);
-- while loading, `from_pretrained(dtype=float32)` builds the whole fp32 model on every rank before
-  FSDP2 shards it (4 B x all parameters): the load peak, which for large models exceeds the steady
-  figure. Measured on CPU (a 187M-parameter Qwen2 saved in bf16, 2026-11-30): RSS rose by 1.52 x 4P,
-  4P of fp32 tensors + the bf16 file mapped (2P, page cache that the kernel can reclaim, so not
-  counted here: Ray's monitor counts the node's used memory, total - available);
+- while loading (the load peak): one rank's `from_pretrained(dtype=float32)` builds the whole fp32
+  model (4 B x all parameters). Measured on CPU (a 187M-parameter Qwen2 saved in bf16, 2026-11-30):
+  RSS rose by 1.52 x 4P, 4P of fp32 tensors + the bf16 file mapped (2P, page cache that the kernel
+  can reclaim, so not counted here: Ray's monitor counts the node's used memory, total -
+  available). Sharded, the model is built on the meta device and each rank reads only its rows of
+  one tensor at a time into its shards (engines/trainer/load.py; load_peak_item). Measured on CPU
+  (a 155.7M-parameter untied Qwen2 saved in bf16, 2 gloo ranks, 2026-12-07): peak RssAnon rose by
+  308 MiB per rank, its fp32 shards (4P / 2 = 297 MiB) + 11 MiB; the whole-model load rose by
+  624 MiB (4P = 594 MiB) before sharding;
 - the Megatron trainer (actor.strategy=megatron) instead offloads its rank's TP shard as
   planner/megatron.py plans it (fp32 weights with their fp32 gradients and the reference in
   model.dtype; the fp32 AdamW moments), through the same Offloader, and loads from the safetensors
@@ -97,41 +101,45 @@ def process_item(device: str) -> Item:
     return Item(name, None, HOST_PROCESS_GIB[device] * GIB, "HOST_PROCESS_GIB (planner/host.py)")
 
 
-def fsdp_state_items(cfg: GRPOConfig, shape: Shape, shard: int) -> list[Item]:
-    """The FSDP2 trainer's state in host RAM, bytes per rank (all / S, the FSDP shard count).
-
-    With actor.param_offload (or on CPU): fp32 master weights 4 B x P, the LoRA adapter 4 B x P_lora,
-    gradients 4 B x P_train (moved with the weights), and the reference for full fine-tuning with a
-    KL loss, 2 B x P (bf16; on CPU in float32 4 B). With actor.optimizer_offload (or on CPU): the
-    AdamW moments, 2 x 4 B x P_train."""
+def fsdp_weight_items(cfg: GRPOConfig, shape: Shape, shard: int) -> list[Item]:
+    """The FSDP2 trainer's weights, bytes per rank (all / S, the FSDP shard count), wherever they
+    are: fp32 master weights 4 B x P, the LoRA adapter 4 B x P_lora, and the reference for full
+    fine-tuning with a KL loss, 2 B x P (bf16; on CPU in float32 4 B)."""
     actor, model, device = cfg.actor, cfg.model, cfg.trainer.device
     lora = model.lora_rank > 0
     n_params, n_lora = shape.n_params(), shape.lora_params(model.lora_rank, model.target_modules)
-    n_trainable = n_lora if lora else n_params
+    note = f" / {shard} (FSDP shard)" if shard > 1 else ""
+    why = "CPU trainer" if device == "cpu" else "actor.param_offload"
+    items = [
+        Item("actor weights (fp32 master)", None, 4 * n_params / shard, f"{why}: {n_params / 1e9:.3f}B x 4 B{note}")
+    ]
+    if lora:
+        items.append(Item("LoRA adapter (fp32)", None, 4 * n_lora / shard, f"{why}: {n_lora / 1e6:.1f}M x 4 B{note}"))
+    if actor.use_kl_loss and not lora:
+        ref_bytes = 4 if device == "cpu" and model.dtype == "float32" else 2
+        name = f"reference model ({'fp32' if ref_bytes == 4 else 'bf16'})"
+        items.append(Item(name, None, ref_bytes * n_params / shard, f"{why}{note}"))
+    return items
+
+
+def fsdp_state_items(cfg: GRPOConfig, shape: Shape, shard: int) -> list[Item]:
+    """The FSDP2 trainer's state in host RAM, bytes per rank (all / S, the FSDP shard count).
+
+    With actor.param_offload (or on CPU): the weights (fsdp_weight_items) and the gradients,
+    4 B x P_train (moved with the weights). With actor.optimizer_offload (or on CPU): the AdamW
+    moments, 2 x 4 B x P_train."""
+    actor, model, device = cfg.actor, cfg.model, cfg.trainer.device
+    n_lora = shape.lora_params(model.lora_rank, model.target_modules)
+    n_trainable = n_lora if model.lora_rank > 0 else shape.n_params()
     note = f" / {shard} (FSDP shard)" if shard > 1 else ""
     params_why = "CPU trainer" if device == "cpu" else "actor.param_offload"
     optimizer_why = "CPU trainer" if device == "cpu" else "actor.optimizer_offload"
     items = []
     if device == "cpu" or actor.param_offload:
-        items.append(
-            Item(
-                "actor weights (fp32 master)",
-                None,
-                4 * n_params / shard,
-                f"{params_why}: {n_params / 1e9:.3f}B x 4 B{note}",
-            )
-        )
-        if lora:
-            items.append(
-                Item("LoRA adapter (fp32)", None, 4 * n_lora / shard, f"{params_why}: {n_lora / 1e6:.1f}M x 4 B{note}")
-            )
+        items += fsdp_weight_items(cfg, shape, shard)
         items.append(
             Item("gradients (fp32)", None, 4 * n_trainable / shard, f"{params_why}: moved with the weights{note}")
         )
-        if actor.use_kl_loss and not lora:
-            ref_bytes = 4 if device == "cpu" and model.dtype == "float32" else 2
-            name = f"reference model ({'fp32' if ref_bytes == 4 else 'bf16'})"
-            items.append(Item(name, None, ref_bytes * n_params / shard, f"{params_why}{note}"))
     if device == "cpu" or actor.optimizer_offload:
         items.append(
             Item("AdamW states (exp_avg, exp_avg_sq)", None, 8 * n_trainable / shard, f"{optimizer_why}: 2 x 4 B{note}")
@@ -211,24 +219,53 @@ def vllm_host_items(cfg: GRPOConfig, shape: Shape, node_ram: float) -> list[Item
     return []
 
 
-def load_peak_item(cfg: GRPOConfig, shape: Shape) -> Item:
-    """The load peak of one rank, process included. FSDP2: `from_pretrained(dtype=float32)` builds
-    the whole fp32 model on every rank before sharding, 4 B x P. Megatron: the larger of
-    megatron_load_elements' two reads in the checkpoint's dtype, taken as model.dtype's width (2 B
-    bfloat16: the published Qwen2.5 files are bf16; 4 B float32). Its model is built on the host
-    first (megatron-core's use_cpu_initialization) with torch.empty and never written there
-    (perform_initialization=False), so those pages take no resident memory before the move to the
-    GPU: not counted (assumed; the Megatron loader's host memory is not measured yet)."""
+def fsdp_load_read(shape: Shape, shard: int) -> int:
+    """Elements of the largest slice one rank reads from the HF files at once in the sharded load
+    (engines/trainer/load.py): its rows of one tensor, FSDP2 sharding dim 0 into S chunks of
+    ceil(rows / S). The largest of the embedding / lm_head (V x h) and each decoder Linear
+    ([out, in], shape.linears)."""
+    tensors = [(shape.vocab, shape.hidden), *((out, inp) for inp, out in shape.linears().values())]
+    return max(math.ceil(rows / shard) * cols for rows, cols in tensors)
+
+
+def load_peak_item(cfg: GRPOConfig, shape: Shape, shard: int = 1) -> Item:
+    """The load peak of one rank, process included.
+
+    FSDP2, one rank (shard 1): `from_pretrained(dtype=float32)` builds the whole fp32 model, 4 B x P.
+    FSDP2 sharded (engines/trainer/load.py): the model is built on the meta device and each rank
+    reads its rows of one tensor at a time (fsdp_load_read) in the file's dtype, taken as
+    model.dtype's width (2 B bfloat16: the published Qwen2.5 files are bf16; 4 B float32), into
+    its shards, which are host memory only on CPU (then fsdp_weight_items: the policy's, with the
+    reference's, read after it); with LoRA also the whole adapter as peft initialises it, fp32
+    4 B x P_lora, every rank (load.peft_on_meta). The file's mapped pages are page cache, not
+    counted (see the module docstring).
+    Megatron: the larger of megatron_load_elements' two reads in the checkpoint's dtype (the same
+    width rule). Its model is built on the host first (megatron-core's use_cpu_initialization)
+    with torch.empty and never written there (perform_initialization=False), so those pages take
+    no resident memory before the move to the GPU: not counted (assumed; the Megatron loader's
+    host memory is not measured yet)."""
     n_params = shape.n_params()
     process = HOST_PROCESS_GIB[cfg.trainer.device] * GIB
+    dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
     if cfg.actor.strategy == MEGATRON_STRATEGY:
-        dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
         head, layer = megatron_load_elements(shape)
         which = "embedding + lm_head" if head >= layer else "one layer"
         note = f"{which}, whole HF tensors ({cfg.model.dtype}), every rank: {max(head, layer) / 1e9:.3f}B x {dtype_bytes} B + process; not summed"
         return Item("(load peak: largest HF read)", None, process + dtype_bytes * max(head, layer), note)
-    note = f"from_pretrained(dtype=float32) on every rank: {n_params / 1e9:.3f}B x 4 B + process; not summed"
-    return Item("(load peak: whole fp32 model before sharding)", None, process + 4 * n_params, note)
+    if shard == 1:
+        note = f"from_pretrained(dtype=float32): {n_params / 1e9:.3f}B x 4 B + process; not summed"
+        return Item("(load peak: whole fp32 model)", None, process + 4 * n_params, note)
+    read = fsdp_load_read(shape, shard)
+    nbytes = process + dtype_bytes * read
+    note = f"meta-device load: one tensor's rows {read / 1e6:.1f}M x {dtype_bytes} B ({cfg.model.dtype} file)"
+    if cfg.model.lora_rank > 0:
+        n_lora = shape.lora_params(cfg.model.lora_rank, cfg.model.target_modules)
+        nbytes += 4 * n_lora
+        note += f" + whole LoRA adapter {n_lora / 1e6:.1f}M x 4 B"
+    if cfg.trainer.device == "cpu":
+        nbytes += sum(item.nbytes for item in fsdp_weight_items(cfg, shape, shard))
+        note += " + the weight shards (CPU trainer)"
+    return Item("(load peak: one tensor's shard at a time)", None, nbytes, note + " + process; not summed")
 
 
 def host_memory(
@@ -245,10 +282,11 @@ def host_memory(
     if cfg.actor.strategy == MEGATRON_STRATEGY:
         state = megatron_state_items(cfg, shape)
     else:
-        state = fsdp_state_items(cfg, shape, fsdp_shard(cfg, TRAINER_IMPLEMENTS) if shard is None else shard)
+        shard = fsdp_shard(cfg, TRAINER_IMPLEMENTS) if shard is None else shard
+        state = fsdp_state_items(cfg, shape, shard)
     steady_items = [process_item(cfg.trainer.device), *state, *vllm_host_items(cfg, shape, ram)]
     steady = sum(item.nbytes for item in steady_items)
-    load = load_peak_item(cfg, shape)
+    load = load_peak_item(cfg, shape, shard or 1)
     per_rank = max(steady, load.nbytes)
     node = ranks * per_rank + RAY_AND_DRIVER_GIB * GIB
     return dict(

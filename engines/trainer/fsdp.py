@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from configs.schema import GRPOConfig
 from engines import algos, batching
-from engines.trainer import TRAINERS, checkpoint, packing, ulysses, varlen
+from engines.trainer import TRAINERS, checkpoint, load, packing, ulysses, varlen
 from engines.trainer.actor import GRPOActor, _take
 from engines.trainer.offload import Offloader
 
@@ -69,7 +69,7 @@ class FSDPTrainer(GRPOActor):
         tests comparing two summation orders (ranks, micro-batches, Ulysses) see float64 rounding
         (unit roundoff 2^-53) instead of float32's (2^-24), whatever CPU kernels run them.
         Raises ValueError for float64 on CUDA, RuntimeError for world_size > 1 without a process group."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.cfg, self.model_dir = cfg, model_dir
         self.device = torch.device(device or ("cuda" if cfg.trainer.device == "cuda" else "cpu"))
@@ -89,7 +89,7 @@ class FSDPTrainer(GRPOActor):
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # fp32 master weights; forward passes autocast to the compute dtype on GPU.
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=master_dtype).to(self.device)
+        model, slots = self._build(master_dtype)
         if cfg.model.enable_gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -103,7 +103,7 @@ class FSDPTrainer(GRPOActor):
             varlen.enable(model)
         # Tied output embedding: saved once, under the input embedding's name (as HF does).
         self.tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-        self.is_lora = cfg.model.lora_rank > 0
+        self.is_lora, adapter = cfg.model.lora_rank > 0, None
         if self.is_lora:
             from peft import LoraConfig, get_peft_model
 
@@ -116,22 +116,22 @@ class FSDPTrainer(GRPOActor):
                 task_type="CAUSAL_LM",
             )
             try:
-                model = get_peft_model(model, lora)
+                model, adapter = load.peft_on_meta(model, lora) if self.sharded else (get_peft_model(model, lora), None)
             except ValueError as e:
                 raise ValueError(
                     f"model.target_modules={cfg.model.target_modules!r} does not fit {model_dir}: {e}"
                 ) from None
         self.n_params = sum(p.numel() for p in model.parameters())
-        self.model = self._shard(model)
+        self.model = self._shard(model, slots, adapter)
         self.ref = None
         if cfg.actor.use_kl_loss and not self.is_lora:
             # LoRA needs no copy: the reference is the base with the adapter disabled.
-            ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.compute_dtype).to(self.device)
+            ref, slots = self._build(self.compute_dtype)
             if self.sp > 1:
                 ulysses.enable(ref)
             elif self.packed:
                 varlen.enable(ref)
-            self.ref = self._shard(ref.eval().requires_grad_(False))
+            self.ref = self._shard(ref.eval().requires_grad_(False), slots)
         params = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapter only
         a = cfg.actor
         # CUDA: the fused kernel, one pass and no temporaries (foreach AdamW materialises a copy of
@@ -149,8 +149,22 @@ class FSDPTrainer(GRPOActor):
             a.optimizer_offload,
         )
 
-    def _shard(self, model):
-        """FSDP2: each decoder layer its own unit (gathered just in time), the rest at the root.
+    def _build(self, dtype: torch.dtype):
+        """The HF model of model_dir in `dtype`, and where its files' tensors go (load.slots).
+        Sharded: on the meta device, no storage until `_shard` fills each rank's shards; else
+        `from_pretrained` on self.device, and no slots."""
+        if self.sharded:
+            model = load.empty(self.model_dir, dtype)
+            return model, load.slots(model)
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device), None
+
+    def _shard(self, model, slots, adapter=None):
+        """FSDP2: each decoder layer its own unit (gathered just in time), the rest at the root;
+        then, for a meta model (`slots` from `_build`), each rank's shards materialised and read
+        from model_dir (engines/trainer/load.py fill, with `adapter`, the LoRA's initial values
+        from load.peft_on_meta).
 
         CUDA: bf16 (compute dtype) parameters in forward/backward, gradients reduced in fp32 onto
         fp32 shards; CPU: fp32 throughout."""
@@ -171,6 +185,8 @@ class FSDPTrainer(GRPOActor):
         for layer in layers:
             fully_shard(layer, mp_policy=mp)
         fully_shard(hf, mp_policy=mp)
+        if slots is not None:  # None: loaded already
+            load.fill(model, slots, self.model_dir, self.device, adapter)
         return model
 
     def _sum(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
