@@ -126,3 +126,52 @@ def test_meta_load_matches_the_whole_model_load(model_dir, untied_bf16_dir, tmp_
             full = meta["model.full"]
             assert all(full[k].abs().max() > 0 for k in full if "lora_A" in k)
             assert all(not full[k].any() for k in full if "lora_B" in k)
+
+
+def _cuda_main(rank, port, model_dir, tmp):
+    from engines.trainer import init_distributed
+    from engines.trainer.fsdp import FSDPTrainer
+
+    init_distributed(0, 1, ("127.0.0.1", port), "cuda")
+    cfg = _cfg(1, ["trainer.device=cuda", "model.dtype=bfloat16"])
+    looks = {}
+    for way in ("meta", "eager"):
+        with patch.object(FSDPTrainer, "_build", _eager_build) if way == "eager" else nullcontext():
+            torch.manual_seed(0)
+            t = FSDPTrainer(cfg, model_dir, "cuda", shard=True)
+            looks[way] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in _flat(_look(t)).items()}
+            del t
+            torch.cuda.empty_cache()
+    torch.save(looks, f"{tmp}/cuda.pt")
+    torch.distributed.destroy_process_group()
+
+
+def _flat(look: dict) -> dict:
+    """_look's nested dicts as one {name: tensor or value} dict (tensors moved to the host later)."""
+    out = {}
+    for k, v in look.items():
+        if isinstance(v, dict) and k not in ("metrics",):
+            out.update({f"{k}/{n}": x for n, x in v.items()})
+        elif k == "logp":
+            out.update({f"logp/{i}/{j}": torch.as_tensor(x) for i, m in enumerate(v) for j, x in enumerate(m)})
+        else:
+            out[k] = v
+    return out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA load: needs a GPU")
+def test_meta_load_on_cuda_matches_the_whole_model_load(model_dir, tmp_path):
+    """One GPU, a 1-rank NCCL group, FSDP2 forced on (shard=True), fp32 master + bf16 autocast: the
+    shards land on the GPU from the meta device (to_empty onto CUDA, dcp.load over the cpu:gloo /
+    cuda:nccl group) equal, bitwise, to the whole-model load; the log-probs and the update's
+    metrics equal too (the same kernels on the same values in one process)."""
+    mp.spawn(_cuda_main, args=(free_port(), model_dir, str(tmp_path)), nprocs=1)
+    looks = torch.load(tmp_path / "cuda.pt", weights_only=False)
+    meta, eager = looks["meta"], looks["eager"]
+    assert meta.keys() == eager.keys() and meta["tied"] and eager["tied"]
+    for k in meta:
+        a, b = meta[k], eager[k]
+        if torch.is_tensor(a):
+            assert a.dtype == b.dtype and torch.equal(a, b), k
+        else:
+            assert a == b, k
