@@ -205,6 +205,15 @@ def adapter_dir(model_dir, tmp_path_factory) -> Path:
             {"base_model.model.lm_head.lora_A.weight": [8, 128], "base_model.model.lm_head.lora_B.weight": [1024, 8]},
             "LoRA on lm_head, whose weight is not in",
         ),
+        (
+            {},
+            {
+                "base_model.model.model.embed_tokens.lora_A.weight": [8, 1024],
+                "base_model.model.model.embed_tokens.lora_B.weight": [128, 8],
+            },
+            "LoRA on model.embed_tokens, a Embedding",
+        ),
+        ({}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": [64, 8]}, "B @ A is [64, 128]"),
     ],
 )
 def test_streamed_lora_merge_refuses_an_unsupported_adapter_in_one_line(
