@@ -1,6 +1,7 @@
-"""What a save writes and what reads it: the LoRA export merged in fp32 (issue 13 fault 8), a save
-without the HF export whose ranks checksum their own files, `grpo eval` of a checkpoint without
-an export, and the per-step host memory peak."""
+"""What a save writes and what reads it: the LoRA export merged in fp32 (issue 13 fault 8) and
+streamed from the base files (equal to peft's merge_and_unload export; unsupported adapter
+features refused), a save without the HF export whose ranks checksum their own files, `grpo eval`
+of a checkpoint without an export, and the per-step host memory peak."""
 
 import json
 from pathlib import Path
@@ -11,7 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from configs.load import load_config
+from engines.trainer.checkpoint import write_hf_export
 from engines.trainer.fsdp import FSDPTrainer
+from engines.trainer.lora_merge import merged_state
 from engines.worker import host_peak_gb
 from runtime import checkpoints as ck
 from tests.conftest import free_port
@@ -69,6 +72,168 @@ def test_lora_export_merges_a_small_delta_in_fp32(model_dir, tmp_path, dtype):
     # pushes over a midpoint (about 1e-4 / 2^-8 = 2.6% of them) do move.
     moved = (got != w.to(torch.bfloat16)).float().mean().item()
     assert 0.005 < moved < 0.1, moved
+
+
+@pytest.fixture(scope="module")
+def untied_dir(model_dir, tmp_path_factory) -> str:
+    """The tiny Qwen2 with its own output embedding, random, stored in bfloat16 (as real checkpoints
+    are; the tiny one is float32 and tied)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("untied")
+    conf = AutoConfig.from_pretrained(model_dir)
+    conf.tie_word_embeddings = False
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16).save_pretrained(out)
+    for f in Path(model_dir).iterdir():
+        if f.suffix != ".safetensors" and not (out / f.name).exists():
+            shutil.copy(f, out)
+    return str(out)
+
+
+def _lora_trainer(base_dir, dtype):
+    """A LoRA trainer whose every lora_B is random (a fresh adapter's B is zero: no merge to see)."""
+    t = _trainer(base_dir, f"model.lora_rank={RANK}", f"model.lora_alpha={ALPHA}", f"model.dtype={dtype}")
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in t.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return t
+
+
+def _peft_export(base_dir, adapter_dir, dtype, tokenizer, out):
+    """The reference, the LoRA export before it was streamed: the whole base in fp32, peft's
+    merge_and_unload, cast and save_pretrained, + the tokenizer. Returns the merged model in `dtype`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().to(dtype)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return merged
+
+
+def _files(d: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _exports(tmp_path, base_dir, dtype, rslora=False):
+    """(streamed export dir, reference export dir, the reference's merged model, the trainer)."""
+    t = _lora_trainer(base_dir, dtype)
+    adapter = tmp_path / "adapter"
+    t.save_adapter(str(adapter))
+    if rslora:
+        conf = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**conf, "use_rslora": True}))
+    write_hf_export(t, str(tmp_path / "streamed"), adapter)
+    merged = _peft_export(base_dir, adapter, getattr(torch, dtype), t.tokenizer, tmp_path / "ref")
+    return tmp_path / "streamed", tmp_path / "ref", merged, t
+
+
+@pytest.mark.parametrize(
+    "tied, dtype, rslora",
+    [(True, "bfloat16", False), (True, "float32", False), (False, "bfloat16", False), (False, "float32", True)],
+)
+def test_streamed_lora_export_equals_peft_merge(request, tied, dtype, rslora, tmp_path):
+    """Same keys (a tied output embedding left out, as save_pretrained does), dtypes and bits as
+    peft's fp32 merge_and_unload then cast: the same fp32 operations in the same order (B @ A, times
+    the scaling, plus W), so no rounding bound is needed. Same config and generation config."""
+    base_dir = request.getfixturevalue("model_dir" if tied else "untied_dir")
+    streamed, ref, _, _ = _exports(tmp_path, base_dir, dtype, rslora)
+    got, want, base = _files(streamed), _files(ref), _files(Path(base_dir))
+    assert got.keys() == want.keys() and ("lm_head.weight" in got) != tied
+    for k, v in got.items():
+        assert v.dtype == want[k].dtype == getattr(torch, dtype) and torch.equal(v, want[k]), k
+    merged = [k for k in got if not torch.equal(got[k], base[k].to(got[k].dtype))]
+    assert len(merged) == 7 * 2, merged  # q k v o gate up down, 2 layers: every LoRA pair moved its weight
+    for f in ("config.json", "generation_config.json"):
+        mine, theirs = (json.loads((d / f).read_text()) for d in (streamed, ref))
+        assert mine == theirs, f
+    assert {f.name for f in streamed.iterdir()} == {f.name for f in ref.iterdir()}
+
+
+@pytest.mark.parametrize("tied, dtype", [(True, "bfloat16"), (False, "float32")])
+def test_streamed_lora_export_loads_with_the_merged_logits(request, tied, dtype, tmp_path):
+    """from_pretrained of the streamed export: the compute dtype, and the logits of today's export
+    loaded the same way, bit for bit; float32: also those of the merged model peft returned. (Not
+    in bf16: its `.to(bfloat16)` also casts the rotary inv_freq buffer, which from_pretrained
+    keeps in float32, so that in-memory model is not what any reader of an export runs.)"""
+    from transformers import AutoModelForCausalLM
+
+    base_dir = request.getfixturevalue("model_dir" if tied else "untied_dir")
+    streamed, ref, merged, t = _exports(tmp_path, base_dir, dtype)
+    hf = AutoModelForCausalLM.from_pretrained(streamed)
+    assert hf.dtype == getattr(torch, dtype)
+    ids = torch.tensor([t.tokenizer("Tom has 3 apples and buys 6 more.")["input_ids"]])
+    with torch.no_grad():
+        got = hf(ids).logits
+        assert torch.equal(got, AutoModelForCausalLM.from_pretrained(ref)(ids).logits)
+        if dtype == "float32":
+            assert torch.equal(got, merged(ids).logits)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(model_dir, tmp_path_factory) -> Path:
+    """A peft LoRA adapter (r=8, all-linear) of the tiny model, saved as peft saves it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("adapter")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear")).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "conf, tensors, named",
+    [
+        ({"use_dora": True}, {}, "use_dora=True"),
+        ({"bias": "all"}, {}, "bias='all'"),
+        ({"lora_bias": True}, {}, "lora_bias=True"),
+        ({"modules_to_save": ["lm_head"]}, {}, "modules_to_save=['lm_head']"),
+        ({"rank_pattern": {"q_proj": 4}}, {}, "rank_pattern={'q_proj': 4}"),
+        ({"init_lora_weights": "pissa"}, {}, "init_lora_weights='pissa'"),
+        ({"kasa_config": {"k": 1}}, {}, "kasa_config={'k': 1}"),  # any key peft may add, when set
+        ({}, {"base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector": [128]}, "lora_magnitude_vector"),
+        ({}, {"base_model.model.model.embed_tokens.lora_embedding_A": [8, 1024]}, "embed_tokens.lora_embedding_A"),
+        (
+            {},
+            {"base_model.model.lm_head.lora_A.weight": [8, 128], "base_model.model.lm_head.lora_B.weight": [1024, 8]},
+            "LoRA on lm_head, whose weight is not in",
+        ),
+        (
+            {},
+            {
+                "base_model.model.model.embed_tokens.lora_A.weight": [8, 1024],
+                "base_model.model.model.embed_tokens.lora_B.weight": [128, 8],
+            },
+            "LoRA on model.embed_tokens, a Embedding",
+        ),
+        ({}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": [64, 8]}, "B @ A is [64, 128]"),
+    ],
+)
+def test_streamed_lora_merge_refuses_an_unsupported_adapter_in_one_line(
+    model_dir, adapter_dir, tmp_path, conf, tensors, named
+):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(adapter_dir, tmp_path / "a")
+    f = tmp_path / "a" / "adapter_config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), **conf}))
+    weights = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    save_file(
+        {**weights, **{k: torch.zeros(s) for k, s in tensors.items()}}, tmp_path / "a" / "adapter_model.safetensors"
+    )
+    with pytest.raises(ValueError) as e:
+        merged_state(model_dir, tmp_path / "a", torch.bfloat16)
+    assert "\n" not in str(e.value) and named in str(e.value), str(e.value)
+    assert "streamed LoRA merge" in str(e.value)
 
 
 def test_save_without_export_checksums_every_file_on_the_writing_rank(model_dir, tmp_path):

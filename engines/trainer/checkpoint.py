@@ -128,32 +128,31 @@ def save_exports(trainer, ckpt_dir: str, export_hf: bool = True) -> list[Path]:
 
 
 def write_hf_export(trainer, out_dir: str, adapter_dir: Path) -> None:
-    """A plain HF model dir in the compute dtype, loadable by from_pretrained and vLLM. LoRA: the
-    peft adapter rank 0 wrote to adapter_dir, merged into the base in fp32 and then cast (a bf16
-    merge rounds the base first: small early deltas were lost twice; any delta under half a
-    compute-dtype ulp of its weight is still lost by a bf16 export, the adapter keeps it).
-    Rank 0 holds the fp32 base on the host meanwhile. Every rank takes part; rank 0 writes."""
-    if trainer.is_lora:
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+    """A plain HF model dir in the compute dtype, loadable by from_pretrained and vLLM: safetensors
+    (sharded past SHARD_BYTES, + index), config.json (dtype the compute dtype, use_cache on), the
+    generation config and the tokenizer. Every rank takes part; rank 0 writes.
 
-        if trainer.rank == 0:
-            base = AutoModelForCausalLM.from_pretrained(trainer.model_dir, dtype=torch.float32)
-            merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-            merged.to(trainer.compute_dtype).save_pretrained(out_dir)
+    Full fine-tuning: the trainer's weights, gathered one at a time (a collective). LoRA: the peft
+    adapter rank 0 wrote to adapter_dir merged into model_dir's base weights in fp32 and then cast
+    (engines/trainer/lora_merge.py; a bf16 merge rounds the base first: small early deltas were
+    lost twice; any delta under half a compute-dtype ulp of its weight is still lost by a bf16
+    export, the adapter keeps it), streamed from the files by rank 0 alone, one tensor at a time
+    (host memory: that tensor and its merge, + the writer's one file); the others return at once.
+    Raises ValueError (one line) for an adapter feature that merge does not support."""
+    if trainer.is_lora:
+        if trainer.rank != 0:
+            return
+        from engines.trainer.lora_merge import merged_state
+
+        tensors = merged_state(trainer.model_dir, adapter_dir, trainer.compute_dtype)
     else:
-        write_safetensors(
-            Path(out_dir),
-            trainer.full_state(trainer.compute_dtype, files=True),
-            write=trainer.rank == 0,
-            shard_bytes=SHARD_BYTES,
-        )
-        if trainer.rank == 0:
-            conf = copy.deepcopy(trainer.hf_config)
-            conf.dtype, conf.use_cache = trainer.compute_dtype, True
-            conf.save_pretrained(out_dir)
-            trainer.model.generation_config.save_pretrained(out_dir)
+        tensors = trainer.full_state(trainer.compute_dtype, files=True)
+    write_safetensors(Path(out_dir), tensors, write=trainer.rank == 0, shard_bytes=SHARD_BYTES)
     if trainer.rank == 0:
+        conf = copy.deepcopy(trainer.hf_config)
+        conf.dtype, conf.use_cache = trainer.compute_dtype, True
+        conf.save_pretrained(out_dir)
+        trainer.model.generation_config.save_pretrained(out_dir)
         trainer.tokenizer.save_pretrained(out_dir)
 
 
