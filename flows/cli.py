@@ -103,7 +103,10 @@ def cmd_eval(args) -> None:
     from flows.evaluate import evaluate_model
 
     score = evaluate_model(config, overrides)
-    print(f"{get_env(cfg.data.data_source).name} mean@1 = {score:.4f}")
+    env = get_env(cfg.data.data_source)
+    # The headline is the env's accuracy only with the built-in reward; else reward.function's mean.
+    what = f"reward.function {cfg.reward.function}" if cfg.reward.function else f"{env.name} accuracy"
+    print(f"{env.name} test mean@1 = {score:.4f} ({what}; MLflow key {env.val_key()})")
 
 
 def cmd_recipes(args) -> None:

@@ -48,6 +48,16 @@ def preflight(cfg: GRPOConfig) -> None:
             check_hf_dir(Path(cfg.model.path))
         except ValueError as e:
             raise ValueError(f"model.path={cfg.model.path}: {e}") from None
+        if (
+            cfg.world_size > 1
+            and cfg.actor.strategy != "megatron"
+            and not any(Path(cfg.model.path).glob("*.safetensors"))
+        ):
+            raise ValueError(
+                f"model.path={cfg.model.path} has *.bin weights only: the sharded FSDP2 trainer "
+                f"({cfg.world_size} ranks) reads each rank's shards from *.safetensors (engines/trainer/load.py); "
+                "save the model again with save_pretrained (safetensors by default)"
+            )
     if cfg.model.lora_rank > 0 and (
         cfg.model.source == "random" or cfg.model.source == "hf" and not is_hub_id(cfg.model.path)
     ):

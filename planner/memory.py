@@ -40,16 +40,21 @@ def trainer_memory(
     return fsdp_trainer_memory(cfg, shape, features, micro, fsdp, logit_bytes)
 
 
-def phase_bytes(trainer: TrainerMemory, rollout: RolloutMemory, releases_cache: bool) -> tuple[float, float]:
+def phase_bytes(
+    trainer: TrainerMemory, rollout: RolloutMemory, releases_cache: bool, vllm_sleeps: bool = True
+) -> tuple[float, float]:
     """(rollout phase, training phase) bytes on one GPU.
 
     releases_cache (offload, or empty_cache between phases; engines/trainer/offload.py empties the
     cache): the rollout phase holds what stays resident and vLLM's budget, the training phase the
     trainer's peak and vLLM's non-torch part (level-1 sleep: weights to host, KV freed). Else the
-    trainer's cached blocks stay reserved when vLLM wakes: resident + budget, and peak + budget."""
-    if releases_cache:
-        return trainer.resident - trainer.offloaded + rollout.budget, trainer.peak + VLLM_NON_TORCH_GIB * GIB
-    return trainer.resident + rollout.budget, trainer.peak + rollout.budget
+    trainer's cached blocks stay reserved when vLLM wakes: resident + budget, and peak + budget.
+    vllm_sleeps False (rollout.free_cache_engine false: vLLM stays awake between steps): its whole
+    budget, weights and KV cache, stays on the GPU while the trainer works: peak + budget."""
+    resident = trainer.resident - trainer.offloaded if releases_cache else trainer.resident
+    if releases_cache and vllm_sleeps:
+        return resident + rollout.budget, trainer.peak + VLLM_NON_TORCH_GIB * GIB
+    return resident + rollout.budget, trainer.peak + rollout.budget
 
 
 def gpu_memory(
@@ -68,7 +73,7 @@ def gpu_memory(
     trainer = trainer_memory(cfg, shape, features, micro, fsdp, logit_bytes)
     rollout = vllm_memory(cfg, shape, gpu, trainer.n_params)
     releases_cache = features.empty_cache_between_phases or bool(trainer.offloaded)
-    rollout_phase, train_phase = phase_bytes(trainer, rollout, releases_cache)
+    rollout_phase, train_phase = phase_bytes(trainer, rollout, releases_cache, cfg.rollout.free_cache_engine)
     peak = max(rollout_phase, train_phase)
     total = gpu.mem_gib * GIB
     # vLLM starts after the trainer loads: its budget must fit beside what the trainer holds then.
@@ -93,6 +98,7 @@ def gpu_memory(
         # vLLM's non-torch part is not torch's: max_memory_allocated sees its activations only.
         torch_max_allocated_gib=(trainer.peak + rollout.budget - rollout.other + rollout.activations) / GIB,
         vllm_init_ok=vllm_init_ok,
+        vllm_awake=not cfg.rollout.free_cache_engine,
         vllm_kv_ok=rollout.kv_cache > 0,
         fits=peak <= total and rollout.kv_cache > 0 and vllm_init_ok,
     )

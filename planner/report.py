@@ -68,6 +68,11 @@ def format_plan(result: dict[str, Any], other: dict[str, Any] | None = None) -> 
         why.append("vLLM's budget is more than the memory left after the trainer loads")
     if not result["gpu_fits"] and result["vllm_kv_ok"] and result["vllm_init_ok"]:
         why.append("GPU peak over the GPU's memory")
+        if result["vllm_awake"]:
+            why.append(
+                f"vLLM stays awake (rollout.free_cache_engine=false), so its {result['vllm_budget_gib']:.1f} GiB "
+                "stay beside the trainer: set rollout.free_cache_engine=true or lower rollout.gpu_memory_utilization"
+            )
     if not result["host_fits"]:
         why.append(
             f"host: {result['host_node_gib']:.1f} GiB per node over {result['node_ram_gib']:.1f} GiB x "

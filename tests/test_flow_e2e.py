@@ -95,7 +95,7 @@ def test_tiny_cpu_end_to_end(tmp_path, gsm8k):
         timeout=900,
     )
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    assert "GSM8K mean@1 = " in res.stdout
+    assert "GSM8K test mean@1 = " in res.stdout and "MLflow key val-core/openai/gsm8k/reward/mean@1" in res.stdout
     assert json.loads(manifest.read_text())["written_at"] == written, "grpo eval rewrote the shared data/ parquet"
 
 

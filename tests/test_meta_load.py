@@ -16,6 +16,7 @@ and nothing rounds differently (float64 throughout, FSDPTrainer(master_dtype=tor
 
 import shutil
 from contextlib import nullcontext
+from pathlib import Path
 from unittest.mock import patch
 
 import pytest
@@ -175,3 +176,37 @@ def test_meta_load_on_cuda_matches_the_whole_model_load(model_dir, tmp_path):
             assert a.dtype == b.dtype and torch.equal(a, b), k
         else:
             assert a == b, k
+
+
+def _missing_main(rank, port, model_dir, tmp):
+    from engines.trainer import init_distributed
+    from engines.trainer.fsdp import FSDPTrainer
+
+    torch.set_num_threads(1)
+    init_distributed(rank, 2, ("127.0.0.1", port), "cpu")
+    try:
+        FSDPTrainer(_cfg(2, []), model_dir, "cpu")
+        msg = "no error"
+    except ValueError as e:
+        msg = str(e)
+    (Path(tmp) / f"rank{rank}.txt").write_text(msg)
+    torch.distributed.destroy_process_group()
+
+
+def test_a_tensor_missing_from_the_files_is_one_value_error_naming_the_model(model_dir, tmp_path):
+    """DCP's CheckpointException (a BaseException) becomes a ValueError naming the model dir, on
+    every rank, so the worker reports it as bad input instead of dying past `except Exception`."""
+    from safetensors.torch import load_file, save_file
+
+    cut = tmp_path / "cut"
+    shutil.copytree(model_dir, cut)
+    (f,) = cut.glob("*.safetensors")
+    tensors = load_file(f)
+    dropped = "model.layers.1.mlp.down_proj.weight"
+    del tensors[dropped]
+    save_file(tensors, f, metadata={"format": "pt"})
+    mp.spawn(_missing_main, args=(free_port(), str(cut), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        msg = (tmp_path / f"rank{rank}.txt").read_text()
+        assert msg.startswith(f"model.path={cut}: its safetensors do not hold the model") and dropped in msg, msg
+        assert "\n" not in msg

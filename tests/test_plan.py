@@ -157,6 +157,23 @@ def test_sharding_over_the_world_and_offload_as_configured():
     assert off1["rollout_phase_gib"] < kept1["rollout_phase_gib"]
 
 
+def test_an_awake_vllm_keeps_its_budget_beside_the_trainer(capsys):
+    """rollout.free_cache_engine=false: vLLM does not sleep, so its whole budget (weights + KV,
+    gpu_memory_utilization x GPU) is on the GPU while the trainer works; asleep (with offload) only
+    its non-torch part is (planner/vllm_memory.py VLLM_NON_TORCH_GIB)."""
+    from planner.vllm_memory import VLLM_NON_TORCH_GIB
+
+    asleep = plan(_cfg("qwen2-7b-2xh800"))
+    awake = plan(_cfg("qwen2-7b-2xh800", **{"rollout.free_cache_engine": "false"}))
+    assert asleep["train_phase_gib"] == pytest.approx(asleep["trainer_peak_gib"] + VLLM_NON_TORCH_GIB, rel=1e-12)
+    assert awake["train_phase_gib"] == pytest.approx(awake["trainer_peak_gib"] + awake["vllm_budget_gib"], rel=1e-12)
+    assert awake["rollout_phase_gib"] == asleep["rollout_phase_gib"]  # the rollout holds the same
+    assert asleep["fits"] and not awake["fits"]  # 7B on 2 x H100: 74 GiB asleep, 121 GiB awake
+    from planner.report import format_plan
+
+    assert "set rollout.free_cache_engine=true" in format_plan(awake)
+
+
 # Measured on one H200 (torch 2.11, transformers 5.17, peft 0.21), ActorTrainer(shard=True): FSDP2 in a
 # one-rank process group, LoRA r32, prompt 512 + response 1024, checkpointing, the recipes' widths cut
 # to a few layers (benchmarks/trainer_memory.py with CUT=1 FSDP=1, 2026-11-24, results in

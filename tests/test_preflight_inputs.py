@@ -257,3 +257,29 @@ def test_cli_refuses_each_in_one_line_exit_2_nothing_written(tmp_path, overrides
     assert res.returncode == 2 and lines and lines[-1].startswith("error: "), res.stderr[-3000:]
     assert needle in lines[-1] and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert list(work.iterdir()) == [], "a rejected run must write nothing"
+
+
+# ---- the sharded load reads safetensors only --------------------------------------------------------
+def test_a_bin_only_model_is_refused_for_a_sharded_run(tmp_path, model_dir):
+    """A model dir with *.bin weights only passes check_hf_dir (one rank loads it with from_pretrained),
+    but the sharded trainer's load (engines/trainer/load.py) reads safetensors: refused in one line
+    before any work, for FSDP2 on 2 ranks; one rank is still allowed."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    bin_dir = tmp_path / "bin-model"
+    bin_dir.mkdir()
+    for f in Path(model_dir).iterdir():
+        if f.suffix == ".safetensors":  # the weights as an older torch.save checkpoint
+            torch.save(load_file(f), bin_dir / "pytorch_model.bin")
+        else:
+            shutil.copy(f, bin_dir / f.name)
+    assert not list(bin_dir.glob("*.safetensors")) and list(bin_dir.glob("*.bin"))
+    work = tmp_path / "work"
+    work.mkdir()
+    overrides = ["model.source=hf", f"model.path={bin_dir}", "trainer.n_gpus_per_node=2"]
+    msg = _one_line_and_nothing_written(work, _cfg(work, *overrides), "has *.bin weights only")
+    assert msg.startswith(f"model.path={bin_dir}") and msg.endswith("(safetensors by default)"), msg
+    preflight(_cfg(work, *overrides[:2]))  # one rank: from_pretrained reads *.bin, nothing to refuse

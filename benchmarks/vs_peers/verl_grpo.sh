@@ -13,9 +13,23 @@
 set -uo pipefail
 steps=$1 data=$2 model=$3; shift 3
 here=$(cd "$(dirname "$0")" && pwd)
+# The prompts in our flow's order (tasks/stages.step_rows: the recipe shuffles with trainer.seed),
+# written once as verl's train file, which verl then reads in order (data.shuffle=False).
+python3 - "$data" "$steps" <<'PY' || exit 1
+import sys
+import pandas as pd
+from configs.load import load_config
+from tasks import stages
+data, steps = sys.argv[1], int(sys.argv[2])
+cfg = load_config("smollm2-135m-1xh200", [f"data.dir={data}"])
+train = pd.read_parquet(f"{data}/train.parquet")
+rows = [int(i) for s in range(1, steps + 1) for i in stages.step_rows(len(train), cfg, s)]
+train.iloc[rows].to_parquet(f"{data}/verl_train.parquet")
+print(f"verl_train.parquet: the {len(rows)} rows our steps 1..{steps} draw, in order")
+PY
 python3 -m verl.trainer.main_ppo \
   algorithm.adv_estimator=grpo algorithm.use_kl_in_reward=False \
-  data.train_files="$data/train.parquet" data.val_files="$data/test.parquet" \
+  data.train_files="$data/verl_train.parquet" data.val_files="$data/test.parquet" \
   data.train_batch_size=64 data.max_prompt_length=512 data.max_response_length=256 \
   data.filter_overlong_prompts=True data.truncation=error data.shuffle=False \
   actor_rollout_ref.model.path="$model" actor_rollout_ref.model.use_remove_padding=False \

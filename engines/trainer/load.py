@@ -131,16 +131,26 @@ def fill(
     rotary buffers recomputed, and `adapter` ({FQN of model: whole tensor}, the same on every rank,
     from `peft_on_meta`) sliced to this rank's shards.
 
-    A collective (dcp.load plans over the process group): every rank calls it. Raises RuntimeError
-    (torch.distributed.checkpoint's, naming the key) when the files lack a tensor of the model,
-    NotImplementedError for a non-persistent buffer other than the rotary ones."""
+    A collective (dcp.load plans over the process group): every rank calls it. Raises ValueError
+    naming model_dir and torch.distributed.checkpoint's reason (a tensor of the model missing from
+    the files, a shape that differs) -- DCP's CheckpointException is a BaseException, which a
+    worker's `except Exception` would not see -- and NotImplementedError for a non-persistent buffer
+    other than the rotary ones."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.tensor import distribute_tensor
 
     model.to_empty(device=device)
     _rotary(model)
     state = {name: getattr(module, attr) for name, module, attr in slots}
-    dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(model_dir))
+    try:
+        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(model_dir))
+    except CheckpointException as e:  # its str is every rank's traceback: keep the reasons
+        reasons = sorted({" ".join(str(exc).split()) for exc, _ in e.failures.values()})
+        raise ValueError(
+            f"model.path={model_dir}: its safetensors do not hold the model its config.json describes "
+            f"({'; '.join(reasons)[:400]}); save it again with save_pretrained"
+        ) from None
     for name, whole in (adapter or {}).items():
         p = model.get_parameter(name)  # a DTensor: FSDP2 shards every parameter
         mine = distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None)  # sliced here, not sent
