@@ -47,7 +47,15 @@ def import_reward_fn(dotted: str) -> RewardFn:
     except Exception as err:
         raise ValueError(f"reward function {dotted!r}: importing {module_name!r} failed: {err!r}") from err
     if not hasattr(module, attr):
-        raise ValueError(f"reward function {dotted!r}: module {module_name!r} has no attribute {attr!r}")
+        have = sorted(
+            n
+            for n, v in vars(module).items()
+            if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__
+        )[:12]
+        raise ValueError(
+            f"reward function {dotted!r}: module {module_name!r} has no attribute {attr!r}; set "
+            f"reward.function to module:function, one of its callables ({', '.join(have)})"
+        )
     fn = getattr(module, attr)
     if not callable(fn):
         raise ValueError(f"reward function {dotted!r}: {module_name}.{attr} is a {type(fn).__name__}, not callable")

@@ -51,7 +51,7 @@ def format_plan(result: dict[str, Any], other: dict[str, Any] | None = None) -> 
         f"{'trainer peak (max of update / log-prob / step)':53s} {result['trainer_peak_gib']:9.2f}  "
         f"update {phases['update']:.2f}, log-prob {phases['log_prob']:.2f}, optimizer step {phases['optimizer_step']:.2f}",
         f"{'vLLM budget (gpu_memory_utilization x GPU)':53s} {result['vllm_budget_gib']:9.2f}  "
-        f"KV holds {result['kv_full_seqs']:.0f} full-length sequences",
+        f"KV holds {int(result['kv_full_seqs'])} full-length sequences",  # whole ones, as gen counts them
         f"{'rollout phase':53s} {result['rollout_phase_gib']:9.2f}",
         f"{'training phase':53s} {result['train_phase_gib']:9.2f}",
         f"{'PEAK per GPU':53s} {result['peak_gib']:9.2f}  of {gpu['mem_gib']:.1f} GiB; "
