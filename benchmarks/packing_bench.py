@@ -1,7 +1,7 @@
 """Update tokens/s and MFU of the FSDP trainer, padded against packed (model.use_remove_padding),
 back to back on one GPU; no vLLM (the trainer alone, as the update stage runs it).
 
-    python benchmarks/packing_bench.py [--configs 1.5b:full,7b:full,0.5b:lora] [--out DIR]
+    python benchmarks/packing_bench.py [--configs 1.5b:full,7b:full,0.5b:lora] [--out DIR] [--liger]
 
 Each configuration x layout runs in its own process (this script with --one), so the two
 layouts of a size see the same free GPU: a random-init Qwen2 of the size (benchmarks/_common.py
@@ -12,7 +12,9 @@ response tokens (uniform), micro-batches of --micro samples, one mini-batch (one
 one warm-up update, then --reps timed updates, and one timed old-log-prob pass.
 MFU as the trainer's perf/mfu/actor counts it (planner/hardware.py: train_flops over the GPU's
 dense bf16 peak; recomputation not counted), with the same real-token FLOPs for both layouts, so
-padding is waste, not work.
+padding is waste, not work. --liger runs every row with model.use_liger and
+model.use_fused_kernels on (liger-kernel installed; engines/trainer/liger.py): against a run
+without it, the kernels' share of the update's time and memory.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def one(a) -> dict:
         "actor.optimizer_offload=false",
         f"rollout.max_response_length={a.response_len_max}",
         "trainer.total_training_steps=10",
+        *(["model.use_liger=true", "model.use_fused_kernels=true"] if a.liger else []),
     ]
     cfg = load_config(recipe, ov)
     rng = np.random.default_rng(0)
@@ -78,6 +81,7 @@ def one(a) -> dict:
         arch=arch,
         mode=mode,
         packed=a.packed,
+        liger=a.liger,
         samples=N,
         tokens=sum(seqs),
         padded_layout_tokens=int(padded),
@@ -137,6 +141,7 @@ def main() -> None:
     p.add_argument("--response-len-max", type=int, default=512)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--liger", action="store_true", help="model.use_liger + model.use_fused_kernels on")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--arch", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -163,7 +168,7 @@ def main() -> None:
                 packed,
                 *[x for x in sys.argv[1:] if not x.startswith("--configs") and x != a.configs],
             ]
-            log = out / f"{arch}-{mode}-packed_{packed}.log"
+            log = out / f"{arch}-{mode}-packed_{packed}{'-liger' if a.liger else ''}.log"
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
                 text, rc = r.stdout + r.stderr, r.returncode
@@ -203,7 +208,9 @@ def main() -> None:
                 ),
                 flush=True,
             )
-    (out / "packing_bench.json").write_text(json.dumps({"env": C.gpu_info(), "rows": rows}, indent=1))
+    (out / f"packing_bench{'_liger' if a.liger else ''}.json").write_text(
+        json.dumps({"env": C.gpu_info(), "rows": rows}, indent=1)
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from configs.kernels import check_kernels as _check_kernels
 from configs.text import count
 
 
@@ -74,6 +75,15 @@ class ModelConfig(_Section):
     attention within each sample: FlashAttention varlen on CUDA, a block-diagonal SDPA mask on
     CPU); token budgets (actor.ppo_max_token_len_per_gpu) then count real tokens. False: the
     padded [prompt | response] layout. verl: actor_rollout_ref.model.use_remove_padding."""
+    use_liger: bool = False
+    """liger-kernel's Triton RMSNorm, SwiGLU MLP and rotary embedding in the FSDP2 trainer's
+    Qwen2/Llama model (patched on the instance; the rotary function module-wide). Log-probs stay
+    ours (model.use_fused_kernels). CUDA only. verl: actor_rollout_ref.model.use_liger."""
+    use_fused_kernels: bool = False
+    """Per-token log-probs (nats) from the final hidden states and the output embedding in chunks of
+    about hidden_size x tokens logits (liger-kernel's fused linear cross entropy): the [tokens, vocab]
+    logits never exist whole. No entropy (actor.entropy_coeff must be 0; actor/entropy is not
+    logged). CUDA, actor.strategy=fsdp2, no Ulysses. verl: actor_rollout_ref.model.use_fused_kernels."""
 
 
 class RolloutConfig(_Section):
@@ -385,6 +395,7 @@ class GRPOConfig(_Section):
                 "build; GRPO puts the KL in the loss: actor.use_kl_loss=true, actor.kl_loss_coef"
             )
         a = self.actor
+        _check_kernels(self)
         if a.strategy != "megatron":
             for key, value in a.megatron.model_dump().items():
                 if value != MegatronConfig.model_fields[key].default:

@@ -265,7 +265,7 @@ def summary(step: int, total: int, m: dict[str, float], val_key: str) -> str:
         return f"step {step}/{total} (before training){val}"
     return (
         f"step {step}/{total} score={m['critic/score/mean']:.3f} pg_loss={m['actor/pg_loss']:+.4f} "
-        f"kl={m['actor/kl_loss']:.4f} entropy={m['actor/entropy']:.3f} "
+        f"kl={m['actor/kl_loss']:.4f} entropy={m.get('actor/entropy', float('nan')):.3f} "
         f"len={m['response_length/mean']:.0f} gen={m['timing_s/gen']:.1f}s "
         f"update={m['timing_s/update_actor']:.1f}s step={m['timing_s/step']:.1f}s{val}"
     )

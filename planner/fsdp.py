@@ -211,6 +211,32 @@ def logits(shape: Shape, micro: int, ulysses: int, resp: int, logit_bytes: Logit
     return Item("logits (fwd+bwd) + one row's fp32", "train", nbytes, note)
 
 
+def fused_chunk_elems(shape: Shape, tokens: int) -> int:
+    """Logit elements of one chunk of liger's fused linear cross entropy (model.use_fused_kernels)
+    over `tokens` positions, as liger-kernel 0.8.5 sizes it (ops/fused_linear_cross_entropy.py):
+    chunk = min(next_pow2(ceil(tokens / ceil(V / h))), tokens) rows x V, about h x tokens (<= 2x)."""
+    if tokens <= 0:
+        return 0
+    rows = -(-tokens // -(-shape.vocab // shape.hidden))
+    return min(1 << (rows - 1).bit_length(), tokens) * shape.vocab
+
+
+def fused_logits(shape: Shape, micro: int, ulysses: int, resp: int, lora: bool) -> Item:
+    """model.use_fused_kernels at a training micro-batch's peak (engines/trainer/liger.py): one
+    chunk's bf16 logits (its gradient written in place), 2 B x fused_chunk_elems of the N = b x R
+    response positions; the fp32 hidden states / T it saves for backward and their fp32 gradient,
+    2 x 4 B x N h; the fp32 weight-gradient accumulator, 4 B x V h, whole on every GPU (full
+    fine-tuning; LoRA trains no output layer)."""
+    tokens = -(-micro // ulysses) * resp
+    chunk = fused_chunk_elems(shape, tokens)
+    acc = 0 if lora else 4 * shape.vocab * shape.hidden
+    nbytes = 2 * chunk + 8 * tokens * shape.hidden + acc
+    note = f"fused: chunk {chunk // shape.vocab} x vocab {shape.vocab} x 2 B + 8 B x {tokens} x h" + (
+        "" if lora else " + fp32 V x h accumulator"
+    )
+    return Item("logits (fused, liger chunks)", "train", nbytes, note)
+
+
 def optimizer_step_temporary(n_trainable: int, shard: int, fused: bool) -> Item:
     """AdamW's step temporaries: none for fused AdamW; foreach AdamW materialises
     sqrt(exp_avg_sq), 4 B x P_train / S (torch.optim.adamw's _multi_tensor_adamw)."""
@@ -285,7 +311,8 @@ def fsdp_trainer_memory(
     fsdp: the trainer runs FSDP2 (default: when sharded over several GPUs; True also plans FSDP2 on
     one GPU). In the update, offload (actor.param_offload) takes the reference off the GPU; while
     the logits peak, zero_grad(set_to_none) has freed every gradient but lm_head's (4 B x V h / S,
-    full fine-tuning). Log-prob passes hold the resident state, the bf16 logits and one row."""
+    full fine-tuning). Log-prob passes hold the resident state, the bf16 logits and one row; with
+    model.use_fused_kernels (features.fused_logprobs) one chunk of liger's instead (fused_logits)."""
     actor, model = cfg.actor, cfg.model
     shard = fsdp_shard(cfg, features)
     fsdp = shard > 1 if fsdp is None else fsdp
@@ -317,7 +344,11 @@ def fsdp_trainer_memory(
     root = fsdp_root_unit(shape) if fsdp else None
     saved = activations(shape, micro, seq, ulysses, checkpointing, fsdp)
     mask = attention_mask(micro, seq, features.remove_padding and model.use_remove_padding)
-    logit_item = logits(shape, micro, ulysses, resp, logit_bytes)
+    fused = features.fused_logprobs and model.use_fused_kernels  # no [tokens, vocab] logits, no row
+    if fused:
+        logit_item = fused_logits(shape, micro, ulysses, resp, lora)
+    else:
+        logit_item = logits(shape, micro, ulysses, resp, logit_bytes)
     step_temp = optimizer_step_temporary(n_trainable, shard, features.fused_adamw)
     items = [weights, *([adapter] if adapter else []), grads, adamw, ref, casts, *([root] if root else [])]
     items += [saved, activations_other_way(shape, micro, seq, ulysses, checkpointing), mask, logit_item, step_temp]
@@ -325,6 +356,8 @@ def fsdp_trainer_memory(
     tokens = micro * seq
     logit_elements = logits_elems(shape, -(-micro // ulysses), resp)
     row = one_row_bytes(shape, resp, logit_bytes)
+    if fused:  # the largest logits that exist at once: one chunk
+        logit_elements, row = fused_chunk_elems(shape, -(-micro // ulysses) * resp), 0
     in_update = resident - (ref.nbytes if params_offloaded else 0)  # the ref leaves during the update
     head_grad = 0 if lora else 4 * shape.vocab * shape.hidden / shard
     if fsdp:

@@ -46,6 +46,7 @@ class TrainerFeatures:
     optimizer_offload: bool = True  # actor.optimizer_offload moves the AdamW moments to host
     dynamic_bsz: bool = True  # actor.use_dynamic_bsz cuts micro-batches by tokens
     remove_padding: bool = True  # model.use_remove_padding packs a micro-batch into one row
+    fused_logprobs: bool = True  # model.use_fused_kernels: liger's chunked log-probs, no whole logits
     empty_cache_between_phases: bool = False  # the trainer releases its cached blocks for vLLM
 
     @classmethod

@@ -57,7 +57,9 @@ class GRPOActor(TrainerBackend):
     def _forward(self, model, prompts: list[list[int]], responses: list[list[int]], with_entropy: bool):
         """(logp [B, R], entropy [B, R] or None, mask [B, R], rows): per-token log-probs of the
         responses (R: the longest), 1 where a token exists, and which of the given samples the B
-        rows are (a backend that splits rows over ranks returns its share)."""
+        rows are (a backend that splits rows over ranks returns its share). Entropy is None when
+        not asked for, or when the backend's forward cannot give it (then actor.entropy_coeff is 0
+        and actor/entropy is not logged)."""
 
     @abstractmethod
     def _micro_batches(self, prompts: list[list[int]], responses: list[list[int]]) -> list[list[int]]:
@@ -164,15 +166,16 @@ class GRPOActor(TrainerBackend):
                 clip_ratio_c=a.clip_ratio_c,
                 **agg,
             )
-            entropy = algos.agg_loss(ent, mask, a.loss_agg_mode, **glob)
-            loss = out["pg_loss"] - a.entropy_coeff * entropy
             share = {
                 "actor/pg_loss": out["pg_loss"],
-                "actor/entropy": entropy,
                 "actor/pg_clipfrac": out["pg_clipfrac"],
                 "actor/ppo_kl": out["ppo_kl"],
                 "actor/pg_clipfrac_lower": out["pg_clipfrac_lower"],
             }
+            loss = out["pg_loss"]
+            if ent is not None:  # None: a forward without entropy (model.use_fused_kernels, entropy_coeff 0)
+                share["actor/entropy"] = entropy = algos.agg_loss(ent, mask, a.loss_agg_mode, **glob)
+                loss = loss - a.entropy_coeff * entropy
             if ref is not None:
                 kl = algos.kl_penalty(logp, _pad_float(_take(ref, g), logp), a.kl_loss_type)
                 kl_loss = algos.agg_loss(kl, mask, a.loss_agg_mode, **glob)

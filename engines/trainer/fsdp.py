@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from configs.schema import GRPOConfig
 from engines import algos, batching
-from engines.trainer import TRAINERS, checkpoint, load, packing, ulysses, varlen
+from engines.trainer import TRAINERS, checkpoint, liger, load, packing, ulysses, varlen
 from engines.trainer.actor import GRPOActor, _take
 from engines.trainer.offload import Offloader
 
@@ -95,6 +95,7 @@ class FSDPTrainer(GRPOActor):
         model.config.use_cache = False
         self.hf_config = model.config
         self.packed = cfg.model.use_remove_padding
+        self.fused = cfg.model.use_fused_kernels  # log-probs from liger's fused kernel, no entropy
         if self.sp > 1:
             ulysses.check_heads(model.config, self.sp)
             ulysses.new_groups(self.sp)
@@ -152,13 +153,17 @@ class FSDPTrainer(GRPOActor):
     def _build(self, dtype: torch.dtype):
         """The HF model of model_dir in `dtype`, and where its files' tensors go (load.slots).
         Sharded: on the meta device, no storage until `_shard` fills each rank's shards; else
-        `from_pretrained` on self.device, and no slots."""
+        `from_pretrained` on self.device, and no slots. model.use_liger / use_fused_kernels patch it here."""
         if self.sharded:
             model = load.empty(self.model_dir, dtype)
-            return model, load.slots(model)
-        from transformers import AutoModelForCausalLM
+            slots = load.slots(model)
+        else:
+            from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device), None
+            model, slots = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device), None
+        m = self.cfg.model  # liger-kernel (engines/trainer/liger.py): before peft and FSDP2
+        liger.setup(model, m.use_liger, m.use_fused_kernels)
+        return model, slots
 
     def _shard(self, model, slots, adapter=None):
         """FSDP2: each decoder layer its own unit (gathered just in time), the rest at the root;
@@ -205,7 +210,8 @@ class FSDPTrainer(GRPOActor):
     def _forward(self, model, prompts, responses, with_entropy: bool):
         """Per-token log-probs (and entropy) of responses under `model`: [B, R] tensors, the mask,
         and which of the given samples the rows are: all of them, or with Ulysses this rank's
-        share of the rows (the micro-batch padded to a multiple of sp with masked-out copies)."""
+        share of the rows (the micro-batch padded to a multiple of sp with masked-out copies).
+        model.use_fused_kernels: the log-probs from liger's kernel (engines/trainer/liger.py), entropy None."""
         rows, n = list(range(len(prompts))), len(prompts)
         if self.sp > 1:
             rows += [0] * (-n % self.sp)
@@ -223,7 +229,20 @@ class FSDPTrainer(GRPOActor):
         ids = torch.cat([p, r], 1).to(self.device)
         attn = torch.cat([p_mask, r_mask], 1).to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        R = r.shape[1]
+        R, temp = r.shape[1], max(self.cfg.rollout.temperature, 1e-6)
+        if self.fused:  # no Ulysses (configs/kernels.py): the R positions before each response token
+            T = ids.shape[1]
+            with self._autocast():
+                logp = model(
+                    input_ids=ids,
+                    attention_mask=attn,
+                    position_ids=pos,
+                    logits_to_keep=torch.arange(T - R - 1, T - 1, device=self.device),
+                    use_cache=False,
+                    token_labels=ids[:, T - R :],
+                    temperature=temp,
+                )
+            return logp, None, r_mask.to(self.device, logp.dtype), rows
         with self._autocast():
             if self.sp > 1:
                 k, cols, b = ulysses.rank(), ids.shape[1] // self.sp, len(rows) // self.sp
@@ -239,9 +258,7 @@ class FSDPTrainer(GRPOActor):
                 logits = model(
                     input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=R + 1, use_cache=False
                 ).logits
-        logp, ent = algos.token_logprobs(
-            logits[:, :-1], ids[:, ids.shape[1] - R :], max(self.cfg.rollout.temperature, 1e-6), with_entropy
-        )
+        logp, ent = algos.token_logprobs(logits[:, :-1], ids[:, ids.shape[1] - R :], temp, with_entropy)
         return logp, ent, r_mask.to(self.device, logp.dtype), rows
 
     def _forward_packed(self, model, prompts, responses, rows, n, with_entropy: bool):
@@ -262,20 +279,25 @@ class FSDPTrainer(GRPOActor):
             start = sum(lens[: k * b])
             mine = slice(k * b, (k + 1) * b)
             keep, labels = keep[start : start + sum(lens[mine])], labels[start : start + sum(lens[mine])]
+        labels, temp = labels.to(dev)[None], max(self.cfg.rollout.temperature, 1e-6)
+        fused = dict(token_labels=labels, temperature=temp) if self.fused else {}  # liger: [1, N] log-probs
         with self._autocast(), ulysses.packed_rows(self.sp > 1):
-            logits = model(
+            out = model(
                 input_ids=ids,
                 position_ids=pos,
                 attention_mask=None,
                 logits_to_keep=keep.to(dev),
                 use_cache=False,
                 **varlen.model_kwargs(pk.cu_seqlens, pk.max_seqlen, dev),
-            ).logits  # [1, N, V]: only the positions that predict a response token
+                **fused,
+            )  # logits [1, N, V]: only the positions that predict a response token
         lens, rows = lens[mine], rows[mine]
-        labels, temp = labels.to(dev)[None], max(self.cfg.rollout.temperature, 1e-6)
+        if self.fused:
+            logp, mask = packing.unpack(out, lens, width)
+            return logp, None, mask, rows  # no Ulysses with the fused kernel (configs/kernels.py)
         parts = [  # sample by sample: one [n_i, V] float32 copy at a time (algos.token_logprobs)
             algos.token_logprobs(c, t, temp, with_entropy)
-            for c, t in zip(logits.split(lens, dim=1), labels.split(lens, dim=1))
+            for c, t in zip(out.logits.split(lens, dim=1), labels.split(lens, dim=1))
         ]
         logp, mask = packing.unpack(torch.cat([lp for lp, _ in parts], 1), lens, width)
         ent = packing.unpack(torch.cat([e for _, e in parts], 1), lens, width)[0] if with_entropy else None

@@ -68,6 +68,7 @@ for mod, dist, required in [
         ("vllm", "vllm", 1), ("ray", "ray", 1), ("prefect", "prefect", 1), ("mlflow", "mlflow-skinny", 1),
         ("pyarrow", "pyarrow", 1), ("pandas", "pandas", 1), ("pydantic", "pydantic", 1), ("yaml", "pyyaml", 1),
         ("sqlalchemy", "sqlalchemy", 1), ("alembic", "alembic", 1), ("gguf", "gguf", 1),
+        ("liger_kernel", "liger-kernel", 0),
         ("peft", "peft", 0), ("torch", "torch", 0), ("transformers", "transformers", 0)]:
     try:
         m = importlib.import_module(mod)

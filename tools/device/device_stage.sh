@@ -9,7 +9,7 @@
 #                   and removed files; done here rather than by calling it so that the wheels are
 #                   cached), with the two overrides below (VLLM_OVERRIDES)              -> /root/vsite
 #   .device/extra/  ray, prefect, mlflow-skinny (+ sqlalchemy/alembic for a sqlite:/// store),
-#                   gguf and what they need that neither the image nor the vLLM bundle has,
+#                   gguf, liger-kernel and what they need that neither the image nor the vLLM bundle has,
 #                   pinned in tools/device/device_requirements.txt; Ray's Java jar and Prefect's
 #                   web-UI builds are left out (see build_bundle)                       -> /root/xsite
 # No distribution is in both bundles, and none of the extras is one the image already has.
@@ -49,7 +49,9 @@ VLLM_SPEC=vllm==0.26.0
 # instead of requirements-device.txt's cachetools==8.0.1 and websockets==17.4.
 VLLM_OVERRIDES=(cachetools==7.3.2 websockets==16.1.1)
 # What the project needs beyond vLLM (sqlalchemy + alembic: mlflow's sqlite:/// tracking store).
-EXTRA_TOP=(ray==2.60.0 prefect==3.7.7 mlflow-skinny==3.17.2 sqlalchemy alembic gguf)
+# liger-kernel: model.use_liger / model.use_fused_kernels (engines/trainer/liger.py); a py3 wheel
+# needing only torch and triton, which the image has.
+EXTRA_TOP=(ray==2.60.0 prefect==3.7.7 mlflow-skinny==3.17.2 sqlalchemy alembic gguf liger-kernel==0.8.5)
 # Versions the image is known to have (device docs' pip list), used as constraints when resolving.
 IMAGE_PINS=(torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0 triton==3.6.0 numpy==2.5.2
   transformers==5.17.0 tokenizers==0.23.2 safetensors==0.8.0 huggingface-hub==1.33.0
@@ -262,7 +264,7 @@ def chunks(b):
     return [os.path.join(d, c) for c in cs]
 info = {}
 for b, site, must in (("vllm", "vsite", ["vllm", "pydantic", "fastapi", "cachetools", "websockets"]),
-                      ("extra", "xsite", ["ray", "prefect", "mlflow", "sqlalchemy", "alembic", "gguf"])):
+                      ("extra", "xsite", ["ray", "prefect", "mlflow", "sqlalchemy", "alembic", "gguf", "liger_kernel"])):
     cs = chunks(b)
     n = int(os.path.basename(cs[0]).split("of")[1])
     if len(cs) != n:
