@@ -6,6 +6,7 @@
 # in the background (setsid), so a job may span calls; state lives in /root/q. After staging
 # (tools/device/gpu_issue14.sh put ... and setup). Jobs, in order:
 #   smol      ours, smollm2-135m-1xh200, STEPS steps, val at 0 and every TF steps
+#   (order: JOBS_ORDER, default below)
 #   rollout   benchmarks/vs_peers/rollout_real.py: our rollout + eval vs bare vLLM (foreground)
 #   verl      verl on the same work (benchmarks/vs_peers/verl_grpo.sh)
 #   lora05    ours, qwen2-0.5b-lora-1xh100 on random 0.5B weights, 512-token responses, 3 steps
@@ -16,7 +17,7 @@ budget=$1; t_end=$((SECONDS + budget))
 R=/root; Q=$R/q; T=tools/device/gpu_issue14.sh; mkdir -p $Q
 STEPS=${STEPS:-6} TF=${TF:-3}
 SMOL=(data.dir=$R/data-smollm2 model.path=$R/models/smollm2-135m-instruct)
-JOBS=(smol rollout verl lora05 verl05 trl)
+JOBS=(${JOBS_ORDER:-smol verl rollout lora05 verl05 trl})
 left() { echo $((t_end - SECONDS)); }
 
 start() {
