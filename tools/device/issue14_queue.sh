@@ -14,7 +14,7 @@
 #   trl       TRL GRPOTrainer on the smollm2 work, STEPS steps
 set -uo pipefail
 budget=$1; t_end=$((SECONDS + budget))
-R=/root; Q=$R/q; T=tools/device/gpu_issue14.sh; mkdir -p $Q
+R=${QUEUE_ROOT:-/root}; Q=$R/q; T=${QUEUE_T:-tools/device/gpu_issue14.sh}; mkdir -p $Q  # QUEUE_*: to try it elsewhere
 STEPS=${STEPS:-6} TF=${TF:-3}
 SMOL=(data.dir=$R/data-smollm2 model.path=$R/models/smollm2-135m-instruct)
 JOBS=(${JOBS_ORDER:-smol verl rollout lora05 verl05 trl})
