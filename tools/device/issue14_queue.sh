@@ -25,7 +25,7 @@ start() {
     smol) $T ours smol trainer.total_training_steps=$STEPS trainer.test_freq=$TF ;;
     rollout)  # foreground; needs ~170 s
       [ "$(left)" -lt 200 ] && return 1
-      ( source tools/device/device_env.sh >/dev/null && mkdir -p $R/runs/rollout && PYTHONUNBUFFERED=1 timeout 190 \
+      mkdir -p $R/runs/rollout; ( source tools/device/device_env.sh >/dev/null && PYTHONUNBUFFERED=1 timeout 190 \
         python3 benchmarks/vs_peers/rollout_real.py --model $R/models/smollm2-135m-instruct --gsm8k $R/st/gsm8k \
         --out $R/runs/rollout/rollout_real.json data.dir=$R/data-smollm2 > $R/runs/rollout/rollout_real.log 2>&1
         echo $? > $R/runs/rollout/rc ) ;;
