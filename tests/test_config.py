@@ -90,17 +90,6 @@ def test_a_key_given_twice_is_one_error_naming_both_values(overrides, line):
     assert str(e.value) == line
 
 
-def test_layered_overrides_let_the_later_win():
-    """What the code layers on purpose (an eval's recorded settings, then the user's, then forced keys)."""
-    from configs.load import with_overrides
-    from flows.cli import eval_target
-
-    assert with_overrides(["data.dir=a", "rollout.n=4"], ["data.dir=b"]) == ["rollout.n=4", "data.dir=b"]
-    _, overrides = eval_target("tiny-cpu", None, ["trainer.resume_mode=auto", "data.dir=d"])
-    assert overrides == ["data.dir=d", "trainer.total_training_steps=1", "trainer.resume_mode=disable"]
-    assert load_config("tiny-cpu", overrides).trainer.resume_mode == "disable"
-
-
 @pytest.mark.parametrize(
     "overrides,needle",
     [
