@@ -2,8 +2,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
-# Where this machine keeps its CPU build of torch 2.13.0 (pip is configured to look there too).
-FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+# Only PyPI is needed. PyPI's torch 2.13.0 for Linux x86_64 is its CUDA build (about 3 GB to
+# download, the venv then ~7.5 GB), which runs on the CPU as it is. A folder holding a CPU wheel of
+# torch 2.13.0 (`torch-2.13.0+cpu-*.whl`, ~200 MB) is used instead where one exists:
+# TORCH_WHEELS=/path/to/dir, by default /opt/wheels if there is one; none needed.
+TORCH_WHEELS ?= /opt/wheels
+FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)/torch-2.13.0*.whl),--find-links $(TORCH_WHEELS),)
 
 .PHONY: setup browser demo test test-fast lint
 setup: $(VENV)/.installed

@@ -79,21 +79,37 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
-    """`actor.lr=1e-5 rollout.n=4` -> nested dict; values are parsed as YAML scalars."""
+    """`actor.lr=1e-5 rollout.n=4` -> nested dict; values are parsed as YAML scalars. A key given
+    twice, or a key and a key under it (`data=...` beside `data.dir=...`), is one error: which one
+    was meant is not for us to guess (code that composes overrides on purpose uses `with_overrides`)."""
     tree: dict[str, Any] = {}
+    given: dict[str, str] = {}  # dotted key -> its raw value, as typed
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        if key in given:
+            raise ConfigError(f"{key} given twice ({given[key]}, {raw}): give it once")
+        clash = next((k for k in given if k.startswith(key + ".") or key.startswith(k + ".")), None)
+        if clash is not None:
+            raise ConfigError(f"override '{item}' conflicts with '{clash}={given[clash]}': give one of them")
+        given[key] = raw
         value = yaml.safe_load(raw) if raw.strip() else None
         node = tree
-        *parents, leaf = key.strip().split(".")
+        *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with another override of '{part}'")
         node[leaf] = value
     return tree
+
+
+def with_overrides(base: Iterable[str], over: Iterable[str]) -> list[str]:
+    """`base` less the keys that `over` gives, then `over`: for code that layers overrides on purpose
+    (an eval's recorded settings under the user's, a forced key over both), where the later must win."""
+    over = list(over)
+    keys = {item.partition("=")[0].strip() for item in over}
+    return [item for item in base if item.partition("=")[0].strip() not in keys] + over
 
 
 VERL_PREFIX = "actor_rollout_ref."

@@ -69,7 +69,7 @@ def eval_target(target: str, config: str | None, overrides: list[str]) -> tuple[
     rank) is off: trainer.resume_mode=disable."""
     from pathlib import Path
 
-    from configs.load import CONFIG_DIR, recipe_names
+    from configs.load import CONFIG_DIR, recipe_names, with_overrides
     from flows.evaluate import checkpoint_export
     from flows.preflight import recorded_config
 
@@ -80,11 +80,12 @@ def eval_target(target: str, config: str | None, overrides: list[str]) -> tuple[
         run = recorded_config(ckpt)
         if config is None and run:
             config = run["recipe"] if run.get("recipe") in recipe_names() else "tiny-cpu"
-            overrides = [f"{k}={'null' if run[k] == 'None' else run[k]}" for k in EVAL_KEYS if k in run] + overrides
+            recorded = [f"{k}={'null' if run[k] == 'None' else run[k]}" for k in EVAL_KEYS if k in run]
+            overrides = with_overrides(recorded, overrides)  # the user's keys over the run's
         elif config is None:
             config = "tiny-cpu"
             print(f"{target}: its checkpoint records no config (an earlier build); evaluating with --config {config}")
-        overrides += [f"model.path={hf}", "model.source=hf", "model.lora_rank=0"]
+        overrides = with_overrides(overrides, [f"model.path={hf}", "model.source=hf", "model.lora_rank=0"])
     else:
         if not (ckpt.suffix in (".yaml", ".yml") and ckpt.is_file() or (CONFIG_DIR / f"{target}.yaml").is_file()):
             raise ValueError(
@@ -92,7 +93,7 @@ def eval_target(target: str, config: str | None, overrides: list[str]) -> tuple[
                 f"{', '.join(recipe_names())}, or a checkpoint's global_step_N (with its huggingface/ export)"
             )
         config = target
-    return config, overrides + ["trainer.total_training_steps=1", "trainer.resume_mode=disable"]
+    return config, with_overrides(overrides, ["trainer.total_training_steps=1", "trainer.resume_mode=disable"])
 
 
 def cmd_eval(args) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from configs.load import load_config
+from configs.load import load_config, with_overrides
 from envs import get_env
 from flows.preflight import preflight
 from tasks import stages
@@ -18,7 +18,7 @@ from tasks.stages import prep
 def evaluate_model(config: str = "tiny-cpu", overrides: list[str] | None = None) -> float:
     from engines.worker_group import WorkerGroup
 
-    cfg = load_config(config, [*(overrides or []), "trainer.resume_mode=disable"])  # no training resume guard
+    cfg = load_config(config, with_overrides(overrides or [], ["trainer.resume_mode=disable"]))  # no resume guard
     preflight(cfg)
     model_dir, tokenizer, _, test = prep(cfg)
     if cfg.data.val_max_samples:

@@ -23,7 +23,7 @@ from configs.load import load_config
 from configs.schema import GRPOConfig
 from configs.text import count
 from envs import get_env
-from flows.preflight import check_resumable, checkpoint_state, in_effect, preflight, resume_warnings
+from flows.preflight import check_resumable, checkpoint_state, in_effect, preflight, resume_changes
 from runtime import checkpoints
 from runtime.killpoints import StepStages
 from runtime.tracking import Tracker, clip_text
@@ -169,8 +169,8 @@ def grpo(config: str = "tiny-cpu", overrides: list[str] | None = None) -> dict[s
             workers.load_checkpoint(str(ckpt))
             start, restored = checkpoints.step_of(ckpt), in_effect(ckpt)
             log.info("resumed from %s", ckpt)
-            for line in resume_warnings(cfg, ckpt):
-                log.warning(line)
+            for line in resume_changes(cfg, ckpt):  # a changed key of the run's math: refused (ValueError)
+                log.info(line)
         # Steps after the checkpoint that a killed run had already logged are replayed, not re-logged.
         logged = tracker.logged_steps("timing_s/step") if tracker.resumed else set()
         if cfg.trainer.val_before_train and start == 0 and 0 not in tracker.logged_steps(env.val_key()):

@@ -1,8 +1,8 @@
 """Before any work: every check that needs no Ray and no accelerator, each error one line naming
 the input and the fix (`preflight`), and whether a checkpoint left in trainer.default_local_dir
-fits this config (`model_signature`, `check_resumable`); on resume, which training keys changed
-since the checkpoint and which value the run then uses (`resume_warnings`, from the config each
-checkpoint records: `checkpoint_state`)."""
+fits this config (`model_signature`, `check_resumable`); on resume, which keys changed since the
+checkpoint: those of RESUME_MAY_CHANGE are said in an info line, any other is refused
+(`resume_changes`, from the config each checkpoint records: `checkpoint_state`)."""
 
 from __future__ import annotations
 
@@ -136,8 +136,12 @@ def check_resumable(cfg: GRPOConfig) -> None:
         saved = json.loads(state_file.read_text()).get("model")
     except ValueError:
         return  # a damaged checkpoint: newest_valid() names it and falls back at resume
-    if not saved:
-        return
+    if saved:
+        _check_same_model(cfg, saved, state_file.parent)
+    resume_changes(cfg, state_file.parent)  # a changed key of the run's math: one line, before any work
+
+
+def _check_same_model(cfg: GRPOConfig, saved: dict, ckpt: Path) -> None:
     want = model_signature(cfg)
     model_key = "shape" if saved.get("shape") and want["shape"] else "model.path"  # shapes when both known
     if model_key == "shape":  # only the facts both record: a checkpoint of an earlier build lacks some
@@ -151,29 +155,45 @@ def check_resumable(cfg: GRPOConfig) -> None:
         what = ", ".join(f"{k}: checkpoint {saved.get(k)} vs config {want[k]}" for k in diff)
         raise ValueError(
             f"trainer.default_local_dir={cfg.trainer.default_local_dir}: its checkpoint "
-            f"{state_file.parent.name} was written for another model ({what}); use another "
+            f"{ckpt.name} was written for another model ({what}); use another "
             "trainer.default_local_dir, or trainer.resume_mode=disable to start over there"
         )
 
 
-# The keys that change what a resumed run learns. AdamW's param groups (lr, betas, weight_decay)
-# and the LR scheduler's base rate are restored with the optimizer state (torch's load_state_dict),
-# so for RESTORED the checkpoint's value stays; every other key is read from the config as the run
-# goes (the LR schedule's shape too: its multiplier is rebuilt from the config at the restored step).
+# The keys whose value the LR scheduler and AdamW's param groups restore from the checkpoint
+# (torch's load_state_dict): a checkpoint records the values in effect (checkpoint_state), which a
+# run resumed by an earlier build with a changed one kept.
 RESTORED = ("actor.lr", "actor.betas", "actor.weight_decay")
-TRAINING_KEYS = RESTORED + tuple(
+
+# The keys a resumed run may take a new value of: how the run is run, not what it computes. Its
+# length (to extend it), when it evaluates, saves and rotates checkpoints, where and how it logs,
+# where its ranks and engines are placed, memory switches (offload, checkpointing, the micro-batch:
+# the loss's denominators are the mini-batch's, engines/trainer/actor.py), engine sizing, the
+# eval-only keys, fault thresholds; the recipe's name (its keys are compared one by one);
+# reward.on_error (a run that stopped on a reward error goes on, scoring such samples 0).
+# actor.strategy: fsdp and fsdp2 are one backend; another state format is refused by
+# check_resumable. Any other key that differs from the config the checkpoint recorded is refused
+# before any work: the model, data, sampling, batch sizes, algorithm, loss, LR schedule, reward or
+# seed would change mid-way, and the run would be neither the old one nor a new one.
+RESUME_MAY_CHANGE = tuple(
     """
-    model.path data.data_source data.source data.train_batch_size data.max_prompt_length data.filter_overlong_prompts data.shuffle
-    model.dtype model.lora_alpha model.target_modules
-    rollout.n rollout.temperature rollout.top_p rollout.top_k rollout.max_response_length
-    actor.lr_warmup_steps actor.lr_warmup_steps_ratio actor.ppo_mini_batch_size actor.ppo_epochs
-    actor.clip_ratio_low actor.clip_ratio_high actor.clip_ratio_c actor.mask_truncated_completions
-    actor.loss_agg_mode actor.entropy_coeff actor.use_kl_loss actor.kl_loss_coef actor.kl_loss_type actor.grad_clip
-    algorithm.adv_estimator algorithm.norm_adv_by_std_in_grpo
-    reward.function reward.on_error reward.gsm8k_scorer reward.format_score
-    trainer.seed
+    recipe requires data.dir data.val_max_samples
+    model.enable_gradient_checkpointing model.use_remove_padding
+    rollout.tensor_model_parallel_size rollout.gpu_memory_utilization rollout.enforce_eager rollout.free_cache_engine
+    rollout.calculate_log_probs rollout.max_num_seqs rollout.max_model_len rollout.max_num_batched_tokens
+    rollout.enable_chunked_prefill rollout.load_format rollout.val_temperature
+    actor.strategy actor.ppo_micro_batch_size_per_gpu actor.use_dynamic_bsz actor.ppo_max_token_len_per_gpu
+    actor.param_offload actor.optimizer_offload actor.ulysses_sequence_parallel_size
+    reward.on_error
+    trainer.total_epochs trainer.total_training_steps trainer.save_freq trainer.test_freq trainer.val_before_train
+    trainer.default_local_dir trainer.resume_mode trainer.max_actor_ckpt_to_keep trainer.export_hf
+    trainer.n_gpus_per_node trainer.nnodes trainer.device trainer.node_ram_gb trainer.collective_timeout_s
+    trainer.max_bad_steps
+    tracking.experiment tracking.run_name tracking.tracking_uri
     """.split()
 )
+# The run's length: it may change, unless the LR warmup is a share of it (algos.warmup_lambda).
+RUN_LENGTH = ("trainer.total_epochs", "trainer.total_training_steps")
 
 
 def recorded_config(ckpt: Path) -> dict[str, str]:
@@ -194,39 +214,39 @@ def in_effect(ckpt: Path) -> dict[str, str]:
 def checkpoint_state(cfg: GRPOConfig, mlflow_run_id: str | None, restored: dict[str, str] | None = None) -> dict:
     """What the flow writes into each checkpoint's trainer_state.json beside the step: the MLflow
     run to go on logging into, the model signature (check_resumable) and the whole config as
-    dotted keys -> strings (configs.load.flatten; resume_warnings) as the run uses it: `restored`
+    dotted keys -> strings (configs.load.flatten; resume_changes) as the run uses it: `restored`
     (in_effect of the checkpoint it resumed from) overrides the config's RESTORED keys."""
     config = {**flatten(cfg), **{k: v for k, v in (restored or {}).items() if k in RESTORED}}
     return {"mlflow_run_id": mlflow_run_id, "model": model_signature(cfg), "config": config}
 
 
-def resume_warnings(cfg: GRPOConfig, ckpt: Path) -> list[str]:
-    """One line per TRAINING_KEYS key whose value in cfg differs from the config the checkpoint
-    `ckpt` (global_step_<N>) was written with, naming both values and the one the run uses. No
-    lines for a checkpoint of an earlier build, which recorded no config."""
+def resume_changes(cfg: GRPOConfig, ckpt: Path) -> list[str]:
+    """The keys whose value in cfg differs from the config checkpoint `ckpt` (global_step_<N>)
+    recorded: one info line each for RESUME_MAY_CHANGE's; any other is a ValueError, one line naming
+    each such key, both values and the fix. Nothing for a checkpoint of an earlier build, which
+    recorded no config, nor for a key it did not record."""
     saved = recorded_config(ckpt)
-    now, step = flatten(cfg), checkpoints.step_of(ckpt)
-    lines = []
-    for key in TRAINING_KEYS:
-        old, new = saved.get(key), now[key]
-        if old is None or old == new:
-            continue
-        if key in RESTORED:
-            effect = (
-                f"the checkpoint's {old} stays in effect, not the config's {new} (restored with the "
-                f"optimizer state); to train with {new}, start over: trainer.resume_mode=disable or "
-                "another trainer.default_local_dir"
-            )
-        elif key == "model.path":
-            effect = (
-                f"training goes on from the checkpoint's weights (trained from {old}); {new} gives only the "
-                f"model files and tokenizer; to train {new} itself, start over: trainer.resume_mode=disable "
-                "or another trainer.default_local_dir"
-            )
-        else:
-            effect = f"the config's {new} takes effect from step {step + 1} (the checkpoint was written with {old})"
-        lines.append(f"resuming from {ckpt.name} with a changed {key}: {effect}")
-    return lines
+    now = flatten(cfg)
+    changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
+    warmup_share = cfg.actor.lr_warmup_steps < 0 and cfg.actor.lr_warmup_steps_ratio > 0
+    refused = [k for k in changed if k not in RESUME_MAY_CHANGE or warmup_share and k in RUN_LENGTH]
+    if refused:
+        what = ", ".join(f"{k} ({changed[k][0]} -> {changed[k][1]})" for k in refused)
+        why = (
+            f"; its LR warmup is actor.lr_warmup_steps_ratio={cfg.actor.lr_warmup_steps_ratio} of the run's length"
+            if warmup_share and set(refused) & set(RUN_LENGTH)
+            else ""
+        )
+        back = " ".join(f"{k}={changed[k][0]}" for k in refused)
+        raise ValueError(
+            f"trainer.default_local_dir={cfg.trainer.default_local_dir}: resuming from {ckpt.name} with a changed "
+            f"{what} would change the run mid-way{why}; to resume, give {back}; to train with the new value, "
+            "start a new run: another trainer.default_local_dir (or trainer.resume_mode=disable to start over there)"
+        )
+    return [
+        f"resuming from {ckpt.name} with {k}={new} (was {old}): a key that may change on resume"
+        for k, (old, new) in changed.items()
+    ]
 
 
 def _check_writable(key: str, path: Path) -> None:

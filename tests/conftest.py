@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from configs.load import with_overrides
 from engines.compile_cache import keyed_inductor_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,10 +95,14 @@ def run_grpo(tmp_path: Path, *overrides: str, config: str = "tiny-cpu", timeout:
         "flows.cli",
         "run",
         config,
-        *cached_inputs(),
-        f"tracking.tracking_uri={mlflow_uri(tmp_path)}",
-        f"trainer.default_local_dir={tmp_path / 'ckpt'}",
-        *overrides,
+        *with_overrides(
+            [
+                *cached_inputs(),
+                f"tracking.tracking_uri={mlflow_uri(tmp_path)}",
+                f"trainer.default_local_dir={tmp_path / 'ckpt'}",
+            ],
+            overrides,
+        ),
     ]
     env = flow_env()
     res = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)

@@ -75,6 +75,22 @@ def test_overrides_parse_yaml_scalars_and_nest():
 
 
 @pytest.mark.parametrize(
+    "overrides,line",
+    [
+        (["data.dir=a", "data.dir=b"], "data.dir given twice (a, b): give it once"),
+        (["rollout.n=4", " rollout.n =4"], "rollout.n given twice (4, 4): give it once"),  # same value: still once
+        (["data={dir: a}", "data.dir=b"], "override 'data.dir=b' conflicts with 'data={dir: a}': give one of them"),
+        (["data.dir=b", "data={dir: a}"], "override 'data={dir: a}' conflicts with 'data.dir=b': give one of them"),
+    ],
+)
+def test_a_key_given_twice_is_one_error_naming_both_values(overrides, line):
+    """A repeated override used to take the last silently; which one was meant is not ours to guess."""
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny-cpu", overrides)
+    assert str(e.value) == line
+
+
+@pytest.mark.parametrize(
     "overrides,needle",
     [
         (["actor.lrr=1"], "unknown key 'actor.lrr'"),
@@ -216,6 +232,8 @@ CASES = [
     "no_columns",
     "bad_truth",
     "unknown_key",
+    "repeated_key",
+    "ckpt_changed_math",
     "wrong_type",
     "missing_model",
     "partial_model",
@@ -234,6 +252,19 @@ CASES = [
     "bad_reward_fn",
     "unknown_data_source",
 ]
+
+
+def _recorded_checkpoint(tmp_path, model: str):
+    """A checkpoint dir of a tiny-cpu run with rollout.n=2, its config recorded as the flow records it."""
+    from flows.preflight import checkpoint_state
+
+    root = tmp_path / "ckpt-n2"
+    cfg = load_config("tiny-cpu", [model, "rollout.n=2", f"trainer.default_local_dir={root}"])
+    (root / "global_step_2").mkdir(parents=True)
+    state = {**checkpoint_state(cfg, "run-id"), "global_step": 2}
+    (root / "global_step_2" / "trainer_state.json").write_text(json.dumps(state))
+    (root / "latest_checkpointed_iteration.txt").write_text("2")
+    return root
 
 
 def _foreign_checkpoint(root: Path, **model) -> Path:
@@ -287,6 +318,10 @@ def test_cli_bad_input_one_clear_line_nothing_written(tmp_path, case):
             ["run", "tiny-cpu", model, f"trainer.default_local_dir={other_model}"],
             "another model (shape",
         ),
+        "ckpt_changed_math": (
+            ["run", "tiny-cpu", model, f"trainer.default_local_dir={_recorded_checkpoint(tmp_path, model)}"],
+            "resuming from global_step_2 with a changed rollout.n (2 -> 4) would change the run mid-way",
+        ),
         "partial_model": (["run", "tiny-cpu", "model.source=hf", f"model.path={partial}"], "no weights"),
         "no_chat_template": (["run", "tiny-cpu", "model.source=hf", f"model.path={no_template}"], "chat template"),
         "malformed_yaml": (["run", str(bad_yaml)], "not valid YAML"),
@@ -308,6 +343,7 @@ def test_cli_bad_input_one_clear_line_nothing_written(tmp_path, case):
         "no_columns": (["run", "tiny-cpu", f"data.source={no_cols}"], "answer"),
         "bad_truth": (["run", "tiny-cpu", f"data.source={bad_truth}"], "five"),
         "unknown_key": (["run", "tiny-cpu", "actor.lr_warmup=3"], "actor.lr_warmup"),
+        "repeated_key": (["run", "tiny-cpu", "data.dir=a", "data.dir=b"], "data.dir given twice (a, b): give it once"),
         "wrong_type": (["run", "tiny-cpu", "rollout.n=many"], "rollout.n"),
         "missing_model": (["run", "tiny-cpu", "model.source=hf", "model.path=/no/model"], "model.path=/no/model"),
         "gpu_recipe": (["run", "qwen2-0.5b-lora-1xh100"], "needs 1 GPU"),

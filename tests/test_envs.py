@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from configs.load import load_config
+from configs.load import load_config, with_overrides
 from envs import ENVS, get_env, reward_fn
 from envs.base import ROW_COLUMNS, Env
 from flows.preflight import preflight
@@ -60,16 +60,18 @@ def _arith_config(tmp_path, model_dir, *overrides):
         (src / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return load_config(
         "tiny-cpu",
-        [
-            f"data.data_source={ARITH}",
-            f"data.source={src}",
-            f"data.dir={tmp_path / 'data'}",
-            "model.source=hf",
-            f"model.path={model_dir}",
-            f"trainer.default_local_dir={tmp_path / 'ckpt'}",
-            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            *overrides,
-        ],
+        with_overrides(
+            [
+                f"data.data_source={ARITH}",
+                f"data.source={src}",
+                f"data.dir={tmp_path / 'data'}",
+                "model.source=hf",
+                f"model.path={model_dir}",
+                f"trainer.default_local_dir={tmp_path / 'ckpt'}",
+                f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            ],
+            overrides,
+        ),
     )
 
 

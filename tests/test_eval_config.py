@@ -60,3 +60,14 @@ def test_eval_of_neither_a_recipe_nor_a_checkpoint_is_one_line(tmp_path, capsys)
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: grpo eval {tmp_path / 'nosuch'}: neither a recipe/YAML nor a checkpoint directory")
     assert "tiny-cpu" in line and "global_step_N" in line
+
+
+def test_layered_overrides_let_the_later_win():
+    """What the code layers on purpose (an eval's recorded settings, then the user's, then forced keys)."""
+    from configs.load import load_config, with_overrides
+    from flows.cli import eval_target
+
+    assert with_overrides(["data.dir=a", "rollout.n=4"], ["data.dir=b"]) == ["rollout.n=4", "data.dir=b"]
+    _, overrides = eval_target("tiny-cpu", None, ["trainer.resume_mode=auto", "data.dir=d"])
+    assert overrides == ["data.dir=d", "trainer.total_training_steps=1", "trainer.resume_mode=disable"]
+    assert load_config("tiny-cpu", overrides).trainer.resume_mode == "disable"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from configs.load import load_config
+from configs.load import load_config, with_overrides
 from engines.trainer.checkpoint import write_hf_export
 from engines.trainer.fsdp import FSDPTrainer
 from engines.trainer.lora_merge import merged_state
@@ -24,7 +24,9 @@ Q = "model.layers.0.self_attn.q_proj.weight"
 
 
 def _trainer(model_dir, *overrides):
-    cfg = load_config("tiny-cpu", ["rollout.n=2", "actor.ppo_mini_batch_size=4", "trainer.device=cpu", *overrides])
+    cfg = load_config(
+        "tiny-cpu", with_overrides(["rollout.n=2", "actor.ppo_mini_batch_size=4", "trainer.device=cpu"], overrides)
+    )
     torch.manual_seed(0)
     return FSDPTrainer(cfg, model_dir, "cpu")
 

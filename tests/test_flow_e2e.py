@@ -11,7 +11,7 @@ import pytest
 from configs.load import flatten, load_config
 from engines.types import ADDED, GENERATED
 from flows.grpo import REQUIRED_STEP_METRICS
-from flows.preflight import resume_warnings
+from flows.preflight import resume_changes
 from tests.conftest import ROOT, cached_inputs, flow_env, mlflow_run, run_grpo
 
 pytestmark = pytest.mark.slow
@@ -68,9 +68,8 @@ def test_tiny_cpu_end_to_end(tmp_path, gsm8k):
     state = json.loads((step3 / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and state["config"] == flatten(cfg)  # what a resume compares against
     changed = load_config("tiny-cpu", [*cached_inputs(), "actor.lr=2e-4"])
-    assert [line.split(":")[0] for line in resume_warnings(changed, step3)] == [
-        "resuming from global_step_3 with a changed actor.lr"
-    ]
+    with pytest.raises(ValueError, match=r"resuming from global_step_3 with a changed actor.lr \(0.0001 -> 0.0002\)"):
+        resume_changes(changed, step3)
     assert json.loads((step3 / "manifest.json").read_text())["algorithm"] == "blake3"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

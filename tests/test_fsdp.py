@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from configs.load import load_config
+from configs.load import load_config, with_overrides
 from tests.conftest import free_port
 
 # 3 updates x 2 mini-batches of 4 samples (2 per rank), micro-batches of 1; lr 1e-3 moves each
@@ -52,7 +52,7 @@ STEPS = 3
 
 
 def _cfg(world: int, extra: list[str]):
-    return load_config("tiny-cpu", OVERRIDES + [f"trainer.n_gpus_per_node={world}", *extra])
+    return load_config("tiny-cpu", with_overrides(OVERRIDES + [f"trainer.n_gpus_per_node={world}"], extra))
 
 
 def _batch(n=8):

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from configs.load import with_overrides
 from flows.grpo import REQUIRED_STEP_METRICS
 from runtime.killpoints import STAGES
 from tests.conftest import (
@@ -65,11 +66,15 @@ def _grpo(rdir: Path, env: dict, log: Path, kill: str | None, data_dir: Path) ->
         "flows.cli",
         "run",
         "tiny-cpu",
-        *cached_inputs(),
-        f"data.dir={data_dir}",
-        f"tracking.tracking_uri={mlflow_uri(rdir)}",
-        f"trainer.default_local_dir={rdir / 'ckpt'}",
-        *CONFIG,
+        *with_overrides(
+            cached_inputs(),
+            [
+                f"data.dir={data_dir}",
+                f"tracking.tracking_uri={mlflow_uri(rdir)}",
+                f"trainer.default_local_dir={rdir / 'ckpt'}",
+                *CONFIG,
+            ],
+        ),
     ]
     run_env = {**env, **({"GRPO_KILL_AT": kill} if kill else {})}
     with open(log, "w") as out:

@@ -31,7 +31,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from configs.load import load_config
+from configs.load import load_config, with_overrides
 from tests.conftest import free_port
 from tests.test_fsdp import OVERRIDES, STEPS, _batch, _train
 
@@ -65,7 +65,7 @@ def tp_model_dir(model_dir, tmp_path_factory) -> str:
 
 def _cfg(world: int, tp: int, extra=(), strategy: str = "megatron"):
     mega = [f"actor.strategy={strategy}", f"actor.megatron.tensor_model_parallel_size={tp}"]
-    return load_config("tiny-cpu", OVERRIDES + [f"trainer.n_gpus_per_node={world}", *mega, *extra])
+    return load_config("tiny-cpu", with_overrides(OVERRIDES + [f"trainer.n_gpus_per_node={world}", *mega], extra))
 
 
 def _hf_state(trainer) -> dict[str, torch.Tensor]:
@@ -260,7 +260,7 @@ def test_config_errors_are_one_line(extra, needle):
     from configs.load import ConfigError
 
     with pytest.raises((ValueError, ConfigError)) as e:
-        load_config("tiny-cpu", OVERRIDES + ["actor.strategy=megatron", *extra])
+        load_config("tiny-cpu", with_overrides(OVERRIDES + ["actor.strategy=megatron"], extra))
     msg = str(e.value)
     assert needle in msg and "\n" not in msg.strip(), msg
 
@@ -317,7 +317,7 @@ def test_a_checkpoint_of_another_backend_or_tp_is_named_before_any_work(tmp_path
 
     from flows.preflight import check_resumable, model_signature
 
-    cfg = load_config("tiny-cpu", [*overrides, f"trainer.default_local_dir={tmp_path}"])
+    cfg = load_config("tiny-cpu", with_overrides(overrides, [f"trainer.default_local_dir={tmp_path}"]))
     sig = {k: v for k, v in model_signature(cfg).items() if not k.startswith("actor.")} | saved
     (tmp_path / "global_step_2").mkdir()
     (tmp_path / "global_step_2" / "trainer_state.json").write_text(json.dumps({"global_step": 2, "model": sig}))

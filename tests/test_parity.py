@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs.load import load_config
+from configs.load import load_config, with_overrides
 from tests.conftest import DEVICE, VLLM_LOGP_ATOL_CPU, cached_inputs
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ def _worker(tmp_path, *overrides):
     dev = [f"trainer.device={DEVICE}"] + (
         ["model.dtype=bfloat16", "rollout.enforce_eager=true"] if DEVICE == "cuda" else []
     )
-    cfg = load_config("tiny-cpu", cached_inputs() + ["rollout.temperature=1.0", *dev, *overrides])
+    cfg = load_config("tiny-cpu", with_overrides(cached_inputs() + ["rollout.temperature=1.0", *dev], overrides))
     env = get_env(cfg.data.data_source)
     corpus = env.tokenizer_corpus(load_raw(env, cfg.data.source)["train"])
     model_dir = materialize("random", cfg.model.path, corpus=corpus)

@@ -3,7 +3,7 @@ measurements the trainer-memory model was fitted to."""
 
 import pytest
 
-from configs.load import load_config, recipe_names
+from configs.load import load_config, recipe_names, with_overrides
 from engines.models import ARCH_PRESETS
 from planner import plan
 from planner.fsdp import activation_bytes, layer_act_bytes_per_token
@@ -341,7 +341,7 @@ def test_plan_exit_code_follows_the_verdict(capsys, recipe, overrides, verdict, 
     assert (e.value.code if e else 0) == code
     assert needle in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:  # an impossible micro-batch is bad input: exit 2, one line
-        main(["plan", recipe, *overrides, "actor.ppo_micro_batch_size_per_gpu=7"])
+        main(["plan", recipe, *with_overrides(overrides, ["actor.ppo_micro_batch_size_per_gpu=7"])])
     assert e.value.code == 2 and "actor.ppo_micro_batch_size_per_gpu=7" in capsys.readouterr().err
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from configs.load import load_config
+from configs.load import load_config, with_overrides
 from engines.registry import DuplicateRegistration, Registry
 from engines.worker_group import ClusterTooSmall, check_rank_count
 from flows.preflight import _check_writable, check_local_ray, check_model_fit, context_limit, preflight
@@ -27,13 +27,15 @@ def _cfg(tmp_path, *overrides):
     """tiny-cpu writing only under tmp_path (its model: the tiny preset, one key-value head)."""
     return load_config(
         "tiny-cpu",
-        [
-            f"trainer.default_local_dir={tmp_path / 'ckpt'}",
-            f"data.dir={tmp_path / 'data'}",
-            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            f"model.path={tmp_path / 'no-model-yet'}",
-            *overrides,
-        ],
+        with_overrides(
+            [
+                f"trainer.default_local_dir={tmp_path / 'ckpt'}",
+                f"data.dir={tmp_path / 'data'}",
+                f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                f"model.path={tmp_path / 'no-model-yet'}",
+            ],
+            overrides,
+        ),
     )
 
 
@@ -246,7 +248,7 @@ def test_cli_refuses_each_in_one_line_exit_2_nothing_written(tmp_path, overrides
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     res = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "tiny-cpu", *args, *overrides],
+        [sys.executable, "-m", "flows.cli", "run", "tiny-cpu", *with_overrides(args, overrides)],
         cwd=work,
         env=env,
         capture_output=True,

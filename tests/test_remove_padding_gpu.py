@@ -18,20 +18,22 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _trainer(model_dir, *overrides):
-    from configs.load import load_config
+    from configs.load import load_config, with_overrides
     from engines.trainer.fsdp import FSDPTrainer
 
     cfg = load_config(
         "tiny-cpu",
-        [
-            "trainer.device=cuda",
-            "rollout.n=2",
-            "actor.ppo_mini_batch_size=4",
-            "actor.ppo_micro_batch_size_per_gpu=8",
-            "actor.use_kl_loss=false",
-            "model.dtype=bfloat16",
-            *overrides,
-        ],
+        with_overrides(
+            [
+                "trainer.device=cuda",
+                "rollout.n=2",
+                "actor.ppo_mini_batch_size=4",
+                "actor.ppo_micro_batch_size_per_gpu=8",
+                "actor.use_kl_loss=false",
+                "model.dtype=bfloat16",
+            ],
+            overrides,
+        ),
     )
     torch.manual_seed(0)
     t = FSDPTrainer(cfg, model_dir, "cuda")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs.load import load_config
+from configs.load import load_config, with_overrides
 from engines.rollout import ROLLOUTS, RolloutEngine, build_rollout
 from engines.rollout.base import TAGS
 from engines.trainer import TRAINERS, TrainerBackend, build_trainer
@@ -116,7 +116,7 @@ class FakeRollout(RolloutEngine):
 def _fake_worker(*overrides):
     from engines.worker import GRPOWorker
 
-    cfg = load_config("tiny-cpu", ["actor.strategy=fake-test", "rollout.name=fake-test", *overrides])
+    cfg = load_config("tiny-cpu", with_overrides(["actor.strategy=fake-test", "rollout.name=fake-test"], overrides))
     CALLS.clear()
     return GRPOWorker(cfg.model_dump_json(), "unused", rank=0, world_size=1)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs.load import load_config
+from configs.load import load_config, with_overrides
 from engines import batching
 from engines.trainer.fsdp import FSDPTrainer
 from engines.types import UpdateBatch
@@ -16,7 +16,10 @@ from engines.types import UpdateBatch
 
 def _trainer(model_dir, *overrides, master_dtype=torch.float32):
     cfg = load_config(
-        "tiny-cpu", ["rollout.n=2", "actor.ppo_mini_batch_size=4", "actor.lr=1e-3", "trainer.device=cpu", *overrides]
+        "tiny-cpu",
+        with_overrides(
+            ["rollout.n=2", "actor.ppo_mini_batch_size=4", "actor.lr=1e-3", "trainer.device=cpu"], overrides
+        ),
     )
     torch.manual_seed(0)
     return FSDPTrainer(cfg, model_dir, "cpu", master_dtype=master_dtype)

@@ -43,10 +43,10 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
 
-    from configs.load import load_config
+    from configs.load import load_config, with_overrides
     from engines.worker import GRPOWorker
 
-    cfg = load_config(a.recipe, [f"model.path={a.model}", f"data.source={a.gsm8k}", *a.overrides])
+    cfg = load_config(a.recipe, with_overrides([f"model.path={a.model}", f"data.source={a.gsm8k}"], a.overrides))
     a.max_tokens = cfg.rollout.max_response_length
     out = {"recipe": a.recipe, "model": a.model, "overrides": a.overrides, "env": C.gpu_info()}
     t = time.perf_counter()
