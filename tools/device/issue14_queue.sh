@@ -9,6 +9,7 @@
 #   (order: JOBS_ORDER, default below)
 #   rollout   benchmarks/vs_peers/rollout_real.py: our rollout + eval vs bare vLLM (foreground)
 #   verl      verl on the same work (benchmarks/vs_peers/verl_grpo.sh)
+#   liger     tests/test_liger_gpu.py + tests/test_remove_padding_gpu.py on CUDA (foreground)
 #   lora05    ours, qwen2-0.5b-lora-1xh100 on random 0.5B weights, 512-token responses, 3 steps
 #   verl05    verl on that (RECIPE=qwen2-0.5b-lora-1xh100 verl_grpo.sh)
 #   trl       TRL GRPOTrainer on the smollm2 work, STEPS steps
@@ -17,7 +18,7 @@ budget=$1; t_end=$((SECONDS + budget))
 R=${QUEUE_ROOT:-/root}; Q=$R/q; T=${QUEUE_T:-tools/device/gpu_issue14.sh}; mkdir -p $Q  # QUEUE_*: to try it elsewhere
 STEPS=${STEPS:-6} TF=${TF:-3}
 SMOL=(data.dir=$R/data-smollm2 model.path=$R/models/smollm2-135m-instruct)
-JOBS=(${JOBS_ORDER:-smol verl rollout lora05 verl05 trl})
+JOBS=(${JOBS_ORDER:-smol verl rollout liger lora05 verl05 trl})
 left() { echo $((t_end - SECONDS)); }
 
 start() {
@@ -29,6 +30,11 @@ start() {
         python3 benchmarks/vs_peers/rollout_real.py --model $R/models/smollm2-135m-instruct --gsm8k $R/st/gsm8k \
         --out $R/runs/rollout/rollout_real.json data.dir=$R/data-smollm2 > $R/runs/rollout/rollout_real.log 2>&1
         echo $? > $R/runs/rollout/rc ) ;;
+    liger)  # foreground: the CUDA tests of liger-kernel and of packing (carried .device/pyd -> /root/st/pyd)
+      mkdir -p $R/runs/liger; ( source tools/device/device_env.sh >/dev/null && python3 -m pip install -q --no-deps \
+        --no-index --target $R/lsite $R/st/pyd/liger_kernel-*.whl && PYTHONPATH=$PYTHONPATH:$R/lsite GRPO_TEST_DEVICE=cuda \
+        timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_liger_gpu.py tests/test_remove_padding_gpu.py \
+        > $R/runs/liger/pytest.log 2>&1; echo $? > $R/runs/liger/rc ) ;;
     verl) TEST_FREQ=$TF $T bgpeer verl bash benchmarks/vs_peers/verl_grpo.sh $STEPS $R/data-smollm2 $R/models/smollm2-135m-instruct ;;
     lora05) RECIPE=qwen2-0.5b-lora-1xh100 $T ours lora05 model.source=random model.arch=0.5b \
         model.path=$R/models/random-qwen2-0.5b data.dir=$R/data-05b rollout.max_response_length=512 \
@@ -45,6 +51,7 @@ collect() {
   case $1 in
     smol|lora05) $T wait $1 0 ;;
     rollout) tail -c 3000 $R/runs/rollout/rollout_real.log; cp $R/runs/rollout/rollout_real.* "$OUT/" ;;
+    liger) tail -c 2500 $R/runs/liger/pytest.log; cp $R/runs/liger/pytest.log "$OUT/liger_pytest.log" ;;
     *) $T waitpeer $1 0 ;;
   esac
   touch $Q/$1.collected
