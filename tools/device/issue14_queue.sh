@@ -31,6 +31,7 @@ start() {
         --out $R/runs/rollout/rollout_real.json data.dir=$R/data-smollm2 > $R/runs/rollout/rollout_real.log 2>&1
         echo $? > $R/runs/rollout/rc ) ;;
     liger)  # foreground: the CUDA tests of liger-kernel and of packing (carried .device/pyd -> /root/st/pyd)
+      [ "$(left)" -lt 200 ] && return 1
       mkdir -p $R/runs/liger; ( source tools/device/device_env.sh >/dev/null && python3 -m pip install -q --no-deps \
         --no-index --target $R/lsite $R/st/pyd/liger_kernel-*.whl && PYTHONPATH=$PYTHONPATH:$R/lsite GRPO_TEST_DEVICE=cuda \
         timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_liger_gpu.py tests/test_remove_padding_gpu.py \
