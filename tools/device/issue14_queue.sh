@@ -34,7 +34,7 @@ start() {
       [ "$(left)" -lt 200 ] && return 1
       mkdir -p $R/runs/liger; ( source tools/device/device_env.sh >/dev/null && python3 -m pip install -q --no-deps \
         --no-index --target $R/lsite $R/st/pyd/liger_kernel-*.whl && PYTHONPATH=$PYTHONPATH:$R/lsite GRPO_TEST_DEVICE=cuda \
-        timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_liger_gpu.py tests/test_remove_padding_gpu.py \
+        timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_liger_gpu.py tests/test_remove_padding_gpu.py \
         > $R/runs/liger/pytest.log 2>&1; echo $? > $R/runs/liger/rc ) ;;
     verl) TEST_FREQ=$TF $T bgpeer verl bash benchmarks/vs_peers/verl_grpo.sh $STEPS $R/data-smollm2 $R/models/smollm2-135m-instruct ;;
     lora05) RECIPE=qwen2-0.5b-lora-1xh100 $T ours lora05 model.source=random model.arch=0.5b \
