@@ -67,6 +67,7 @@ for j in "${JOBS[@]}"; do
   fi
   while ! finished $j && [ "$(left)" -gt 15 ]; do sleep 3; done
   if finished $j; then echo "queue: $j ended at $(date +%T)"; collect $j
-  else echo "queue: $j still running at $(date +%T)"; tail -n 3 $R/runs/$j/*.log 2>/dev/null | cut -c1-300; exit 0; fi
+  else echo "queue: $j still running at $(date +%T)"; tail -n 3 $R/runs/$j/*.log 2>/dev/null | cut -c1-300
+    tar -C $R/runs -czf "$OUT/$j-sofar.tgz" $j; exit 0; fi  # its logs so far, in case no call follows
 done
 echo "queue: all jobs done"
