@@ -176,7 +176,7 @@ def bench_rollout(w, a, cfg) -> dict:
             seconds=dt, tokens=toks, tok_s=toks / dt, samples=len(out), pieces_s={**pieces, "python_rest": rest}
         )
 
-    def bare(max_tokens, seeded=False, logprobs=None):
+    def bare(max_tokens, seeded=False, logprobs=None, after_sync=False):
         common = dict(
             n=r.n,
             temperature=r.temperature,
@@ -187,6 +187,8 @@ def bench_rollout(w, a, cfg) -> dict:
             logprobs=logprobs,
         )
         params = [SamplingParams(**common, seed=s) for s in seeds] if seeded else SamplingParams(**common)
+        if after_sync:  # right after a weight sync, as our stage runs (is the first generate after it slower?)
+            w.sync_weights()
         w.sync.wake()  # a standalone engine is always awake: waking is not timed here
         _sync()
         t = time.perf_counter()
@@ -204,6 +206,7 @@ def bench_rollout(w, a, cfg) -> dict:
         "ours": lambda m: ours(m),
         "ours_logprobs": lambda m: ours(m, calculate_log_probs=True),
         "bare_seeded": lambda m: bare(m, seeded=True),
+        "bare_after_sync": lambda m: bare(m, seeded=True, after_sync=True),
     }
     res = {
         "prompts": len(prompts),

@@ -95,7 +95,14 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
         if clash is not None:
             raise ConfigError(f"override '{item}' conflicts with '{clash}={given[clash]}': give one of them")
         given[key] = raw
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            why = str(getattr(e, "problem", None) or e).splitlines()[0]
+            raise ConfigError(
+                f"override '{item}': its value is not valid YAML ({why}); fix it, or quote a string "
+                f"that holds YAML's special characters"
+            ) from None
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:

@@ -189,9 +189,10 @@ RESUME_MAY_CHANGE = tuple(
     trainer.default_local_dir trainer.resume_mode trainer.max_actor_ckpt_to_keep trainer.export_hf
     trainer.n_gpus_per_node trainer.nnodes trainer.device trainer.node_ram_gb trainer.collective_timeout_s
     trainer.max_bad_steps
-    tracking.experiment tracking.run_name tracking.tracking_uri
     """.split()
 )
+# Not tracking.*: a resumed run logs on into the MLflow run its checkpoint recorded, whose store,
+# experiment and name are fixed (another store or experiment would split or break its history).
 # The run's length: it may change, unless the LR warmup is a share of it (algos.warmup_lambda).
 RUN_LENGTH = ("trainer.total_epochs", "trainer.total_training_steps")
 

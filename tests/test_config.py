@@ -62,6 +62,13 @@ def test_lora_recipe_fixes_the_reference_debug_leftover():
     assert c.rollout.max_model_len == 1536 and c.trainer.save_freq == 20 and c.trainer.test_freq == 5
 
 
+@pytest.mark.parametrize("bad", ["actor.lr=[1", "actor.lr={", 'data.dir="abc', "actor.lr=!!python/object:os.system ls"])
+def test_an_override_value_that_is_not_yaml_is_one_error_line(bad):
+    with pytest.raises(ConfigError) as e:
+        parse_overrides([bad])
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"override '{bad}': its value is not valid YAML (")
+
+
 def test_overrides_parse_yaml_scalars_and_nest():
     assert parse_overrides(["rollout.n=4", "data.shuffle=false", "tracking.run_name=a=b"]) == {
         "rollout": {"n": 4},

@@ -48,8 +48,8 @@ def _trainer(model_dir, *overrides):
             "actor.ppo_mini_batch_size=4",
             "actor.ppo_micro_batch_size_per_gpu=8",
             "actor.use_kl_loss=false",
-            "model.dtype=bfloat16",
             *overrides,
+            *([] if any(o.startswith("model.dtype=") for o in overrides) else ["model.dtype=bfloat16"]),
         ],
     )
     torch.manual_seed(0)

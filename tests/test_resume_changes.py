@@ -35,7 +35,7 @@ def test_a_changed_key_of_the_run_s_math_is_refused_in_one_line(tmp_path):
     ckpt = _checkpoint(tmp_path, load_config("tiny-cpu", ["actor.lr=3e-5", "rollout.temperature=1.0"]))
     now = load_config(
         "tiny-cpu",
-        ["actor.lr=1e-5", "rollout.temperature=0.7", "tracking.experiment=other", "data.val_max_samples=4"],
+        ["actor.lr=1e-5", "rollout.temperature=0.7", "data.val_max_samples=4"],
     )
     with pytest.raises(ValueError) as e:
         resume_changes(now, ckpt)
@@ -45,11 +45,11 @@ def test_a_changed_key_of_the_run_s_math_is_refused_in_one_line(tmp_path):
         "give rollout.temperature=1.0 actor.lr=3e-05; to train with the new value, start a new run: another "
         "trainer.default_local_dir (or trainer.resume_mode=disable to start over there)"
     )
-    # The same run, its name and eval subset changed: both may change, each said in an info line.
-    same = load_config("tiny-cpu", ["actor.lr=3e-5", "tracking.experiment=other", "data.val_max_samples=4"])
+    # The same run, its eval subset and length changed: both may change, each said in an info line.
+    same = load_config("tiny-cpu", ["actor.lr=3e-5", "data.val_max_samples=4", "trainer.total_training_steps=9"])
     assert resume_changes(same, ckpt) == [
         "resuming from global_step_2 with data.val_max_samples=4 (was 8): a key that may change on resume",
-        "resuming from global_step_2 with tracking.experiment=other (was grpo-gsm8k): a key that may change on resume",
+        "resuming from global_step_2 with trainer.total_training_steps=9 (was 3): a key that may change on resume",
     ]
     assert resume_changes(load_config("tiny-cpu", ["actor.lr=3e-5"]), ckpt) == []
 
@@ -95,8 +95,6 @@ def test_the_run_s_math_may_not_change_on_resume(tmp_path, override):
         "trainer.test_freq=1",
         "trainer.save_freq=1",
         "trainer.max_actor_ckpt_to_keep=2",
-        "tracking.experiment=other",
-        "tracking.tracking_uri=sqlite:///other.db",
         "actor.param_offload=true",
         "actor.ppo_micro_batch_size_per_gpu=2",
         "model.enable_gradient_checkpointing=true",
