@@ -32,12 +32,37 @@ def _resolve_path(name_or_path: str) -> Path:
     raise ConfigError(f"config '{name_or_path}' not found: give a YAML path or one of: {', '.join(recipe_names())}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last silently: a second `actor:` section would drop the whole first one)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in keys:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' given twice in one mapping: keep one", key_node.start_mark
+                )
+            keys.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read one YAML (safe loader) and merge it over the file named by its `extends:` key."""
+    """Read one YAML (safe loader, a key given twice refused) and merge it over the file named by
+    its `extends:` key."""
     if path in seen:
         raise ConfigError(f"{path}: `extends` loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file; give a recipe's YAML file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)  # PyYAML's position of the problem, 0-based
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -96,7 +121,7 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
             raise ConfigError(f"override '{item}' conflicts with '{clash}={given[clash]}': give one of them")
         given[key] = raw
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
             why = str(getattr(e, "problem", None) or e).splitlines()[0]
             raise ConfigError(

@@ -197,6 +197,24 @@ def test_malformed_yaml_and_unknown_recipe(tmp_path):
         load_config("nope")
 
 
+def test_a_recipe_key_given_twice_a_folder_or_non_utf8_is_one_error_line(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("extends: tiny-cpu.yaml\nactor: {lr: 1.0e-4}\nrollout:\n  n: 4\n  n: 8\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML at line 5, column 3 \(key 'n' given twice"):
+        load_config(str(twice))
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(ConfigError, match="dir.yaml: not a file; give a recipe's YAML file"):
+        load_config(str(tmp_path / "dir.yaml"))
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"\xff\xfeactor: {}\n")
+    with pytest.raises(ConfigError, match=r"latin.yaml: not UTF-8 text \(byte 0\); save the recipe as UTF-8"):
+        load_config(str(latin))
+    with pytest.raises(
+        ConfigError, match=r"override 'data=\{dir: a, dir: b\}': its value is not valid YAML \(key 'dir'"
+    ):
+        parse_overrides(["data={dir: a, dir: b}"])
+
+
 def run_cli(tmp_path, *args, env=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
