@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests import test_remove_padding_gpu as remove_padding_gpu
 from tests.conftest import DEVICE
 
 pytestmark = pytest.mark.skipif(DEVICE != "cuda", reason="liger-kernel's Triton kernels: GRPO_TEST_DEVICE=cuda")
@@ -36,36 +37,15 @@ ROUNDINGS = {  # bf16 roundings of the logits relative to the plain path's one (
 
 
 def _trainer(model_dir, *overrides):
-    from configs.load import load_config
-    from engines.trainer.fsdp import FSDPTrainer
-
-    cfg = load_config(
-        "tiny-cpu",
-        [
-            "trainer.device=cuda",
-            "rollout.n=2",
-            "rollout.temperature=0.7",
-            "actor.ppo_mini_batch_size=4",
-            "actor.ppo_micro_batch_size_per_gpu=8",
-            "actor.use_kl_loss=false",
-            *overrides,
-            *([] if any(o.startswith("model.dtype=") for o in overrides) else ["model.dtype=bfloat16"]),
-        ],
-    )
-    torch.manual_seed(0)
-    t = FSDPTrainer(cfg, model_dir, "cuda")
-    g = torch.Generator(device="cuda").manual_seed(1)
-    with torch.no_grad():  # the same sharper-than-init weights in every trainer
-        for p in t.model.parameters():
-            p.normal_(0, 0.1, generator=g)
-    return t
+    """test_remove_padding_gpu's tiny bf16 CUDA trainer with its sharper-than-init weights, at
+    temperature 0.7 (the fused path scales the hidden states by it)."""
+    return remove_padding_gpu._trainer(model_dir, "rollout.temperature=0.7", *overrides)
 
 
 def _batch(n=8):
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(5, 200, size=rng.integers(20, 90)).tolist() for _ in range(n)]
-    responses = [rng.integers(5, 200, size=rng.integers(5, 120)).tolist() for _ in range(n)]
-    adv = torch.tensor(rng.standard_normal(n), dtype=torch.float32, device="cuda")
+    """test_remove_padding_gpu's prompts and responses, and one advantage of either sign per sample."""
+    prompts, responses = remove_padding_gpu._batch(n)
+    adv = torch.tensor(np.random.default_rng(1).standard_normal(n), dtype=torch.float32, device="cuda")
     return prompts, responses, adv
 
 

@@ -17,6 +17,13 @@ set -uo pipefail
 R=/root
 cmd=$1; shift
 smi() { while true; do echo "$(date +%s.%N | cut -c1-14) $(nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader,nounits)"; sleep 1; done; }
+# peer_env NAME: the device env plus the peers' wheels (TRL's only for trl: see setup)
+peer_env() {
+  source tools/device/device_env.sh >/dev/null || return 1
+  export PYTHONPATH=$PYTHONPATH:$R/psite MODELS_CACHE_DIR=$R/models-cache
+  [ "$1" != trl ] || export PYTHONPATH=$PYTHONPATH:$R/tsite
+}
+peak() { awk '{print $2}' "$1" | tr -d , | sort -n | tail -1; }  # nvidia-smi log -> peak MiB
 case $cmd in
   put)
     for f in "$@"; do rel=${f#.device/}; mkdir -p "$(dirname "$R/st/$rel")"; cp -r "$f" "$R/st/$rel"; done ;;
@@ -57,7 +64,7 @@ case $cmd in
       echo "flow finished"; kill "$(cat "$logs/sampler.pid")" 2>/dev/null
       python3 tools/device/mlflow_summary.py sqlite:////root/mlflow.db "$run" > "$logs/metrics.txt" 2>&1; fi
     grep -E "worker group|step +[0-9]+/|resumed|rror|OOM|Killed|\[breakdown\]" "$logs/flow.log" | tail -40
-    echo "nvidia-smi peak MiB: $(awk '{print $2}' "$logs/smi.log" | tr -d , | sort -n | tail -1)"
+    echo "nvidia-smi peak MiB: $(peak "$logs/smi.log")"
     tar -C $R/runs -czf "$out/$run.tgz" "$run"; [ -f "$logs/metrics.txt" ] && python3 -c "
 import re, sys
 keep = re.compile(r'timing_s/|perf/throughput|perf/max_memory|critic/score/mean|val-core|mfu|rollout_probs_diff_mean')
@@ -66,22 +73,18 @@ for line in open(sys.argv[1]):
     print(head, ', '.join(kv for kv in rest.strip().split(', ') if keep.search(kv)) if rest else '')" "$logs/metrics.txt" ;;
   peer)
     name=$1; shift
-    source tools/device/device_env.sh >/dev/null || exit 1
-    export PYTHONPATH=$PYTHONPATH:$R/psite MODELS_CACHE_DIR=$R/models-cache
-    [ "$name" = trl ] && export PYTHONPATH=$PYTHONPATH:$R/tsite
+    peer_env "$name" || exit 1
     out=${OUT:-$R/out}; mkdir -p "$out"
     bash -c "$(declare -f smi); smi" > "$out/$name-smi.log" 2>/dev/null &
     sp=$!
     t0=$(date +%s.%N)
     "$@" > "$out/$name.log" 2>&1; rc=$?
     kill $sp
-    echo "$name rc=$rc wall=$(python3 -c "print(round($(date +%s.%N)-$t0,1))") s; peak MiB $(awk '{print $2}' "$out/$name-smi.log" | tr -d , | sort -n | tail -1)"
+    echo "$name rc=$rc wall=$(python3 -c "print(round($(date +%s.%N)-$t0,1))") s; peak MiB $(peak "$out/$name-smi.log")"
     grep -vE "Loading|it/s\]|Warning|warn" "$out/$name.log" | tail -25 ;;
   bgpeer)
     name=$1; shift
-    source tools/device/device_env.sh >/dev/null || exit 1
-    export PYTHONPATH=$PYTHONPATH:$R/psite MODELS_CACHE_DIR=$R/models-cache
-    [ "$name" = trl ] && export PYTHONPATH=$PYTHONPATH:$R/tsite
+    peer_env "$name" || exit 1
     logs=$R/runs/$name; mkdir -p "$logs"
     setsid bash -c "$(declare -f smi); smi" > "$logs/smi.log" 2>/dev/null < /dev/null &
     echo $! > "$logs/sampler.pid"; date +%s.%N > "$logs/t0"
@@ -93,7 +96,7 @@ for line in open(sys.argv[1]):
     if [ -f "$logs/rc" ]; then kill "$(cat "$logs/sampler.pid")" 2>/dev/null
       echo "$name rc=$(cat "$logs/rc") wall=$(python3 -c "import os;print(round(os.path.getmtime('$logs/rc')-$(cat "$logs/t0"),1))") s"
     else echo "$name still running after $limit s"; fi
-    echo "nvidia-smi peak MiB: $(awk '{print $2}' "$logs/smi.log" | tr -d , | sort -n | tail -1)"
+    echo "nvidia-smi peak MiB: $(peak "$logs/smi.log")"
     tar -C $R/runs -czf "$out/$name.tgz" "$name"
     grep -vE "Loading|it/s\]|Warning|warn" "$logs/peer.log" | grep -E "step:|val-|rror|Traceback|OOM|Killed" | tail -30 ;;
   *) echo "usage: $0 put|setup|ours|wait|peer|bgpeer|waitpeer ..." >&2; exit 2 ;;
